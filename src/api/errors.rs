@@ -1,0 +1,97 @@
+//! The one table that maps geolock's errors to gRPC statuses. Codes and messages are etcd's
+//! (its `rpctypes`), because client libraries match on them: a compacted revision must read
+//! "etcdserver: mvcc: required revision has been compacted" for a Go client to see
+//! `rpctypes.ErrCompacted`. Where a limit was broken, the message also names the limit.
+
+use tonic::{Code, Status};
+
+use crate::kv::KvError;
+use crate::lease::LeaseError;
+use crate::machine::ApplyError;
+use crate::raft::NodeError;
+
+/// Anything a client request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("etcdserver: request is too large ({len} bytes, request_bytes_max {max})")]
+    RequestTooLarge { len: usize, max: usize },
+    #[error("etcdserver: {0}")]
+    InvalidArgument(String),
+    #[error("etcdserver: {0} is not supported by geolock yet")]
+    Unimplemented(&'static str),
+}
+
+impl From<ApplyError> for ApiError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Kv(e) => ApiError::Kv(e),
+            ApplyError::Lease(e) => ApiError::Lease(e),
+        }
+    }
+}
+
+fn kv_code(e: &KvError) -> Code {
+    match e {
+        KvError::Compacted { .. } | KvError::FutureRev { .. } => Code::OutOfRange,
+        KvError::LeaseNotFound { .. } => Code::NotFound,
+        KvError::NoSpace { .. } => Code::ResourceExhausted,
+        KvError::KeyNotFound
+        | KvError::DuplicateKey
+        | KvError::TooManyOps { .. }
+        | KvError::EmptyKey
+        | KvError::KeyTooLarge { .. }
+        | KvError::ValueProvided
+        | KvError::LeaseProvided
+        | KvError::TxnTooDeep { .. } => Code::InvalidArgument,
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let code = match &e {
+            ApiError::Kv(k) => kv_code(k),
+            ApiError::Lease(l) => match l {
+                LeaseError::NotFound { .. } => Code::NotFound,
+                LeaseError::Exists { .. } => Code::FailedPrecondition,
+                LeaseError::TtlTooLarge { .. } => Code::OutOfRange,
+                LeaseError::TooMany { .. } => Code::ResourceExhausted,
+            },
+            ApiError::Node(n) => match n {
+                NodeError::Apply(ApplyError::Kv(k)) => kv_code(k),
+                NodeError::Apply(ApplyError::Lease(_)) => Code::NotFound,
+                NodeError::NotLeader { .. }
+                | NodeError::NoLeader
+                | NodeError::Stopped
+                | NodeError::Timeout
+                | NodeError::TooManyProposals { .. } => Code::Unavailable,
+                NodeError::Role { .. } => Code::FailedPrecondition,
+                NodeError::Storage(_) | NodeError::Internal(_) => Code::Internal,
+            },
+            ApiError::RequestTooLarge { .. } | ApiError::InvalidArgument(_) => Code::InvalidArgument,
+            ApiError::Unimplemented(_) => Code::Unimplemented,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_carry_etcds_codes_and_messages() {
+        let s: Status = ApiError::Kv(KvError::Compacted { requested: 2, compact_revision: 5 }).into();
+        assert_eq!((s.code(), s.message()), (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"));
+        let s: Status = ApiError::Node(NodeError::Apply(ApplyError::Lease(LeaseError::NotFound { lease: 1 }))).into();
+        assert_eq!((s.code(), s.message()), (Code::NotFound, "etcdserver: requested lease not found"));
+        let s: Status = ApiError::Kv(KvError::TooManyOps { ops: 200, max: 128 }).into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("txn_ops_max 128"));
+    }
+}

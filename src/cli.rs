@@ -1,0 +1,113 @@
+//! The `lockctl` command line. `start` runs a node; the other subcommands are clients.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "lockctl", version, about = "geolock: geo-replicated locks over the etcd v3 API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (flags named as etcd's where the two share a setting).
+    Start(StartArgs),
+}
+
+/// Flags of `lockctl start`. Each overrides the file and the environment.
+#[derive(Args, Debug, Default)]
+struct StartArgs {
+    /// YAML or TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    data_dir: Option<String>,
+    #[arg(long)]
+    listen_client_urls: Option<String>,
+    #[arg(long)]
+    advertise_client_urls: Option<String>,
+    #[arg(long)]
+    listen_peer_urls: Option<String>,
+    #[arg(long)]
+    initial_advertise_peer_urls: Option<String>,
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// `new` or `existing`.
+    #[arg(long)]
+    initial_cluster_state: Option<String>,
+    /// voter, witness or learner.
+    #[arg(long)]
+    role: Option<String>,
+    #[arg(long)]
+    region: Option<String>,
+    /// Election timeout in milliseconds (etcd's flag).
+    #[arg(long)]
+    election_timeout: Option<u64>,
+    /// Heartbeat interval in milliseconds (etcd's flag).
+    #[arg(long)]
+    heartbeat_interval: Option<u64>,
+}
+
+impl StartArgs {
+    fn overrides(&self) -> Vec<(&'static str, String)> {
+        let mut o = Vec::new();
+        let mut add = |k: &'static str, v: &Option<String>| {
+            if let Some(v) = v {
+                o.push((k, v.clone()));
+            }
+        };
+        add("name", &self.name);
+        add("data_dir", &self.data_dir);
+        add("listen_client_urls", &self.listen_client_urls);
+        add("advertise_client_urls", &self.advertise_client_urls);
+        add("listen_peer_urls", &self.listen_peer_urls);
+        add("initial_advertise_peer_urls", &self.initial_advertise_peer_urls);
+        add("initial_cluster", &self.initial_cluster);
+        add("initial_cluster_state", &self.initial_cluster_state);
+        add("role", &self.role);
+        add("region", &self.region);
+        add("raft.election_timeout", &self.election_timeout.map(|ms| format!("{ms}ms")));
+        add("raft.heartbeat_interval", &self.heartbeat_interval.map(|ms| format!("{ms}ms")));
+        o
+    }
+}
+
+/// Parse the command line and run it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GEOLOCK_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Start(args) => {
+            let overrides = args.overrides();
+            let cfg = match Config::load(args.config.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("lockctl: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match rt.block_on(crate::roles::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lockctl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

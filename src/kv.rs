@@ -1,0 +1,949 @@
+//! The MVCC key space, with etcd's semantics: one cluster-wide revision, per-key create and mod
+//! revisions and versions, history kept until a compaction.
+//!
+//! Pure and deterministic: no clock, no tokio, no tonic types. Every change is applied to the
+//! in-memory index and written into a [`WriteBatch`] the caller commits; [`Mvcc::load`] rebuilds
+//! the index from what was committed.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::{Cf, Engine, StorageError, WriteBatch};
+
+/// A revision: `epoch << 40 | counter`. Epoch 0 numbers revisions exactly as etcd does.
+pub type Rev = i64;
+
+/// Bits of a revision that count writes within one epoch.
+pub const REV_COUNTER_BITS: u32 = 40;
+
+/// The epoch a revision belongs to.
+pub fn rev_epoch(rev: Rev) -> i64 {
+    rev >> REV_COUNTER_BITS
+}
+
+/// One key at one revision, as clients see it (mvccpb.KeyValue).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    /// The key.
+    pub key: Vec<u8>,
+    /// Revision of the put that created this generation of the key.
+    pub create_revision: Rev,
+    /// Revision of the last change.
+    pub mod_revision: Rev,
+    /// Puts since creation, starting at 1.
+    pub version: i64,
+    /// The value.
+    pub value: Vec<u8>,
+    /// Lease the key is attached to, 0 for none.
+    pub lease: i64,
+}
+
+/// What happened to a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// Created or updated.
+    Put,
+    /// Deleted.
+    Delete,
+}
+
+/// One change to the key space, as a watcher receives it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key after the change; for a delete only `key` and `mod_revision` are set, as in etcd.
+    pub kv: KeyValue,
+    /// The key before the change, if it existed.
+    pub prev_kv: Option<KeyValue>,
+}
+
+/// Order of a sorted range.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SortOrder {
+    /// Key order, ascending (the natural order).
+    #[default]
+    None,
+    /// Ascending by the target.
+    Ascend,
+    /// Descending by the target.
+    Descend,
+}
+
+/// Field a range is sorted by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SortTarget {
+    /// The key.
+    #[default]
+    Key,
+    /// The version.
+    Version,
+    /// The create revision.
+    Create,
+    /// The mod revision.
+    Mod,
+    /// The value.
+    Value,
+}
+
+/// A range read (etcdserverpb.RangeRequest).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRequest {
+    pub key: Vec<u8>,
+    pub range_end: Vec<u8>,
+    pub limit: i64,
+    pub revision: Rev,
+    pub sort_order: SortOrder,
+    pub sort_target: SortTarget,
+    pub serializable: bool,
+    pub keys_only: bool,
+    pub count_only: bool,
+    pub min_mod_revision: Rev,
+    pub max_mod_revision: Rev,
+    pub min_create_revision: Rev,
+    pub max_create_revision: Rev,
+}
+
+/// Result of a range read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeResponse {
+    pub kvs: Vec<KeyValue>,
+    pub more: bool,
+    pub count: i64,
+}
+
+/// A put (etcdserverpb.PutRequest).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutRequest {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub lease: i64,
+    pub prev_kv: bool,
+    pub ignore_value: bool,
+    pub ignore_lease: bool,
+}
+
+/// Result of a put.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutResponse {
+    pub prev_kv: Option<KeyValue>,
+}
+
+/// A delete of one key or a range (etcdserverpb.DeleteRangeRequest).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRangeRequest {
+    pub key: Vec<u8>,
+    pub range_end: Vec<u8>,
+    pub prev_kv: bool,
+}
+
+/// Result of a delete.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRangeResponse {
+    pub deleted: i64,
+    pub prev_kvs: Vec<KeyValue>,
+}
+
+/// How a compare relates the key's field to the given one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareResult {
+    Equal,
+    Greater,
+    Less,
+    NotEqual,
+}
+
+/// The field a compare looks at, with the value to compare against.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompareTarget {
+    Version(i64),
+    Create(Rev),
+    Mod(Rev),
+    Value(Vec<u8>),
+    Lease(i64),
+}
+
+/// One guard of a Txn.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compare {
+    pub result: CompareResult,
+    pub target: CompareTarget,
+    pub key: Vec<u8>,
+    pub range_end: Vec<u8>,
+}
+
+/// One operation of a Txn branch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestOp {
+    Range(RangeRequest),
+    Put(PutRequest),
+    DeleteRange(DeleteRangeRequest),
+    Txn(TxnRequest),
+}
+
+/// Result of one Txn operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResponseOp {
+    Range(RangeResponse),
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+}
+
+/// A transaction (etcdserverpb.TxnRequest).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnRequest {
+    pub compare: Vec<Compare>,
+    pub success: Vec<RequestOp>,
+    pub failure: Vec<RequestOp>,
+}
+
+/// Result of a transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnResponse {
+    pub succeeded: bool,
+    pub responses: Vec<ResponseOp>,
+}
+
+/// Why a key-space operation was refused. Messages are etcd's where etcd has one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum KvError {
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted { requested: Rev, compact_revision: Rev },
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRev { requested: Rev, current: Rev },
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound { lease: i64 },
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: too many operations in txn request (txn_ops_max {max})")]
+    TooManyOps { ops: usize, max: usize },
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: key is too large ({len} bytes, key_bytes_max {max})")]
+    KeyTooLarge { len: usize, max: usize },
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    #[error("etcdserver: txn nested too deep (txn_depth_max {max})")]
+    TxnTooDeep { max: usize },
+    #[error("etcdserver: mvcc: database space exceeded (keyspace_bytes_max {max})")]
+    NoSpace { bytes: u64, max: u64 },
+}
+
+/// One stored version of a key. `value == None` marks a deletion (tombstone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Version {
+    rev: Rev,
+    sub: u32,
+    create_rev: Rev,
+    version: i64,
+    lease: i64,
+    value: Option<Arc<[u8]>>,
+}
+
+/// How a version is written to the `kv` column family, keyed by `rev ++ sub`.
+#[derive(Serialize, Deserialize)]
+struct StoredVersion<'a> {
+    #[serde(borrow)]
+    key: &'a [u8],
+    create_rev: Rev,
+    version: i64,
+    lease: i64,
+    #[serde(borrow)]
+    value: Option<&'a [u8]>,
+}
+
+const META_CURRENT_REV: &[u8] = b"kv/current_rev";
+const META_COMPACT_REV: &[u8] = b"kv/compact_rev";
+
+fn rev_key(rev: Rev, sub: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&rev.to_be_bytes());
+    k[8..].copy_from_slice(&sub.to_be_bytes());
+    k
+}
+
+/// The multi-version key space.
+#[derive(Clone, Debug, Default)]
+pub struct Mvcc {
+    /// Every key's versions, oldest first.
+    index: BTreeMap<Arc<[u8]>, Vec<Version>>,
+    /// Key of every change, by `(rev, sub)`, above the compaction point: the watch history.
+    changes: BTreeMap<(Rev, u32), Arc<[u8]>>,
+    current_rev: Rev,
+    compact_rev: Rev,
+    /// Bytes of keys and values held, for the space quota.
+    bytes: u64,
+    /// Writes made by the operation in progress: they share `current_rev + 1`.
+    pending_subs: u32,
+}
+
+/// A write that changed which lease a key belongs to; the lessor mirrors it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseMove {
+    pub key: Vec<u8>,
+    pub from: i64,
+    pub to: i64,
+}
+
+/// Everything a write produced besides its response.
+#[derive(Debug, Default)]
+pub struct WriteEffects {
+    pub events: Vec<Event>,
+    pub lease_moves: Vec<LeaseMove>,
+}
+
+fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+    if end.is_empty() {
+        key == start
+    } else if end == [0] {
+        key >= start
+    } else {
+        key >= start && key < end
+    }
+}
+
+fn compare_ord<T: Ord + ?Sized>(a: &T, b: &T, r: CompareResult) -> bool {
+    let o = a.cmp(b);
+    match r {
+        CompareResult::Equal => o.is_eq(),
+        CompareResult::NotEqual => o.is_ne(),
+        CompareResult::Greater => o.is_gt(),
+        CompareResult::Less => o.is_lt(),
+    }
+}
+
+impl Mvcc {
+    /// An empty key space at revision 1, as etcd starts: the first write is revision 2.
+    pub fn new() -> Self {
+        Mvcc { current_rev: 1, ..Default::default() }
+    }
+
+    /// Rebuild from what earlier batches committed.
+    pub fn load(engine: &dyn Engine) -> Result<Self, StorageError> {
+        let mut m = Mvcc::new();
+        if let Some(v) = engine.get(Cf::SmMeta, META_CURRENT_REV)? {
+            m.current_rev = decode_i64(&v)?;
+        }
+        if let Some(v) = engine.get(Cf::SmMeta, META_COMPACT_REV)? {
+            m.compact_rev = decode_i64(&v)?;
+        }
+        let mut from = Vec::new();
+        loop {
+            let page = engine.scan(Cf::Kv, &from, None, 4096)?;
+            let Some((last, _)) = page.last() else { break };
+            from = last.clone();
+            from.push(0);
+            for (k, v) in page {
+                if k.len() != 12 {
+                    return Err(StorageError(format!("kv: bad revision key of {} bytes", k.len())));
+                }
+                let rev = i64::from_be_bytes(k[..8].try_into().unwrap());
+                let sub = u32::from_be_bytes(k[8..].try_into().unwrap());
+                let sv: StoredVersion =
+                    postcard::from_bytes(&v).map_err(|e| StorageError(format!("kv: {e}")))?;
+                let key: Arc<[u8]> = match m.index.get_key_value(sv.key) {
+                    Some((k, _)) => k.clone(),
+                    None => sv.key.into(),
+                };
+                m.bytes += (key.len() + sv.value.map_or(0, |v| v.len())) as u64;
+                m.index.entry(key.clone()).or_default().push(Version {
+                    rev,
+                    sub,
+                    create_rev: sv.create_rev,
+                    version: sv.version,
+                    lease: sv.lease,
+                    value: sv.value.map(Arc::from),
+                });
+                if rev > m.compact_rev {
+                    m.changes.insert((rev, sub), key);
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// The latest revision.
+    pub fn current_rev(&self) -> Rev {
+        self.current_rev
+    }
+
+    /// The revision of the last compaction (0 if none).
+    pub fn compact_rev(&self) -> Rev {
+        self.compact_rev
+    }
+
+    /// Bytes of keys and values held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Number of live keys at the current revision.
+    pub fn live_keys(&self) -> usize {
+        self.index.values().filter(|vs| vs.last().is_some_and(|v| v.value.is_some())).count()
+    }
+
+    /// The revision reads see: writes of the operation in progress included.
+    fn read_rev(&self) -> Rev {
+        if self.pending_subs > 0 {
+            self.current_rev + 1
+        } else {
+            self.current_rev
+        }
+    }
+
+    /// Check that a read at `rev` (0 = latest) is possible.
+    pub fn check_rev(&self, rev: Rev) -> Result<Rev, KvError> {
+        let cur = self.read_rev();
+        if rev == 0 {
+            return Ok(cur);
+        }
+        if rev > cur {
+            return Err(KvError::FutureRev { requested: rev, current: cur });
+        }
+        if rev < self.compact_rev {
+            return Err(KvError::Compacted { requested: rev, compact_revision: self.compact_rev });
+        }
+        Ok(rev)
+    }
+
+    fn version_at(versions: &[Version], rev: Rev) -> Option<&Version> {
+        let i = versions.partition_point(|v| v.rev <= rev);
+        if i == 0 {
+            None
+        } else {
+            Some(&versions[i - 1])
+        }
+    }
+
+    fn kv_of(key: &[u8], v: &Version) -> KeyValue {
+        KeyValue {
+            key: key.to_vec(),
+            create_revision: v.create_rev,
+            mod_revision: v.rev,
+            version: v.version,
+            value: v.value.as_deref().unwrap_or_default().to_vec(),
+            lease: v.lease,
+        }
+    }
+
+    /// Live keys in `[key, range_end)` (etcd's conventions for `range_end`) at `rev`.
+    fn live_at<'a>(
+        &'a self,
+        key: &'a [u8],
+        range_end: &'a [u8],
+        rev: Rev,
+    ) -> impl Iterator<Item = (&'a [u8], &'a Version)> + 'a {
+        let upper: Bound<&[u8]> = if range_end.is_empty() {
+            Bound::Included(key)
+        } else if range_end == [0] {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(range_end)
+        };
+        let empty = !range_end.is_empty() && range_end != [0] && range_end <= key;
+        let iter = if empty {
+            None
+        } else {
+            Some(self.index.range::<[u8], _>((Bound::Included(key), upper)))
+        };
+        iter.into_iter().flatten().filter_map(move |(k, vs)| {
+            let v = Self::version_at(vs, rev)?;
+            v.value.as_ref()?;
+            Some((&k[..], v))
+        })
+    }
+
+    /// The live key `key` at the latest revision, including the operation in progress.
+    pub fn get(&self, key: &[u8]) -> Option<KeyValue> {
+        let vs = self.index.get(key)?;
+        let v = vs.last()?;
+        v.value.as_ref()?;
+        Some(Self::kv_of(key, v))
+    }
+
+    /// Serve a range read.
+    pub fn range(&self, r: &RangeRequest) -> Result<RangeResponse, KvError> {
+        let rev = self.check_rev(r.revision)?;
+        let filtered = r.min_mod_revision != 0
+            || r.max_mod_revision != 0
+            || r.min_create_revision != 0
+            || r.max_create_revision != 0;
+        let keep = |v: &Version| {
+            !(r.max_mod_revision != 0 && v.rev > r.max_mod_revision
+                || r.min_mod_revision != 0 && v.rev < r.min_mod_revision
+                || r.max_create_revision != 0 && v.create_rev > r.max_create_revision
+                || r.min_create_revision != 0 && v.create_rev < r.min_create_revision)
+        };
+        // etcd counts every live key in the range, before the revision filters and the limit.
+        let mut count = 0i64;
+        let mut picked: Vec<(&[u8], &Version)> = Vec::new();
+        let sorted = r.sort_order != SortOrder::None || r.sort_target != SortTarget::Key;
+        // Without sorting or filters the first `limit` keys in key order are the answer, and
+        // etcd still reports the total count.
+        let cap = if r.count_only {
+            0
+        } else if r.limit > 0 && !sorted && !filtered {
+            (r.limit as usize + 1).min(crate::limits::RANGE_KEYS_MAX + 1)
+        } else {
+            usize::MAX
+        };
+        for (k, v) in self.live_at(&r.key, &r.range_end, rev) {
+            count += 1;
+            if picked.len() < cap && keep(v) {
+                picked.push((k, v));
+            }
+        }
+        let order = match (r.sort_target, r.sort_order) {
+            (SortTarget::Key, SortOrder::Ascend) => SortOrder::None,
+            (t, SortOrder::None) if t != SortTarget::Key => SortOrder::Ascend,
+            (_, o) => o,
+        };
+        if order != SortOrder::None {
+            picked.sort_by(|a, b| {
+                let o = match r.sort_target {
+                    SortTarget::Key => a.0.cmp(b.0),
+                    SortTarget::Version => a.1.version.cmp(&b.1.version),
+                    SortTarget::Create => a.1.create_rev.cmp(&b.1.create_rev),
+                    SortTarget::Mod => a.1.rev.cmp(&b.1.rev),
+                    SortTarget::Value => a.1.value.cmp(&b.1.value),
+                };
+                if order == SortOrder::Descend {
+                    o.reverse()
+                } else {
+                    o
+                }
+            });
+        }
+        let limit = if r.limit > 0 { r.limit as usize } else { crate::limits::RANGE_KEYS_MAX };
+        let more = picked.len() > limit;
+        picked.truncate(limit);
+        let kvs = picked
+            .into_iter()
+            .map(|(k, v)| {
+                let mut kv = Self::kv_of(k, v);
+                if r.keys_only {
+                    kv.value.clear();
+                }
+                kv
+            })
+            .collect();
+        Ok(RangeResponse { kvs, more, count })
+    }
+
+    /// Evaluate one Txn guard at the latest revision.
+    pub fn compare(&self, c: &Compare) -> bool {
+        let rev = self.read_rev();
+        let mut any = false;
+        for (k, v) in self.live_at(&c.key, &c.range_end, rev) {
+            any = true;
+            if !Self::compare_one(&Self::kv_of(k, v), c) {
+                return false;
+            }
+        }
+        if any {
+            return true;
+        }
+        // A missing key compares as zeroes, except that a value never matches: there is no way
+        // to tell a missing value from an empty one.
+        !matches!(c.target, CompareTarget::Value(_)) && Self::compare_one(&KeyValue::default(), c)
+    }
+
+    fn compare_one(kv: &KeyValue, c: &Compare) -> bool {
+        match &c.target {
+            CompareTarget::Version(x) => compare_ord(&kv.version, x, c.result),
+            CompareTarget::Create(x) => compare_ord(&kv.create_revision, x, c.result),
+            CompareTarget::Mod(x) => compare_ord(&kv.mod_revision, x, c.result),
+            CompareTarget::Value(x) => compare_ord(&kv.value[..], &x[..], c.result),
+            CompareTarget::Lease(x) => compare_ord(&kv.lease, x, c.result),
+        }
+    }
+
+    fn write_version(&mut self, key: &[u8], v: Version, batch: &mut WriteBatch) {
+        let key: Arc<[u8]> = match self.index.get_key_value(key) {
+            Some((k, _)) => k.clone(),
+            None => key.into(),
+        };
+        let sv = StoredVersion {
+            key: &key,
+            create_rev: v.create_rev,
+            version: v.version,
+            lease: v.lease,
+            value: v.value.as_deref(),
+        };
+        batch.put(Cf::Kv, rev_key(v.rev, v.sub).to_vec(), postcard::to_allocvec(&sv).expect("encodes"));
+        self.bytes += (key.len() + v.value.as_ref().map_or(0, |x| x.len())) as u64;
+        self.changes.insert((v.rev, v.sub), key.clone());
+        self.index.entry(key).or_default().push(v);
+    }
+
+    fn next_slot(&mut self) -> (Rev, u32) {
+        let sub = self.pending_subs;
+        self.pending_subs += 1;
+        (self.current_rev + 1, sub)
+    }
+
+    /// Put `key`. `lease` must already have been checked to exist.
+    pub fn put(
+        &mut self,
+        p: &PutRequest,
+        batch: &mut WriteBatch,
+        fx: &mut WriteEffects,
+    ) -> Result<PutResponse, KvError> {
+        let prev = self.get(&p.key);
+        if (p.ignore_value || p.ignore_lease) && prev.is_none() {
+            return Err(KvError::KeyNotFound);
+        }
+        let value: Arc<[u8]> = match (&prev, p.ignore_value) {
+            (Some(prev), true) => prev.value.as_slice().into(),
+            _ => p.value.as_slice().into(),
+        };
+        let lease = match (&prev, p.ignore_lease) {
+            (Some(prev), true) => prev.lease,
+            _ => p.lease,
+        };
+        let (rev, sub) = self.next_slot();
+        let v = Version {
+            rev,
+            sub,
+            create_rev: prev.as_ref().map_or(rev, |p| p.create_revision),
+            version: prev.as_ref().map_or(1, |p| p.version + 1),
+            lease,
+            value: Some(value),
+        };
+        let kv = Self::kv_of(&p.key, &v);
+        self.write_version(&p.key, v, batch);
+        let old_lease = prev.as_ref().map_or(0, |p| p.lease);
+        if old_lease != lease {
+            fx.lease_moves.push(LeaseMove { key: p.key.clone(), from: old_lease, to: lease });
+        }
+        fx.events.push(Event { kind: EventKind::Put, kv, prev_kv: prev.clone() });
+        Ok(PutResponse { prev_kv: if p.prev_kv { prev } else { None } })
+    }
+
+    /// Delete every live key in the range.
+    pub fn delete_range(
+        &mut self,
+        d: &DeleteRangeRequest,
+        batch: &mut WriteBatch,
+        fx: &mut WriteEffects,
+    ) -> DeleteRangeResponse {
+        let rev = self.read_rev();
+        let doomed: Vec<KeyValue> =
+            self.live_at(&d.key, &d.range_end, rev).map(|(k, v)| Self::kv_of(k, v)).collect();
+        for prev in &doomed {
+            let (rev, sub) = self.next_slot();
+            self.write_version(
+                &prev.key,
+                Version { rev, sub, create_rev: 0, version: 0, lease: 0, value: None },
+                batch,
+            );
+            if prev.lease != 0 {
+                fx.lease_moves.push(LeaseMove { key: prev.key.clone(), from: prev.lease, to: 0 });
+            }
+            fx.events.push(Event {
+                kind: EventKind::Delete,
+                kv: KeyValue { key: prev.key.clone(), mod_revision: rev, ..Default::default() },
+                prev_kv: Some(prev.clone()),
+            });
+        }
+        DeleteRangeResponse {
+            deleted: doomed.len() as i64,
+            prev_kvs: if d.prev_kv { doomed } else { Vec::new() },
+        }
+    }
+
+    /// Close the operation in progress: if it wrote anything, the revision advances by one.
+    pub fn finish(&mut self, batch: &mut WriteBatch) -> Rev {
+        if self.pending_subs > 0 {
+            self.current_rev += 1;
+            self.pending_subs = 0;
+            batch.put(Cf::SmMeta, META_CURRENT_REV, self.current_rev.to_be_bytes().to_vec());
+        }
+        self.current_rev
+    }
+
+    /// Start a new epoch: the next revision is the first of `epoch`.
+    pub fn enter_epoch(&mut self, epoch: i64, batch: &mut WriteBatch) {
+        assert_eq!(self.pending_subs, 0, "epoch change inside an operation");
+        let first = epoch << REV_COUNTER_BITS;
+        if self.current_rev < first {
+            self.current_rev = first;
+            batch.put(Cf::SmMeta, META_CURRENT_REV, self.current_rev.to_be_bytes().to_vec());
+        }
+    }
+
+    /// Check that a compaction to `rev` is possible.
+    pub fn check_compact(&self, rev: Rev) -> Result<(), KvError> {
+        if rev <= self.compact_rev {
+            return Err(KvError::Compacted { requested: rev, compact_revision: self.compact_rev });
+        }
+        if rev > self.current_rev {
+            return Err(KvError::FutureRev { requested: rev, current: self.current_rev });
+        }
+        Ok(())
+    }
+
+    /// Drop history at and below `rev`, keeping each key's version as of `rev` if it is live.
+    pub fn compact(&mut self, rev: Rev, batch: &mut WriteBatch) -> Result<(), KvError> {
+        self.check_compact(rev)?;
+        let mut emptied = Vec::new();
+        for (key, vs) in self.index.iter_mut() {
+            let at = vs.partition_point(|v| v.rev <= rev);
+            if at == 0 {
+                continue;
+            }
+            // Keep the version visible at `rev` unless it is a tombstone.
+            let drop_to = if vs[at - 1].value.is_some() { at - 1 } else { at };
+            for v in vs.drain(..drop_to) {
+                batch.delete(Cf::Kv, rev_key(v.rev, v.sub).to_vec());
+                self.bytes -= (key.len() + v.value.as_ref().map_or(0, |x| x.len())) as u64;
+            }
+            if vs.is_empty() {
+                emptied.push(key.clone());
+            }
+        }
+        for k in emptied {
+            self.index.remove(&k);
+        }
+        self.changes = self.changes.split_off(&(rev + 1, 0));
+        self.compact_rev = rev;
+        batch.put(Cf::SmMeta, META_COMPACT_REV, rev.to_be_bytes().to_vec());
+        Ok(())
+    }
+
+    /// A hash of every version at or below `rev` (0 = latest) that compaction has kept, for
+    /// comparing replicas (Maintenance.HashKV). FNV-1a: cheap, and only ever compared with
+    /// other geolock members.
+    pub fn hash(&self, rev: Rev) -> Result<u32, KvError> {
+        let rev = self.check_rev(rev)?;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x100_0000_01b3);
+            }
+        };
+        for (k, vs) in &self.index {
+            for v in vs.iter().take_while(|v| v.rev <= rev) {
+                feed(k);
+                feed(&v.rev.to_be_bytes());
+                feed(&[u8::from(v.value.is_some())]);
+                feed(v.value.as_deref().unwrap_or_default());
+            }
+        }
+        Ok((h ^ (h >> 32)) as u32)
+    }
+
+    /// Changes with revision in `[from, to]` to keys in the range, oldest first, at most `max`.
+    /// `from` must not be below the compaction point.
+    pub fn history(&self, key: &[u8], range_end: &[u8], from: Rev, to: Rev, max: usize) -> Vec<Event> {
+        let mut out = Vec::new();
+        if from > to {
+            return out;
+        }
+        for ((rev, sub), k) in self.changes.range((from, 0)..=(to, u32::MAX)) {
+            if !in_range(k, key, range_end) {
+                continue;
+            }
+            // A whole revision goes out together, so a watcher never sees half a Txn.
+            if out.len() >= max && out.last().is_some_and(|e: &Event| e.kv.mod_revision != *rev) {
+                break;
+            }
+            let vs = &self.index[k];
+            let i = vs.partition_point(|v| (v.rev, v.sub) < (*rev, *sub));
+            let v = &vs[i];
+            let prev_kv = if i > 0 && vs[i - 1].value.is_some() { Some(Self::kv_of(k, &vs[i - 1])) } else { None };
+            out.push(match v.value {
+                Some(_) => Event { kind: EventKind::Put, kv: Self::kv_of(k, v), prev_kv },
+                None => Event {
+                    kind: EventKind::Delete,
+                    kv: KeyValue { key: k.to_vec(), mod_revision: *rev, ..Default::default() },
+                    prev_kv,
+                },
+            });
+        }
+        out
+    }
+}
+
+fn decode_i64(v: &[u8]) -> Result<i64, StorageError> {
+    v.try_into()
+        .map(i64::from_be_bytes)
+        .map_err(|_| StorageError(format!("kv: bad i64 of {} bytes", v.len())))
+}
+
+/// Count the operations of a Txn, nested ones included, and check the bounds and etcd's rule
+/// that one branch may not write the same key twice. Run before the request reaches Raft.
+pub fn validate_txn(t: &TxnRequest) -> Result<(), KvError> {
+    let ops = count_ops(t, 1)?;
+    if ops > crate::limits::TXN_OPS_MAX {
+        return Err(KvError::TooManyOps { ops, max: crate::limits::TXN_OPS_MAX });
+    }
+    for branch in [&t.success, &t.failure] {
+        let mut puts: Vec<&[u8]> = Vec::new();
+        let mut dels: Vec<(&[u8], &[u8])> = Vec::new();
+        collect_writes(branch, &mut puts, &mut dels);
+        puts.sort();
+        if puts.windows(2).any(|w| w[0] == w[1]) {
+            return Err(KvError::DuplicateKey);
+        }
+        if puts.iter().any(|p| dels.iter().any(|(k, e)| in_range(p, k, e))) {
+            return Err(KvError::DuplicateKey);
+        }
+    }
+    Ok(())
+}
+
+fn count_ops(t: &TxnRequest, depth: usize) -> Result<usize, KvError> {
+    if depth > crate::limits::TXN_DEPTH_MAX {
+        return Err(KvError::TxnTooDeep { max: crate::limits::TXN_DEPTH_MAX });
+    }
+    let mut n = t.compare.len().max(t.success.len()).max(t.failure.len());
+    for op in t.success.iter().chain(&t.failure) {
+        if let RequestOp::Txn(inner) = op {
+            n += count_ops(inner, depth + 1)?;
+        }
+    }
+    Ok(n)
+}
+
+fn collect_writes<'a>(ops: &'a [RequestOp], puts: &mut Vec<&'a [u8]>, dels: &mut Vec<(&'a [u8], &'a [u8])>) {
+    for op in ops {
+        match op {
+            RequestOp::Put(p) => puts.push(&p.key),
+            RequestOp::DeleteRange(d) => dels.push((&d.key, &d.range_end)),
+            RequestOp::Txn(t) => {
+                // Only one branch of a nested Txn runs, so each is checked against the outer
+                // writes separately by taking the larger set of both.
+                collect_writes(&t.success, puts, dels);
+                collect_writes(&t.failure, puts, dels);
+            }
+            RequestOp::Range(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemEngine;
+
+    fn put(m: &mut Mvcc, b: &mut WriteBatch, k: &str, v: &str) -> Rev {
+        let mut fx = WriteEffects::default();
+        m.put(&PutRequest { key: k.into(), value: v.into(), ..Default::default() }, b, &mut fx).unwrap();
+        m.finish(b)
+    }
+
+    fn keys(r: &RangeResponse) -> Vec<String> {
+        r.kvs.iter().map(|kv| String::from_utf8(kv.key.clone()).unwrap()).collect()
+    }
+
+    #[test]
+    fn revisions_start_where_etcd_starts() {
+        let mut m = Mvcc::new();
+        let mut b = WriteBatch::default();
+        assert_eq!(m.current_rev(), 1);
+        assert_eq!(put(&mut m, &mut b, "a", "1"), 2);
+        assert_eq!(put(&mut m, &mut b, "a", "2"), 3);
+        let kv = m.get(b"a").unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
+    }
+
+    #[test]
+    fn range_conventions_limit_count_and_sort() {
+        let mut m = Mvcc::new();
+        let mut b = WriteBatch::default();
+        for (k, v) in [("b", "3"), ("a", "2"), ("c", "1"), ("d", "0")] {
+            put(&mut m, &mut b, k, v);
+        }
+        let all = RangeRequest { key: vec![0], range_end: vec![0], ..Default::default() };
+        assert_eq!(keys(&m.range(&all).unwrap()), ["a", "b", "c", "d"]);
+        let from_b = RangeRequest { key: b"b".to_vec(), range_end: vec![0], ..Default::default() };
+        assert_eq!(keys(&m.range(&from_b).unwrap()), ["b", "c", "d"]);
+        let ab = RangeRequest { key: b"a".to_vec(), range_end: b"c".to_vec(), limit: 1, ..Default::default() };
+        let r = m.range(&ab).unwrap();
+        assert_eq!((keys(&r), r.more, r.count), (vec!["a".to_string()], true, 2));
+        let by_value = RangeRequest { sort_target: SortTarget::Value, ..all.clone() };
+        assert_eq!(keys(&m.range(&by_value).unwrap()), ["d", "c", "a", "b"]);
+        let desc = RangeRequest { sort_order: SortOrder::Descend, ..all.clone() };
+        assert_eq!(keys(&m.range(&desc).unwrap()), ["d", "c", "b", "a"]);
+        let count = RangeRequest { count_only: true, ..all.clone() };
+        let r = m.range(&count).unwrap();
+        assert_eq!((r.kvs.len(), r.count), (0, 4));
+        let backwards = RangeRequest { key: b"c".to_vec(), range_end: b"a".to_vec(), ..Default::default() };
+        assert_eq!(m.range(&backwards).unwrap().count, 0);
+    }
+
+    #[test]
+    fn reads_at_old_revisions_and_compaction() {
+        let mut m = Mvcc::new();
+        let mut b = WriteBatch::default();
+        put(&mut m, &mut b, "k", "v1"); // 2
+        put(&mut m, &mut b, "k", "v2"); // 3
+        let mut fx = WriteEffects::default();
+        m.delete_range(&DeleteRangeRequest { key: b"k".to_vec(), ..Default::default() }, &mut b, &mut fx);
+        m.finish(&mut b); // 4
+        let at = |m: &Mvcc, rev| m.range(&RangeRequest { key: b"k".to_vec(), revision: rev, ..Default::default() });
+        assert_eq!(at(&m, 2).unwrap().kvs[0].value, b"v1");
+        assert_eq!(at(&m, 3).unwrap().kvs[0].value, b"v2");
+        assert_eq!(at(&m, 4).unwrap().count, 0);
+        assert_eq!(at(&m, 5), Err(KvError::FutureRev { requested: 5, current: 4 }));
+        m.compact(3, &mut b).unwrap();
+        assert_eq!(at(&m, 2), Err(KvError::Compacted { requested: 2, compact_revision: 3 }));
+        assert_eq!(at(&m, 3).unwrap().kvs[0].value, b"v2");
+        assert_eq!(m.compact(3, &mut b), Err(KvError::Compacted { requested: 3, compact_revision: 3 }));
+        m.compact(4, &mut b).unwrap();
+        assert!(m.index.is_empty());
+        assert_eq!(m.bytes(), 0);
+    }
+
+    #[test]
+    fn history_has_every_change_in_order_with_prev_kv() {
+        let mut m = Mvcc::new();
+        let mut b = WriteBatch::default();
+        put(&mut m, &mut b, "a", "1");
+        put(&mut m, &mut b, "b", "1");
+        put(&mut m, &mut b, "a", "2");
+        let h = m.history(b"a", b"", 2, 10, 100);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[1].prev_kv.as_ref().unwrap().value, b"1");
+        assert_eq!(h[1].kv.mod_revision, 4);
+    }
+
+    #[test]
+    fn load_rebuilds_what_was_committed() {
+        let engine = MemEngine::new();
+        let mut m = Mvcc::new();
+        let mut b = WriteBatch::default();
+        put(&mut m, &mut b, "a", "1");
+        put(&mut m, &mut b, "a", "2");
+        put(&mut m, &mut b, "b", "x");
+        m.compact(3, &mut b).unwrap();
+        engine.write(b, false).unwrap();
+        let l = Mvcc::load(&*engine).unwrap();
+        assert_eq!(l.current_rev(), m.current_rev());
+        assert_eq!(l.compact_rev(), 3);
+        assert_eq!(l.index, m.index);
+        assert_eq!(l.changes, m.changes);
+        assert_eq!(l.bytes(), m.bytes());
+    }
+
+    #[test]
+    fn txn_validation_counts_and_rejects_duplicates() {
+        let p = |k: &str| RequestOp::Put(PutRequest { key: k.into(), ..Default::default() });
+        let ok = TxnRequest { success: vec![p("a"), p("b")], failure: vec![p("a")], ..Default::default() };
+        assert_eq!(validate_txn(&ok), Ok(()));
+        let dup = TxnRequest { success: vec![p("a"), p("a")], ..Default::default() };
+        assert_eq!(validate_txn(&dup), Err(KvError::DuplicateKey));
+        let many = TxnRequest { success: (0..129).map(|i| p(&i.to_string())).collect(), ..Default::default() };
+        assert_eq!(validate_txn(&many), Err(KvError::TooManyOps { ops: 129, max: 128 }));
+    }
+}

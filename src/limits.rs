@@ -1,0 +1,72 @@
+//! Every bound geolock enforces, in one place.
+//!
+//! Names end in `_max` (or `_min`) and carry their unit last. Where etcd has the same bound we use
+//! its default, so a client tuned for etcd never meets a tighter limit here. Relations between
+//! bounds are checked at compile time at the bottom of this file.
+
+/// Largest encoded client request accepted by the gRPC server (etcd's `--max-request-bytes`).
+pub const REQUEST_BYTES_MAX: usize = 1536 * 1024;
+
+/// Largest gRPC message we send or accept at the transport level; etcd allows a little over the
+/// request limit so that the request check, not the codec, produces the error.
+pub const GRPC_MESSAGE_BYTES_MAX: usize = REQUEST_BYTES_MAX + 512 * 1024;
+
+/// Largest key, in bytes.
+pub const KEY_BYTES_MAX: usize = 32 * 1024;
+
+/// Largest value, in bytes. A put also has to fit in `REQUEST_BYTES_MAX` with its key.
+pub const VALUE_BYTES_MAX: usize = REQUEST_BYTES_MAX;
+
+/// Operations in one Txn, counting both branches and nested Txns (etcd's `--max-txn-ops`).
+pub const TXN_OPS_MAX: usize = 128;
+
+/// Nesting depth of Txn inside Txn.
+pub const TXN_DEPTH_MAX: usize = 8;
+
+/// Keys returned by one Range when the client sets no limit. Beyond this the response is cut and
+/// `more` is set, so one request can never build an unbounded response.
+pub const RANGE_KEYS_MAX: usize = 100_000;
+
+/// Watchers on one Watch stream.
+pub const WATCHERS_PER_STREAM_MAX: usize = 1_000;
+
+/// Watch responses queued for one stream before its watchers fall back to catching up from
+/// history (they are never dropped: they become unsynced and are resent from the key space).
+pub const WATCH_STREAM_QUEUE_MAX: usize = 1_024;
+
+/// Events in one watch response sent while catching up from history.
+pub const WATCH_EVENTS_PER_RESPONSE_MAX: usize = 1_000;
+
+/// Leases that may exist at once.
+pub const LEASES_MAX: usize = 1_000_000;
+
+/// Leases revoked by one expiry proposal; the rest wait for the next tick.
+pub const LEASE_EXPIRIES_PER_PROPOSAL_MAX: usize = 1_000;
+
+/// Lease IDs requested in one TimeToLive with keys: keys listed in one response.
+pub const LEASE_KEYS_LISTED_MAX: usize = 100_000;
+
+/// Longest TTL anyone may configure as `lease.max_ttl`, in seconds (etcd's MaxLeaseTTL: 9e10 s).
+pub const LEASE_TTL_S_MAX: i64 = 9_000_000_000;
+
+/// Client write proposals waiting in the Raft pipeline of one node.
+pub const PROPOSALS_IN_FLIGHT_MAX: usize = 10_000;
+
+/// Log entries handed to one RocksDB write batch by the log store.
+pub const LOG_APPEND_BATCH_ENTRIES_MAX: usize = 4_096;
+
+/// Size of the whole key space kept by a data node (etcd's default backend quota).
+pub const KEYSPACE_BYTES_MAX: u64 = 2 * 1024 * 1024 * 1024;
+
+/// Members of one cluster.
+pub const MEMBERS_MAX: usize = 16;
+
+/// Largest configuration file read at start-up.
+pub const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
+
+const _: () = assert!(KEY_BYTES_MAX < REQUEST_BYTES_MAX);
+const _: () = assert!(VALUE_BYTES_MAX <= REQUEST_BYTES_MAX);
+const _: () = assert!(GRPC_MESSAGE_BYTES_MAX > REQUEST_BYTES_MAX);
+const _: () = assert!(TXN_DEPTH_MAX <= TXN_OPS_MAX);
+const _: () = assert!(WATCH_EVENTS_PER_RESPONSE_MAX <= WATCH_STREAM_QUEUE_MAX);
+const _: () = assert!(LEASE_EXPIRIES_PER_PROPOSAL_MAX <= LEASES_MAX);

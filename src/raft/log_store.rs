@@ -1,0 +1,178 @@
+//! The Raft log in the `log` column family, vote and commit marks in `raft_meta`.
+//!
+//! Durability by group commit: `append` writes entries without syncing (so they are readable at
+//! once) and hands the completion callback to one flusher thread, which syncs the WAL once for
+//! every callback waiting and then completes them all, in order. Since the WAL is one sequential
+//! file, one sync covers every earlier write, and completing append N vouches for all before it.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
+use openraft::{LogState, OptionalSend, RaftLogReader};
+
+use super::TypeConfig;
+use crate::limits::LOG_APPEND_BATCH_ENTRIES_MAX;
+use crate::storage::{Cf, Engine, WriteBatch};
+
+type TC = TypeConfig;
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const PURGED: &[u8] = b"purged";
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("raft types encode")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> io::Result<T> {
+    postcard::from_bytes(b).map_err(io_err)
+}
+
+/// The log store; clones share the engine and the flusher.
+#[derive(Clone)]
+pub struct LogStore {
+    engine: Arc<dyn Engine>,
+    flusher: mpsc::Sender<IOFlushed<TC>>,
+}
+
+impl LogStore {
+    /// A log store over `engine`, with its flusher thread (which ends when every clone is gone).
+    pub fn new(engine: Arc<dyn Engine>) -> Self {
+        let (tx, rx) = mpsc::channel::<IOFlushed<TC>>();
+        let e = engine.clone();
+        std::thread::Builder::new()
+            .name("geolock-log-flush".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut group = vec![first];
+                    group.extend(rx.try_iter());
+                    let res = e.sync_wal().map_err(|err| err.to_string());
+                    for cb in group {
+                        cb.io_completed(res.clone().map_err(io::Error::other));
+                    }
+                }
+            })
+            .expect("spawn the log flusher");
+        LogStore { engine, flusher: tx }
+    }
+
+    fn meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        match self.engine.get(Cf::RaftMeta, key).map_err(io_err)? {
+            Some(b) => Ok(Some(decode(&b)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+fn index_key(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+impl RaftLogReader<TC> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<EntryOf<TC>>, io::Error> {
+        let from = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let to = match range.end_bound() {
+            Bound::Included(i) => i.checked_add(1),
+            Bound::Excluded(i) => Some(*i),
+            Bound::Unbounded => None,
+        };
+        if to.is_some_and(|t| t <= from) {
+            return Ok(Vec::new());
+        }
+        let to_key = to.map(index_key);
+        let pairs = self
+            .engine
+            .scan(Cf::Log, &index_key(from), to_key.as_ref().map(|k| &k[..]), usize::MAX)
+            .map_err(io_err)?;
+        pairs.iter().map(|(_, v)| decode(v)).collect()
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<VoteOf<TC>>, io::Error> {
+        self.meta(VOTE)
+    }
+}
+
+impl RaftLogStorage<TC> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TC>, io::Error> {
+        let purged: Option<LogIdOf<TC>> = self.meta(PURGED)?;
+        let last = match self.engine.last(Cf::Log).map_err(io_err)? {
+            Some((_, v)) => Some(decode::<EntryOf<TC>>(&v)?.log_id),
+            None => purged.clone(),
+        };
+        Ok(LogState { last_purged_log_id: purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<TC>) -> Result<(), io::Error> {
+        let mut b = WriteBatch::default();
+        b.put(Cf::RaftMeta, VOTE, encode(vote));
+        // A vote is durable before it is acted on; the sync also covers earlier appends.
+        self.engine.write(b, true).map_err(io_err)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogIdOf<TC>>) -> Result<(), io::Error> {
+        // Called on every commit; it rides along with the next sync. A stale value after a crash
+        // only means re-committing entries the log still holds.
+        let mut b = WriteBatch::default();
+        b.put(Cf::RaftMeta, COMMITTED, encode(&committed));
+        self.engine.write(b, false).map_err(io_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<TC>>, io::Error> {
+        Ok(self.meta::<Option<LogIdOf<TC>>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TC>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = EntryOf<TC>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut b = WriteBatch::default();
+        let mut n = 0;
+        for e in entries {
+            b.put(Cf::Log, index_key(e.log_id.index).to_vec(), encode(&e));
+            n += 1;
+            if n % LOG_APPEND_BATCH_ENTRIES_MAX == 0 {
+                self.engine.write(std::mem::take(&mut b), false).map_err(io_err)?;
+            }
+        }
+        self.engine.write(b, false).map_err(io_err)?;
+        self.flusher.send(callback).map_err(|_| io_err("log flusher stopped"))
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TC>>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index + 1);
+        let mut b = WriteBatch::default();
+        b.delete_range(Cf::Log, index_key(from).to_vec(), index_key(u64::MAX).to_vec());
+        b.delete(Cf::Log, index_key(u64::MAX).to_vec());
+        self.engine.write(b, false).map_err(io_err)
+    }
+
+    async fn purge(&mut self, log_id: LogIdOf<TC>) -> Result<(), io::Error> {
+        let mut b = WriteBatch::default();
+        b.put(Cf::RaftMeta, PURGED, encode(&log_id));
+        b.delete_range(Cf::Log, index_key(0).to_vec(), index_key(log_id.index + 1).to_vec());
+        self.engine.write(b, false).map_err(io_err)
+    }
+}

@@ -1,0 +1,531 @@
+//! Replication with openraft: the type configuration, the RocksDB log store, the state machine
+//! adapter, and [`Node`], the handle the client API drives. The only module that imports
+//! openraft, so a version bump touches nothing else.
+
+mod log_store;
+mod network;
+mod state_machine;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::{Config as RaftConfig, ReadPolicy, ServerState, SnapshotPolicy, StepDownPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Semaphore};
+
+pub use log_store::LogStore;
+pub use state_machine::{Shared, SmState, StateMachine};
+
+use crate::config::{Config, Role};
+use crate::lease::{LeaseError, TtlBounds};
+use crate::limits::{LEASE_EXPIRIES_PER_PROPOSAL_MAX, PROPOSALS_IN_FLIGHT_MAX};
+use crate::machine::{ApplyError, Applied, Command, Machine};
+use crate::storage::{Engine, RocksEngine};
+use crate::watch::{Reply, StreamId, WatchSpec};
+
+/// A member as Raft carries it in the membership: enough to reach it and show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    /// `host:port` of its peer (QUIC) endpoint.
+    pub peer_addr: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    pub role: Role,
+    pub region: String,
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Put(p) => write!(f, "put {} bytes", p.key.len() + p.value.len()),
+            Command::DeleteRange(_) => f.write_str("delete-range"),
+            Command::Txn(t) => write!(f, "txn {}+{} ops", t.success.len(), t.failure.len()),
+            Command::Compact { revision } => write!(f, "compact {revision}"),
+            Command::LeaseGrant { id, ttl_s } => write!(f, "lease-grant {id:x} {ttl_s}s"),
+            Command::LeaseRevoke { id } => write!(f, "lease-revoke {id:x}"),
+        }
+    }
+}
+
+openraft::declare_raft_types!(
+    /// geolock's openraft types: classic Raft (one leader per term), our commands and members.
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+        NodeId = u64,
+        Node = Member,
+        LeaderId = openraft::impls::leader_id_std::LeaderId<u64, u64>,
+);
+
+type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
+/// Milliseconds on this process's monotonic clock: lease deadlines live on it.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// A member ID derived from its name: stable across restarts and the same on every member.
+pub fn member_id(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h.max(1)
+}
+
+/// Why a request could not be served by this node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("etcdserver: not leader")]
+    NotLeader { leader: Option<u64> },
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: too many requests (proposals_in_flight_max {max})")]
+    TooManyProposals { max: usize },
+    #[error("geolock: a {role:?} node does not serve {what}")]
+    Role { role: Role, what: &'static str },
+    #[error("geolock: storage: {0}")]
+    Storage(String),
+    #[error("geolock: {0}")]
+    Internal(String),
+}
+
+/// What every response header carries besides the revision.
+#[derive(Clone, Copy, Debug)]
+pub struct HeaderInfo {
+    pub cluster_id: u64,
+    pub member_id: u64,
+    pub raft_term: u64,
+}
+
+/// Maintenance.Status figures.
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    pub revision: i64,
+    pub db_size_bytes: u64,
+    pub leader: u64,
+    pub raft_index: u64,
+    pub raft_term: u64,
+    pub applied_index: u64,
+    pub is_learner: bool,
+}
+
+/// A member as Cluster.MemberList shows it.
+#[derive(Clone, Debug)]
+pub struct MemberInfo {
+    pub id: u64,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    pub is_learner: bool,
+}
+
+/// LeaseTimeToLive figures.
+#[derive(Clone, Debug)]
+pub struct LeaseInfo {
+    pub remaining_s: i64,
+    pub granted_s: i64,
+    pub keys: Vec<Vec<u8>>,
+}
+
+/// How long a client write may wait for its entry to be applied.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running member.
+pub struct Node {
+    raft: Raft,
+    shared: Arc<Shared>,
+    id: u64,
+    cluster_id: u64,
+    ttl_bounds: TtlBounds,
+    election_timeout: Duration,
+    proposals: Semaphore,
+    next_stream: std::sync::atomic::AtomicU64,
+}
+
+impl Node {
+    /// Open storage, start Raft, and (on first start of a new cluster) initialise membership.
+    pub async fn start(cfg: &Config) -> Result<Arc<Node>, NodeError> {
+        let dir = cfg.data_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| NodeError::Storage(format!("{}: {e}", dir.display())))?;
+        let engine: Arc<dyn Engine> =
+            RocksEngine::open(&dir.join("db")).map_err(|e| NodeError::Storage(e.to_string()))?;
+        let shared = Shared::open(engine.clone(), dir.join("snapshots")).map_err(|e| NodeError::Storage(e.to_string()))?;
+        let id = member_id(&cfg.name);
+        let members = cfg.initial_members().map_err(|e| NodeError::Internal(e.to_string()))?;
+        let cluster_id = member_id(&format!(
+            "{}/{}",
+            cfg.cluster.name,
+            members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(",")
+        ));
+        let et_ms = cfg.raft.election_timeout.as_millis() as u64;
+        let raft_cfg = RaftConfig {
+            cluster_name: cfg.cluster.name.clone(),
+            heartbeat_interval: cfg.raft.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: et_ms,
+            election_timeout_max: et_ms * 2,
+            enable_pre_vote: Some(true),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_count),
+            max_in_snapshot_log_to_keep: 1_000,
+            purge_batch_size: 256,
+            removed_leader_step_down: StepDownPolicy::Never,
+            // Our state machine writes are not synced; a restarted leader must win an election
+            // (and so re-commit its log) before it serves.
+            enable_leader_restore: Some(false),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| NodeError::Internal(format!("raft config: {e}")))?;
+        let raft = Raft::new(
+            id,
+            Arc::new(raft_cfg),
+            network::Network,
+            LogStore::new(engine),
+            StateMachine { shared: shared.clone() },
+        )
+        .await
+        .map_err(|e| NodeError::Internal(format!("raft: {e}")))?;
+
+        let fresh = !raft.is_initialized().await.map_err(|e| NodeError::Internal(e.to_string()))?;
+        if fresh && cfg.initial_cluster_state() == "new" {
+            let mut nodes = BTreeMap::new();
+            for m in &members {
+                let me = m.name == cfg.name;
+                nodes.insert(
+                    member_id(&m.name),
+                    Member {
+                        name: m.name.clone(),
+                        peer_addr: m.peer_addr.clone(),
+                        peer_urls: if me { cfg.peer_urls() } else { vec![format!("http://{}", m.peer_addr)] },
+                        client_urls: if me { cfg.client_urls() } else { Vec::new() },
+                        role: if me { cfg.role } else { Role::Voter },
+                        region: if me { cfg.region.clone() } else { String::new() },
+                    },
+                );
+            }
+            if !nodes.contains_key(&id) {
+                return Err(NodeError::Internal(format!("{} is not in the initial cluster", cfg.name)));
+            }
+            // Every founding member proposes the same membership; Raft keeps one.
+            if let Err(e) = raft.initialize(nodes).await {
+                tracing::info!("initialize: {e}");
+            }
+        }
+        let node = Arc::new(Node {
+            raft,
+            shared,
+            id,
+            cluster_id,
+            ttl_bounds: cfg.ttl_bounds(),
+            election_timeout: cfg.raft.election_timeout,
+            proposals: Semaphore::new(PROPOSALS_IN_FLIGHT_MAX),
+            next_stream: std::sync::atomic::AtomicU64::new(1),
+        });
+        tokio::spawn(leadership_loop(Arc::downgrade(&node)));
+        tokio::spawn(progress_notify_loop(Arc::downgrade(&node), cfg.watch.progress_notify_interval));
+        Ok(node)
+    }
+
+    /// Stop Raft.
+    pub async fn shutdown(self: Arc<Self>) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!("raft shutdown: {e}");
+        }
+    }
+
+    /// Header fields of this member.
+    pub fn header(&self) -> HeaderInfo {
+        let m = self.raft.metrics();
+        let term = m.borrow_watched().current_term;
+        HeaderInfo { cluster_id: self.cluster_id, member_id: self.id, raft_term: term }
+    }
+
+    /// The latest applied revision.
+    pub fn current_rev(&self) -> i64 {
+        self.shared.lock().machine.kv.current_rev()
+    }
+
+    /// Lease TTL bounds.
+    pub fn ttl_bounds(&self) -> TtlBounds {
+        self.ttl_bounds
+    }
+
+    /// A fresh lease ID, positive, not in use now.
+    pub fn new_lease_id(&self) -> i64 {
+        loop {
+            let id = rand::random::<i64>() & i64::MAX;
+            if id != 0 && !self.shared.lock().machine.leases.contains(id) {
+                return id;
+            }
+        }
+    }
+
+    /// Run `f` on the state as applied so far.
+    pub fn read<R>(&self, f: impl FnOnce(&Machine) -> R) -> R {
+        f(&self.shared.lock().machine)
+    }
+
+    /// Propose a command and wait until it is applied here.
+    pub async fn propose(&self, cmd: Command) -> Result<Applied, NodeError> {
+        let _permit = self
+            .proposals
+            .try_acquire()
+            .map_err(|_| NodeError::TooManyProposals { max: PROPOSALS_IN_FLIGHT_MAX })?;
+        match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd)).await {
+            Err(_) => Err(NodeError::Timeout),
+            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => match f.leader_id {
+                Some(l) => Err(NodeError::NotLeader { leader: Some(l) }),
+                None => Err(NodeError::NoLeader),
+            },
+            Ok(Err(RaftError::APIError(e))) => Err(NodeError::Internal(e.to_string())),
+            Ok(Err(RaftError::Fatal(_))) => Err(NodeError::Stopped),
+        }
+    }
+
+    /// Wait until this node has applied everything committed when the call began, confirmed by
+    /// a quorum (a read index): reads after this are linearizable.
+    pub async fn linearize(&self) -> Result<(), NodeError> {
+        match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+            Err(_) => Err(NodeError::Timeout),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => match f.leader_id {
+                Some(l) => Err(NodeError::NotLeader { leader: Some(l) }),
+                None => Err(NodeError::NoLeader),
+            },
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)))) => Err(NodeError::NoLeader),
+            Ok(Err(RaftError::Fatal(_))) => Err(NodeError::Stopped),
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// A keep-alive: the leader restarts the lease's TTL.
+    pub async fn lease_keep_alive(&self, id: i64) -> Result<i64, NodeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let ttl = self.shared.lock().machine.leases.renew(id, now_ms()).map_err(ApplyError::from)?;
+        Ok(ttl)
+    }
+
+    /// TTL left and keys of a lease, as the leader sees it.
+    pub async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<LeaseInfo, NodeError> {
+        if !self.is_leader() {
+            return Err(self.not_leader());
+        }
+        let st = self.shared.lock();
+        let leases = &st.machine.leases;
+        let lease = leases.get(id).ok_or(ApplyError::Lease(LeaseError::NotFound { lease: id }))?;
+        Ok(LeaseInfo {
+            remaining_s: leases.remaining_s(id, now_ms()).map_err(ApplyError::from)?,
+            granted_s: lease.ttl_s,
+            keys: if keys {
+                lease.keys.iter().take(crate::limits::LEASE_KEYS_LISTED_MAX).cloned().collect()
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    fn not_leader(&self) -> NodeError {
+        match self.raft.metrics().borrow_watched().current_leader {
+            Some(l) => NodeError::NotLeader { leader: Some(l) },
+            None => NodeError::NoLeader,
+        }
+    }
+
+    /// Maintenance.Status figures.
+    pub fn status(&self) -> NodeStatus {
+        let (revision, applied) = {
+            let st = self.shared.lock();
+            (st.machine.kv.current_rev(), st.last_applied.map_or(0, |l| l.index))
+        };
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        NodeStatus {
+            revision,
+            db_size_bytes: self.shared.db_size_bytes(),
+            leader: m.current_leader.unwrap_or(0),
+            raft_index: m.last_log_index.unwrap_or(0),
+            raft_term: m.current_term,
+            applied_index: applied,
+            is_learner: m.state == ServerState::Learner,
+        }
+    }
+
+    /// Every member, voters first.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| MemberInfo {
+                id: *id,
+                name: node.name.clone(),
+                peer_urls: node.peer_urls.clone(),
+                client_urls: node.client_urls.clone(),
+                is_learner: !voters.contains(id),
+            })
+            .collect()
+    }
+
+    /// Register a watch stream whose replies go to `tx`.
+    pub fn watch_open(&self, tx: mpsc::Sender<Reply>) -> StreamId {
+        let id = self.next_stream.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.lock().streams.insert(id, tx);
+        id
+    }
+
+    /// Create a watcher and start catching it up.
+    pub fn watch_create(&self, stream: StreamId, spec: WatchSpec) {
+        let mut st = self.shared.lock();
+        let st = &mut *st;
+        let created = st.hub.create(stream, spec, &st.machine.kv);
+        st.deliver(vec![created]);
+        let out = st.hub.catch_up(stream, &st.machine.kv);
+        st.deliver(out);
+    }
+
+    /// Cancel a watcher.
+    pub fn watch_cancel(&self, stream: StreamId, watch_id: i64) {
+        let mut st = self.shared.lock();
+        if let Some(o) = st.hub.cancel(stream, watch_id) {
+            st.deliver(vec![o]);
+        }
+    }
+
+    /// Answer a progress request (now, or once every watcher of the stream is level).
+    pub fn watch_progress(&self, stream: StreamId) {
+        let mut st = self.shared.lock();
+        let st = &mut *st;
+        if let Some(o) = st.hub.request_progress(stream, &st.machine.kv) {
+            st.deliver(vec![o]);
+        }
+    }
+
+    /// Send unsynced watchers of `stream` their next batch of history, if the stream's queue has
+    /// room. Returns whether some are still behind.
+    pub fn watch_catch_up(&self, stream: StreamId) -> bool {
+        let mut st = self.shared.lock();
+        let st = &mut *st;
+        if !st.hub.has_unsynced(stream) {
+            return false;
+        }
+        let room = st.streams.get(&stream).is_some_and(|tx| tx.capacity() > 0);
+        if room {
+            let out = st.hub.catch_up(stream, &st.machine.kv);
+            st.deliver(out);
+        }
+        st.hub.has_unsynced(stream)
+    }
+
+    /// Forget a stream.
+    pub fn watch_close(&self, stream: StreamId) {
+        let mut st = self.shared.lock();
+        st.streams.remove(&stream);
+        st.hub.close_stream(stream);
+    }
+}
+
+/// Follows this node's leadership: a new leader takes over lease expiry (granting every lease a
+/// full TTL plus an election timeout), and while leading it revokes expired leases.
+async fn leadership_loop(node: std::sync::Weak<Node>) {
+    let tick = Duration::from_millis(50);
+    let mut leading = false;
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(node) = node.upgrade() else { return };
+        let now_leader = node.is_leader();
+        if now_leader != leading {
+            leading = now_leader;
+            let mut st = node.shared.lock();
+            if leading {
+                st.machine.leases.promote(now_ms(), node.election_timeout.as_millis() as u64);
+            } else {
+                st.machine.leases.demote();
+            }
+        }
+        if !leading {
+            continue;
+        }
+        let expired = node.shared.lock().machine.leases.take_expired(
+            now_ms(),
+            node.election_timeout.as_millis() as u64,
+            LEASE_EXPIRIES_PER_PROPOSAL_MAX,
+        );
+        for id in expired {
+            let n = node.clone();
+            tokio::spawn(async move {
+                if let Err(e) = n.propose(Command::LeaseRevoke { id }).await {
+                    tracing::debug!("expire lease {id:x}: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// Progress notifications for watchers that asked for them.
+async fn progress_notify_loop(node: std::sync::Weak<Node>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let mut st = node.shared.lock();
+        let st = &mut *st;
+        let out = st.hub.progress_tick(&st.machine.kv);
+        st.deliver(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::testing::log::{StoreBuilder, Suite};
+    use openraft::StorageError;
+
+    use super::*;
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let engine: Arc<dyn Engine> = RocksEngine::open(&dir.path().join("db")).expect("open rocksdb");
+            let shared = Shared::open(engine.clone(), dir.path().join("snapshots")).expect("open state machine");
+            Ok((dir, LogStore::new(engine), StateMachine { shared }))
+        }
+    }
+
+    /// openraft's own storage test suite, against our RocksDB log store and state machine.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn openraft_storage_suite_passes_on_rocksdb() {
+        Suite::test_all(Builder).await.expect("openraft storage suite");
+    }
+
+    #[test]
+    fn member_ids_are_stable_and_nonzero() {
+        assert_eq!(member_id("n1"), member_id("n1"));
+        assert_ne!(member_id("n1"), member_id("n2"));
+        assert_ne!(member_id(""), 0);
+    }
+}

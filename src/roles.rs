@@ -1,0 +1,68 @@
+//! Wiring for each role: what runs, bound to which addresses. No logic of its own.
+
+use std::sync::Arc;
+
+use crate::config::{Config, Role};
+use crate::raft::Node;
+
+/// Why a node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("{0}")]
+    Node(String),
+    #[error("client API: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Run a node with this configuration until SIGINT or SIGTERM.
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    if cfg.role != Role::Voter {
+        return Err(RunError::Node(format!("role {:?} is not available yet: this build runs voters", cfg.role)));
+    }
+    let addrs = cfg.client_listen_addrs()?;
+    let mut listeners = Vec::new();
+    for addr in &addrs {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Listen { addr: addr.clone(), source })?;
+        listeners.push(l);
+    }
+    let node = Node::start(&cfg).await.map_err(|e| RunError::Node(e.to_string()))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    for l in listeners {
+        let mut rx = stop_rx.clone();
+        let node = node.clone();
+        servers.push(tokio::spawn(async move {
+            crate::api::serve(node, l, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+        }));
+    }
+    tracing::info!(name = %cfg.name, client = ?addrs, data_dir = %cfg.data_dir().display(), "geolock node ready");
+    wait_for_signal().await;
+    tracing::info!("stopping");
+    let _ = stop_tx.send(true);
+    for s in servers {
+        if let Ok(Err(e)) = s.await {
+            tracing::warn!("client API: {e}");
+        }
+    }
+    Arc::clone(&node).shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

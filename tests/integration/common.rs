@@ -1,0 +1,205 @@
+//! Real processes for the tests: a `lockctl start` node, a real etcd for comparison, and
+//! `etcdctl` runs with a deadline. Every process is killed (SIGKILL) when its handle drops, so a
+//! failing test leaves nothing behind.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Run `cmd` to completion, killing it if it outlives `limit`.
+pub fn run_with_deadline(mut cmd: Command, stdin: Option<&str>, limit: Duration) -> Output {
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} ran over {limit:?}; stdout: {} stderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `etcdctl` (Debian's etcd-client, API v3) against `endpoint`.
+pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={endpoint}")).args(args);
+    run_with_deadline(cmd, stdin, Duration::from_secs(30))
+}
+
+/// stdout of a successful etcdctl run.
+pub fn etcdctl_ok(endpoint: &str, args: &[&str]) -> String {
+    let out = etcdctl(endpoint, args, None);
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A child process that is SIGKILLed when dropped.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The process's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_logged(mut cmd: Command, log: &Path) -> Proc {
+    let f = std::fs::File::create(log).unwrap();
+    cmd.stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f);
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    Proc { child: Some(child), log: log.to_path_buf() }
+}
+
+/// Wait until `endpoint` answers a linearizable read.
+fn wait_ready(endpoint: &str, p: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = etcdctl(endpoint, &["get", "readiness-probe"], None);
+        if out.status.success() {
+            return;
+        }
+        if let Some(st) = p.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("process exited with {st} before it was ready: {}", p.log());
+        }
+        assert!(Instant::now() < deadline, "not ready after 30s: {}", p.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A single-member geolock node started exactly as a single etcd member would be.
+pub struct GeoNode {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub client_port: u16,
+    pub peer_port: u16,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl GeoNode {
+    /// Start a node in a fresh data directory.
+    pub fn start() -> GeoNode {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut n = GeoNode::start_in(&dir, free_port(), free_port());
+        n._tmp = Some(tmp);
+        n
+    }
+
+    /// Start (or restart) a node on `dir` with the given ports.
+    pub fn start_in(dir: &Path, client_port: u16, peer_port: u16) -> GeoNode {
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
+        cmd.args(["start", "--name", "n1", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .arg(format!("--initial-cluster=n1={peer}"));
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let log = dir.join(format!("lockctl-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
+        let mut proc = spawn_logged(cmd, &log);
+        let endpoint = format!("127.0.0.1:{client_port}");
+        wait_ready(&endpoint, &mut proc);
+        GeoNode { proc, dir: dir.to_path_buf(), client_port, peer_port, _tmp: None }
+    }
+
+    /// `host:port` for clients.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// SIGKILL the node and start it again on the same data.
+    pub fn kill_and_restart(&mut self) {
+        self.proc.kill();
+        let tmp = self._tmp.take();
+        let mut next = GeoNode::start_in(&self.dir, self.client_port, self.peer_port);
+        next._tmp = tmp;
+        *self = next;
+    }
+}
+
+/// A real single-member etcd (Debian's etcd-server), fsync on, for side-by-side comparison.
+pub struct Etcd {
+    _proc: Proc,
+    pub client_port: u16,
+    _tmp: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cp, pp) = (free_port(), free_port());
+        let client = format!("http://127.0.0.1:{cp}");
+        let peer = format!("http://127.0.0.1:{pp}");
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "n1", "--data-dir"])
+            .arg(tmp.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .arg(format!("--initial-cluster=n1={peer}"));
+        let mut proc = spawn_logged(cmd, &tmp.path().join("etcd.log"));
+        wait_ready(&format!("127.0.0.1:{cp}"), &mut proc);
+        Etcd { _proc: proc, client_port: cp, _tmp: tmp }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+}
+
+/// Connect the `etcd-client` crate to an endpoint.
+pub async fn client(endpoint: &str) -> etcd_client::Client {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(15));
+    etcd_client::Client::connect([endpoint], Some(opts)).await.expect("connect")
+}
+
+/// A multi-threaded runtime for a test body.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}

@@ -1,0 +1,10 @@
+//! Integration tests: real `lockctl start` processes driven by Debian's etcdctl and by the
+//! `etcd-client` crate, compared with a real etcd where output can be compared.
+
+mod bad_input;
+mod common;
+mod crash;
+mod kv;
+mod lease;
+mod maintenance;
+mod watch;
