@@ -50,8 +50,21 @@ pub async fn serve(
         .add_service(sized!(WatchServer::new(api.clone())))
         .add_service(sized!(MaintenanceServer::new(api.clone())))
         .add_service(sized!(ClusterServer::new(api.clone())))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
+}
+
+/// Accepted connections with Nagle's algorithm off: a response written in two frames must not
+/// wait for the client's delayed ACK (40 ms) between them.
+fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }
 
 /// The services; cheap to clone.
