@@ -18,6 +18,37 @@ struct Cli {
 enum Command {
     /// Run a node (flags named as etcd's where the two share a setting).
     Start(StartArgs),
+    /// Take a lock, print its key and fencing token, and hold it until interrupted, or run
+    /// COMMAND while holding it (with LOCKCTL_LOCK_KEY and LOCKCTL_FENCING_TOKEN set).
+    Lock {
+        #[command(flatten)]
+        client: ClientArgs,
+        name: String,
+        /// TTL of the lease that holds the lock, in seconds.
+        #[arg(long, default_value_t = 60)]
+        ttl: i64,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Campaign with PROPOSAL and hold leadership until interrupted; without PROPOSAL, print
+    /// each leader as it changes.
+    Elect {
+        #[command(flatten)]
+        client: ClientArgs,
+        name: String,
+        proposal: Option<String>,
+        /// TTL of the lease behind the campaign, in seconds.
+        #[arg(long, default_value_t = 60)]
+        ttl: i64,
+    },
+}
+
+/// Where client commands connect.
+#[derive(Args, Debug)]
+struct ClientArgs {
+    /// Comma-separated client endpoints (`host:port`); the first that answers is used.
+    #[arg(long, default_value = "127.0.0.1:2379", env = "LOCKCTL_ENDPOINTS")]
+    endpoints: String,
 }
 
 /// Flags of `lockctl start`. Each overrides the file and the environment.
@@ -91,6 +122,10 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
+        Command::Lock { client, name, ttl, command } => run_client(crate::client::lock(&client.endpoints, &name, ttl, &command)),
+        Command::Elect { client, name, proposal, ttl } => {
+            run_client(crate::client::elect(&client.endpoints, &name, proposal.as_deref(), ttl))
+        }
         Command::Start(args) => {
             let overrides = args.overrides();
             let cfg = match Config::load(args.config.as_deref(), &overrides) {
@@ -112,6 +147,17 @@ pub fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn run_client(f: impl std::future::Future<Output = Result<u8, crate::client::ClientError>>) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(f) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("lockctl: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -110,6 +110,15 @@ impl Default for WatchSection {
     }
 }
 
+/// `lock:` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LockSection {
+    /// Lock names under these prefixes are hierarchical: `/a/b/c` needs `/a/b` held by the
+    /// same lease (when `/a/b` is itself under the prefix).
+    pub hierarchical_prefixes: Vec<String>,
+}
+
 /// Everything a node needs to start.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -137,6 +146,7 @@ pub struct Config {
     pub raft: RaftSection,
     pub lease: LeaseSection,
     pub watch: WatchSection,
+    pub lock: LockSection,
 }
 
 impl Default for Config {
@@ -157,6 +167,7 @@ impl Default for Config {
             raft: RaftSection::default(),
             lease: LeaseSection::default(),
             watch: WatchSection::default(),
+            lock: LockSection::default(),
         }
     }
 }

@@ -3,16 +3,18 @@
 //! Modules are layered, lowest first; a module never imports one above it:
 //! 1. [`config`], [`limits`]
 //! 2. [`storage`] (the only importer of RocksDB)
-//! 3. [`kv`], [`lease`], [`watch`], [`machine`]: pure and deterministic
+//! 3. [`kv`], [`lease`], [`watch`], [`lock`], [`machine`]: pure and deterministic
 //! 4. [`raft`] (the only importer of openraft)
-//! 5. [`api`] (tonic services and the error table), [`roles`] (wiring per role), [`cli`]
+//! 5. [`api`] (tonic services and the error table), [`roles`] (wiring per role), [`client`] and [`cli`]
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod kv;
 pub mod lease;
 pub mod limits;
+pub mod lock;
 pub mod machine;
 pub mod raft;
 pub mod roles;

@@ -37,8 +37,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     for l in listeners {
         let mut rx = stop_rx.clone();
         let node = node.clone();
+        let hierarchical = cfg.lock.hierarchical_prefixes.clone();
         servers.push(tokio::spawn(async move {
-            crate::api::serve(node, l, async move {
+            crate::api::serve(node, &hierarchical, l, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
             .await

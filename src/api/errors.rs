@@ -25,6 +25,14 @@ pub enum ApiError {
     InvalidArgument(String),
     #[error("etcdserver: {0} is not supported by geolock yet")]
     Unimplemented(&'static str),
+    #[error("geolock: lock {name} needs its parent lock {parent} held by lease {lease:x}")]
+    ParentNotHeld { name: String, parent: String, lease: i64 },
+    #[error("geolock: lock key {key} was deleted before it was acquired (its lease ended or it was unlocked)")]
+    LockLost { key: String },
+    #[error("election: not leader")]
+    ElectionNotLeader,
+    #[error("election: no leader")]
+    ElectionNoLeader,
 }
 
 impl From<ApplyError> for ApiError {
@@ -75,6 +83,8 @@ impl From<ApiError> for Status {
             },
             ApiError::RequestTooLarge { .. } | ApiError::InvalidArgument(_) => Code::InvalidArgument,
             ApiError::Unimplemented(_) => Code::Unimplemented,
+            ApiError::ParentNotHeld { .. } | ApiError::ElectionNotLeader => Code::FailedPrecondition,
+            ApiError::LockLost { .. } | ApiError::ElectionNoLeader => Code::NotFound,
         };
         Status::new(code, e.to_string())
     }

@@ -3,6 +3,7 @@
 
 mod convert;
 mod errors;
+mod lock_service;
 pub mod proto;
 mod watch_service;
 
@@ -30,6 +31,7 @@ pub const API_VERSION: &str = "3.5.0";
 /// Serve every client service on `addr` until `shutdown` resolves.
 pub async fn serve(
     node: Arc<Node>,
+    hierarchical_prefixes: &[String],
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
@@ -38,7 +40,8 @@ pub async fn serve(
     use pb::lease_server::LeaseServer;
     use pb::maintenance_server::MaintenanceServer;
     use pb::watch_server::WatchServer;
-    let api = Api { node };
+    let hierarchical = Arc::new(hierarchical_prefixes.iter().map(|p| p.as_bytes().to_vec()).collect());
+    let api = Api { node, hierarchical };
     macro_rules! sized {
         ($s:expr) => {
             $s.max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX).max_encoding_message_size(usize::MAX)
@@ -50,6 +53,8 @@ pub async fn serve(
         .add_service(sized!(WatchServer::new(api.clone())))
         .add_service(sized!(MaintenanceServer::new(api.clone())))
         .add_service(sized!(ClusterServer::new(api.clone())))
+        .add_service(sized!(proto::v3lockpb::lock_server::LockServer::new(api.clone())))
+        .add_service(sized!(proto::v3electionpb::election_server::ElectionServer::new(api.clone())))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
 }
@@ -71,6 +76,8 @@ fn incoming(
 #[derive(Clone)]
 pub struct Api {
     node: Arc<Node>,
+    /// Lock names under these prefixes need their parent lock held by the same lease.
+    hierarchical: Arc<Vec<Vec<u8>>>,
 }
 
 fn check_size<M: Message>(m: &M) -> Result<(), ApiError> {

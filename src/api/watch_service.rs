@@ -33,7 +33,8 @@ fn spec_of(c: pb::WatchCreateRequest) -> WatchSpec {
     }
 }
 
-struct CloseOnDrop(std::sync::Arc<crate::raft::Node>, crate::watch::StreamId);
+/// Closes a watch stream on the node however its task ends.
+pub(super) struct CloseOnDrop(pub std::sync::Arc<crate::raft::Node>, pub crate::watch::StreamId);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {

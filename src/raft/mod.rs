@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 
 pub use log_store::LogStore;
-pub use state_machine::{Shared, SmState, StateMachine};
+pub use state_machine::{LockWake, Shared, SmState, StateMachine};
 
 use crate::config::{Config, Role};
 use crate::lease::{LeaseError, TtlBounds};
@@ -154,6 +154,7 @@ pub struct Node {
     election_timeout: Duration,
     proposals: Semaphore,
     next_stream: std::sync::atomic::AtomicU64,
+    next_waiter: std::sync::atomic::AtomicU64,
 }
 
 impl Node {
@@ -233,6 +234,7 @@ impl Node {
             election_timeout: cfg.raft.election_timeout,
             proposals: Semaphore::new(PROPOSALS_IN_FLIGHT_MAX),
             next_stream: std::sync::atomic::AtomicU64::new(1),
+            next_waiter: std::sync::atomic::AtomicU64::new(1),
         });
         tokio::spawn(leadership_loop(Arc::downgrade(&node)));
         tokio::spawn(progress_notify_loop(Arc::downgrade(&node), cfg.watch.progress_notify_interval));
@@ -439,11 +441,53 @@ impl Node {
         st.hub.has_unsynced(stream)
     }
 
+    /// Wait until the key created at `rev` is the oldest under `prefix` (this caller holds the
+    /// lock or leads the election), or until it is deleted. Woken by the apply that settles it;
+    /// dropping the future withdraws the waiter.
+    pub async fn wait_for_lock(&self, prefix: &[u8], rev: i64) -> LockWake {
+        let id = self.next_waiter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut st = self.shared.lock();
+            let st = &mut *st;
+            match st.locks.wait(prefix, rev, id, &st.machine.kv) {
+                crate::lock::Wait::Holding => return LockWake::Holding,
+                crate::lock::Wait::Gone => return LockWake::Lost,
+                crate::lock::Wait::Queued => {
+                    st.lock_waiters.insert(id, tx);
+                }
+            }
+        }
+        let _withdraw = WithdrawOnDrop { shared: &self.shared, prefix, rev, id };
+        rx.await.unwrap_or(LockWake::Lost)
+    }
+
+    /// Lock waiters on this node.
+    pub fn lock_waiters(&self) -> usize {
+        self.shared.lock().locks.waiters()
+    }
+
     /// Forget a stream.
     pub fn watch_close(&self, stream: StreamId) {
         let mut st = self.shared.lock();
         st.streams.remove(&stream);
         st.hub.close_stream(stream);
+    }
+}
+
+/// Removes a lock waiter however its wait ends (a no-op once the apply woke it).
+struct WithdrawOnDrop<'a> {
+    shared: &'a Shared,
+    prefix: &'a [u8],
+    rev: i64,
+    id: u64,
+}
+
+impl Drop for WithdrawOnDrop<'_> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.locks.cancel(self.prefix, self.rev, self.id);
+        st.lock_waiters.remove(&self.id);
     }
 }
 

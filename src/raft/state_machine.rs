@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::{now_ms, TypeConfig};
+use crate::lock::{LockQueues, WaiterId};
 use crate::machine::{Applied, Machine, Response};
 use crate::storage::{Cf, Engine, WriteBatch};
 use crate::watch::{Hub, Output, Reply, StreamId};
@@ -29,11 +30,35 @@ pub struct SmState {
     pub machine: Machine,
     pub hub: Hub,
     pub streams: HashMap<StreamId, mpsc::Sender<Reply>>,
+    /// Lock and election queues with waiters on this node, and how to wake each waiter.
+    pub locks: LockQueues,
+    pub lock_waiters: HashMap<WaiterId, tokio::sync::oneshot::Sender<LockWake>>,
     pub last_applied: Option<LogIdOf<TC>>,
     pub membership: StoredMembershipOf<TC>,
 }
 
+/// What a lock waiter is woken with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockWake {
+    /// Its key is the oldest: it holds the lock (or leads the election).
+    Holding,
+    /// Its key was deleted before that (lease expired or revoked, or unlocked).
+    Lost,
+}
+
 impl SmState {
+    /// Wake the lock waiters these events settled.
+    fn wake_lock_waiters(&mut self, events: &[crate::kv::Event]) {
+        let woken = self.locks.on_events(events);
+        for (ids, how) in [(woken.holding, LockWake::Holding), (woken.lost, LockWake::Lost)] {
+            for id in ids {
+                if let Some(tx) = self.lock_waiters.remove(&id) {
+                    let _ = tx.send(how);
+                }
+            }
+        }
+    }
+
     /// Queue replies to their streams. A watcher whose events do not fit falls back to catching
     /// up; a stream that cannot take a control reply is closed (its client reconnects and resumes).
     pub fn deliver(&mut self, outputs: Vec<Output>) {
@@ -69,7 +94,15 @@ impl Shared {
         let membership = read_meta(&*engine, MEMBERSHIP)?.unwrap_or_default();
         std::fs::create_dir_all(&snapshot_dir)?;
         Ok(Arc::new(Shared {
-            state: Mutex::new(SmState { machine, hub: Hub::new(), streams: HashMap::new(), last_applied, membership }),
+            state: Mutex::new(SmState {
+                machine,
+                hub: Hub::new(),
+                streams: HashMap::new(),
+                locks: LockQueues::new(),
+                lock_waiters: HashMap::new(),
+                last_applied,
+                membership,
+            }),
             engine,
             snapshot_dir,
         }))
@@ -182,6 +215,7 @@ impl RaftStateMachine<TC> for StateMachine {
                 batch.put(Cf::SmMeta, APPLIED, encode(&st.last_applied));
                 self.shared.engine.write(batch, false).map_err(io::Error::other)?;
                 if !events.is_empty() {
+                    st.wake_lock_waiters(&events);
                     let out = st.hub.on_apply(&events, applied.revision);
                     st.deliver(out);
                 }

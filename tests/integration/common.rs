@@ -67,6 +67,18 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// SIGTERM, then wait (SIGKILL after `limit`).
+    pub fn terminate(&mut self, limit: Duration) {
+        if let Some(c) = self.child.as_mut() {
+            sigterm(c.id());
+            let deadline = Instant::now() + limit;
+            while c.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.kill();
+    }
+
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -116,21 +128,29 @@ pub struct GeoNode {
     pub dir: PathBuf,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Flags beyond the etcd-style ones, kept for restarts.
+    extra: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl GeoNode {
     /// Start a node in a fresh data directory.
     pub fn start() -> GeoNode {
+        GeoNode::start_with(&[])
+    }
+
+    /// Start a node in a fresh data directory with extra flags.
+    pub fn start_with(extra: &[&str]) -> GeoNode {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let mut n = GeoNode::start_in(&dir, free_port(), free_port());
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut n = GeoNode::start_in(&dir, free_port(), free_port(), extra);
         n._tmp = Some(tmp);
         n
     }
 
     /// Start (or restart) a node on `dir` with the given ports.
-    pub fn start_in(dir: &Path, client_port: u16, peer_port: u16) -> GeoNode {
+    fn start_in(dir: &Path, client_port: u16, peer_port: u16, extra: Vec<String>) -> GeoNode {
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
@@ -138,13 +158,14 @@ impl GeoNode {
             .arg(dir.join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .arg(format!("--initial-cluster=n1={peer}"));
+            .arg(format!("--initial-cluster=n1={peer}"))
+            .args(&extra);
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!("lockctl-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
         let mut proc = spawn_logged(cmd, &log);
         let endpoint = format!("127.0.0.1:{client_port}");
         wait_ready(&endpoint, &mut proc);
-        GeoNode { proc, dir: dir.to_path_buf(), client_port, peer_port, _tmp: None }
+        GeoNode { proc, dir: dir.to_path_buf(), client_port, peer_port, extra, _tmp: None }
     }
 
     /// `host:port` for clients.
@@ -156,9 +177,36 @@ impl GeoNode {
     pub fn kill_and_restart(&mut self) {
         self.proc.kill();
         let tmp = self._tmp.take();
-        let mut next = GeoNode::start_in(&self.dir, self.client_port, self.peer_port);
+        let mut next = GeoNode::start_in(&self.dir, self.client_port, self.peer_port, self.extra.clone());
         next._tmp = tmp;
         *self = next;
+    }
+}
+
+/// `lockctl` as a client of `endpoint`, in the background, its output in a file.
+pub fn lockctl_bg(endpoint: &str, args: &[&str], out: &Path) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
+    cmd.args(args).env("LOCKCTL_ENDPOINTS", endpoint);
+    spawn_logged(cmd, out)
+}
+
+/// `etcdctl` in the background, its output in a file.
+pub fn etcdctl_bg(endpoint: &str, args: &[&str], out: &Path) -> Proc {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={endpoint}")).args(args);
+    spawn_logged(cmd, out)
+}
+
+/// Wait until `path` holds at least `lines` lines; return its text.
+pub fn wait_lines(path: &Path, lines: usize, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= lines {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{} has only:\n{text}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -166,6 +214,7 @@ impl GeoNode {
 pub struct Etcd {
     _proc: Proc,
     pub client_port: u16,
+    pub peer_port: u16,
     _tmp: tempfile::TempDir,
 }
 
@@ -183,7 +232,7 @@ impl Etcd {
             .arg(format!("--initial-cluster=n1={peer}"));
         let mut proc = spawn_logged(cmd, &tmp.path().join("etcd.log"));
         wait_ready(&format!("127.0.0.1:{cp}"), &mut proc);
-        Etcd { _proc: proc, client_port: cp, _tmp: tmp }
+        Etcd { _proc: proc, client_port: cp, peer_port: pp, _tmp: tmp }
     }
 
     pub fn endpoint(&self) -> String {
@@ -202,4 +251,8 @@ pub async fn client(endpoint: &str) -> etcd_client::Client {
 /// A multi-threaded runtime for a test body.
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn sigterm(pid: u32) {
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
 }

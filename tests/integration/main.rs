@@ -6,5 +6,6 @@ mod common;
 mod crash;
 mod kv;
 mod lease;
+mod lock;
 mod maintenance;
 mod watch;

@@ -1,6 +1,21 @@
 //! Endpoint status and health, member list.
 
-use crate::common::{client, etcdctl, etcdctl_ok, rt, GeoNode};
+use crate::common::{client, etcdctl, etcdctl_ok, rt, Etcd, GeoNode};
+
+/// `etcdctl member list` with the member ID and the ports masked.
+fn member_list_masked(endpoint: &str, peer_port: u16) -> String {
+    let out = etcdctl_ok(endpoint, &["member", "list"]);
+    let id = out.split(", ").next().unwrap_or_default().to_string();
+    let client_port = endpoint.rsplit(':').next().unwrap();
+    out.replace(&id, "ID").replace(&format!(":{peer_port}"), ":PEER").replace(&format!(":{client_port}"), ":CLIENT")
+}
+
+#[test]
+fn member_list_reads_as_etcds() {
+    let etcd = Etcd::start();
+    let geo = GeoNode::start();
+    assert_eq!(member_list_masked(&geo.endpoint(), geo.peer_port), member_list_masked(&etcd.endpoint(), etcd.peer_port));
+}
 
 #[test]
 fn endpoint_status_health_and_member_list() {
