@@ -2,7 +2,7 @@
 //! single-member etcd (Debian's etcd-server, fsync on) and a single geolock node, started on
 //! this machine in one run. Machines here are noisy, so the figures that matter are the ratios.
 //!
-//! `cargo build --workspace && cargo run -p geolock-bench -- kv`
+//! `cargo build --workspace && cargo run -p geolock-bench -- kv` (or `-- lock`)
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, LockOptions};
 
 #[derive(Parser)]
 struct Cli {
@@ -28,6 +28,8 @@ struct Cli {
 enum What {
     /// Put (256-byte values) at 1 and 16 clients, linearizable Range at 1 and 16 clients.
     Kv,
+    /// Lock+Unlock cycles: 16 clients on their own names, and 8 clients on one name.
+    Lock,
 }
 
 /// A server process, SIGKILLed on drop.
@@ -141,6 +143,69 @@ async fn run(endpoint: &str, op: Op, clients: usize, seconds: u64) -> Figures {
     Figures { ops_per_s: all.len() as f64 / elapsed, p50_ms: pct(0.50), p99_ms: pct(0.99) }
 }
 
+/// Lock figures: cycles per second, lock wait (Lock sent to Lock returned) and hand-over
+/// (the holder's Unlock sent to the next Lock returned, contended only).
+struct LockFigures {
+    cycles_per_s: f64,
+    wait: Vec<Duration>,
+    handover: Vec<Duration>,
+}
+
+/// A percentile in milliseconds (NaN if there are no samples; printed as "NaN").
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+async fn run_locks(endpoint: &str, clients: usize, shared_name: bool, seconds: u64) -> LockFigures {
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        let mut c = connect(endpoint).await;
+        let lease = c.lease_grant(60, None).await.unwrap().id();
+        conns.push((c, lease));
+    }
+    let unlock_sent: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, (mut c, lease))| {
+            let unlock_sent = unlock_sent.clone();
+            let name = if shared_name { "bench-lock".to_string() } else { format!("bench-lock-{i}") };
+            tokio::spawn(async move {
+                let (mut wait, mut handover) = (Vec::new(), Vec::new());
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    let key = c.lock(name.as_str(), Some(LockOptions::new().with_lease(lease))).await.unwrap().key().to_vec();
+                    let got = Instant::now();
+                    wait.push(got - t);
+                    if let Some(sent) = unlock_sent.lock().unwrap().take() {
+                        handover.push(got - sent);
+                    }
+                    if shared_name {
+                        *unlock_sent.lock().unwrap() = Some(Instant::now());
+                    }
+                    c.unlock(key).await.unwrap();
+                }
+                (wait, handover)
+            })
+        })
+        .collect();
+    let (mut wait, mut handover) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (w, h) = t.await.unwrap();
+        wait.extend(w);
+        handover.extend(h);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    wait.sort();
+    handover.sort();
+    LockFigures { cycles_per_s: wait.len() as f64 / elapsed, wait, handover }
+}
+
 fn main() {
     let cli = Cli::parse();
     let lockctl = cli
@@ -176,6 +241,40 @@ fn main() {
                     g.ops_per_s / e.ops_per_s,
                     g.p50_ms / e.p50_ms,
                     g.p99_ms / e.p99_ms
+                );
+            }
+        }
+        What::Lock => {
+            let etcd = spawn("etcd", std::path::Path::new("etcd"), &[]);
+            let geo = spawn("geolock", &lockctl, &["start"]);
+            let workloads = [("uncontended, 16 clients, own names", 16, false), ("contended, 8 clients, one name", 8, true)];
+            println!(
+                "{:<36} {:>8} {:>10} {:>9} {:>9} {:>12} {:>12}",
+                "workload", "server", "cycles/s", "wait p50", "wait p99", "handover p50", "handover p99"
+            );
+            for (label, clients, shared) in workloads {
+                let mut figs = Vec::new();
+                for s in [&etcd, &geo] {
+                    let f = rt.block_on(run_locks(&s.endpoint, clients, shared, cli.seconds));
+                    println!(
+                        "{label:<36} {:>8} {:>10.0} {:>9.2} {:>9.2} {:>12.2} {:>12.2}",
+                        s.name,
+                        f.cycles_per_s,
+                        pct(&f.wait, 0.5),
+                        pct(&f.wait, 0.99),
+                        pct(&f.handover, 0.5),
+                        pct(&f.handover, 0.99)
+                    );
+                    figs.push(f);
+                }
+                let (e, g) = (&figs[0], &figs[1]);
+                println!(
+                    "{label:<36} {:>8} cycles/s x{:.2}, wait p50 x{:.2}, handover p50 x{:.2}, handover p99 x{:.2}",
+                    "ratio",
+                    g.cycles_per_s / e.cycles_per_s,
+                    pct(&g.wait, 0.5) / pct(&e.wait, 0.5),
+                    pct(&g.handover, 0.5) / pct(&e.handover, 0.5),
+                    pct(&g.handover, 0.99) / pct(&e.handover, 0.99)
                 );
             }
         }
