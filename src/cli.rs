@@ -85,6 +85,9 @@ struct StartArgs {
     /// Heartbeat interval in milliseconds (etcd's flag).
     #[arg(long)]
     heartbeat_interval: Option<u64>,
+    /// Applied entries between snapshots (etcd's flag).
+    #[arg(long)]
+    snapshot_count: Option<u64>,
 }
 
 impl StartArgs {
@@ -107,6 +110,7 @@ impl StartArgs {
         add("region", &self.region);
         add("raft.election_timeout", &self.election_timeout.map(|ms| format!("{ms}ms")));
         add("raft.heartbeat_interval", &self.heartbeat_interval.map(|ms| format!("{ms}ms")));
+        add("raft.snapshot_count", &self.snapshot_count.map(|n| n.to_string()));
         o
     }
 }

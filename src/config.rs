@@ -428,6 +428,17 @@ lease:
     }
 
     #[test]
+    fn environment_variables_sit_between_the_file_and_the_flags() {
+        // A variable no other test reads, so tests running in parallel are not disturbed.
+        std::env::set_var("GEOLOCK_WATCH__PROGRESS_NOTIFY_INTERVAL", "42s");
+        let from_env = Config::load(None, &[]).unwrap();
+        let from_flag = Config::load(None, &[("watch.progress_notify_interval", "7s".into())]).unwrap();
+        std::env::remove_var("GEOLOCK_WATCH__PROGRESS_NOTIFY_INTERVAL");
+        assert_eq!(from_env.watch.progress_notify_interval, Duration::from_secs(42));
+        assert_eq!(from_flag.watch.progress_notify_interval, Duration::from_secs(7));
+    }
+
+    #[test]
     fn bad_settings_are_refused_with_the_reason() {
         let err = Config::load(None, &[("lease.min_ttl", "2h".into())]).unwrap_err().to_string();
         assert!(err.contains("min_ttl <= default_ttl"), "{err}");

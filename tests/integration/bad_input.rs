@@ -61,6 +61,31 @@ fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         assert!(e.contains("required revision is a future revision"), "{e}");
         still_serving(&mut c).await;
 
+        // A key over key_bytes_max.
+        let e = message(c.put(vec![b'k'; 40_000], "v", None).await.unwrap_err());
+        assert!(e.contains("key is too large") && e.contains("key_bytes_max"), "{e}");
+        still_serving(&mut c).await;
+
+        // More watchers on one stream than watchers_per_stream_max.
+        let mut ws = c.watch("w0", None).await.unwrap();
+        let first = ws.message().await.unwrap().unwrap();
+        assert!(first.created());
+        for i in 1..1_000 {
+            ws.watch(format!("w{i}"), None).await.unwrap();
+        }
+        let mut refused = None;
+        ws.watch("one-too-many", None).await.unwrap();
+        while let Some(resp) = ws.message().await.unwrap() {
+            if resp.canceled() {
+                refused = Some(resp.cancel_reason().to_string());
+                break;
+            }
+        }
+        let reason = refused.expect("the 1001st watcher was not refused");
+        assert!(reason.contains("watchers_per_stream_max 1000"), "{reason}");
+        drop(ws);
+        still_serving(&mut c).await;
+
         // A watch on a compacted revision: canceled, with the compact revision.
         for i in 0..5 {
             c.put("w", format!("{i}"), None).await.unwrap();
