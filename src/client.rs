@@ -71,16 +71,6 @@ impl Session {
     }
 }
 
-async fn interrupted() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-}
-
 /// `lockctl lock NAME [COMMAND...]`. Returns the exit code.
 pub async fn lock(endpoints: &str, name: &str, ttl: i64, command: &[String]) -> Result<u8, ClientError> {
     let ch = connect(endpoints).await?;
@@ -114,7 +104,7 @@ pub async fn lock(endpoints: &str, name: &str, ttl: i64, command: &[String]) -> 
         }
     } else {
         tokio::select! {
-            _ = interrupted() => 0,
+            _ = crate::roles::until_signal() => 0,
             _ = &mut session.lost => return Err(ClientError::LeaseLost(session.id)),
         }
     };
@@ -152,7 +142,7 @@ pub async fn elect(endpoints: &str, name: &str, proposal: Option<&str>, ttl: i64
     println!("{proposal}");
     println!("fencing token {}", leader.rev);
     tokio::select! {
-        _ = interrupted() => {}
+        _ = crate::roles::until_signal() => {}
         _ = &mut session.lost => return Err(ClientError::LeaseLost(session.id)),
     }
     election.resign(epb::ResignRequest { leader: Some(leader) }).await?;

@@ -46,7 +46,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         }));
     }
     tracing::info!(name = %cfg.name, client = ?addrs, data_dir = %cfg.data_dir().display(), "geolock node ready");
-    wait_for_signal().await;
+    until_signal().await;
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     for s in servers {
@@ -58,7 +58,8 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGINT or SIGTERM.
+pub async fn until_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
