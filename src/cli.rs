@@ -30,6 +30,11 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Development certificates: a cluster CA and member certificates signed by it.
+    Certs {
+        #[command(subcommand)]
+        what: CertsCommand,
+    },
     /// Campaign with PROPOSAL and hold leadership until interrupted; without PROPOSAL, print
     /// each leader as it changes.
     Elect {
@@ -40,6 +45,26 @@ enum Command {
         /// TTL of the lease behind the campaign, in seconds.
         #[arg(long, default_value_t = 60)]
         ttl: i64,
+    },
+}
+
+/// `lockctl certs ...`
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a cluster CA: DIR/ca.crt and DIR/ca.key.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Create DIR/NAME.crt and DIR/NAME.key for member NAME, signed by the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// A host name or IP address the certificate also names (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
     },
 }
 
@@ -126,6 +151,24 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
+        Command::Certs { what } => {
+            let done = match what {
+                CertsCommand::Init { dir } => crate::certs::init_ca(&dir).map(|()| format!("{}", dir.join("ca.crt").display())),
+                CertsCommand::Issue { dir, name, hosts } => {
+                    crate::certs::issue(&dir, &name, &hosts).map(|(crt, key)| format!("{} {}", crt.display(), key.display()))
+                }
+            };
+            match done {
+                Ok(files) => {
+                    println!("{files}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("lockctl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Lock { client, name, ttl, command } => run_client(crate::client::lock(&client.endpoints, &name, ttl, &command)),
         Command::Elect { client, name, proposal, ttl } => {
             run_client(crate::client::elect(&client.endpoints, &name, proposal.as_deref(), ttl))

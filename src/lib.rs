@@ -2,12 +2,14 @@
 //!
 //! Modules are layered, lowest first; a module never imports one above it:
 //! 1. [`config`], [`limits`]
-//! 2. [`storage`] (the only importer of RocksDB)
+//! 2. [`storage`] (the only importer of RocksDB), [`transport`] (the only importer of quinn),
+//!    [`certs`] (development certificates)
 //! 3. [`kv`], [`lease`], [`watch`], [`lock`], [`machine`]: pure and deterministic
 //! 4. [`raft`] (the only importer of openraft)
 //! 5. [`api`] (tonic services and the error table), [`roles`] (wiring per role), [`client`] and [`cli`]
 
 pub mod api;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -19,4 +21,5 @@ pub mod machine;
 pub mod raft;
 pub mod roles;
 pub mod storage;
+pub mod transport;
 pub mod watch;

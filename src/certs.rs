@@ -1,0 +1,69 @@
+//! Development certificates: a cluster CA and node certificates signed by it (`lockctl certs
+//! init|issue`), for local clusters and tests. Production operators bring their own; the
+//! transport only needs PEM files.
+//!
+//! A node certificate names the member (a DNS subject alternative name equal to the member
+//! name) and its hosts, and serves both as server and as client certificate.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// Why certificates could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("certs: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("certs: {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+fn ca_params() -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "geolock cluster CA");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p
+}
+
+fn write(path: PathBuf, text: &str) -> Result<(), CertError> {
+    std::fs::write(&path, text).map_err(|source| CertError::Io { path, source })
+}
+
+fn read(path: PathBuf) -> Result<String, CertError> {
+    std::fs::read_to_string(&path).map_err(|source| CertError::Io { path, source })
+}
+
+/// Create `dir/ca.crt` and `dir/ca.key`.
+pub fn init_ca(dir: &Path) -> Result<(), CertError> {
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io { path: dir.to_path_buf(), source })?;
+    let key = KeyPair::generate()?;
+    let cert = ca_params().self_signed(&key)?;
+    write(dir.join("ca.crt"), &cert.pem())?;
+    write(dir.join("ca.key"), &key.serialize_pem())
+}
+
+/// Create `dir/<name>.crt` and `dir/<name>.key`, signed by the CA in `dir`, naming `name` and
+/// `hosts` (DNS names or IP addresses).
+pub fn issue(dir: &Path, name: &str, hosts: &[String]) -> Result<(PathBuf, PathBuf), CertError> {
+    let ca_key = KeyPair::from_pem(&read(dir.join("ca.key"))?)?;
+    // The issuer is described by the same parameters the CA certificate was made from.
+    let issuer = Issuer::new(ca_params(), ca_key);
+    let mut names = vec![name.to_string()];
+    names.extend(hosts.iter().cloned());
+    let mut p = CertificateParams::new(names)?;
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, &issuer)?;
+    let (crt, keyf) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    write(crt.clone(), &cert.pem())?;
+    write(keyf.clone(), &key.serialize_pem())?;
+    Ok((crt, keyf))
+}
