@@ -99,6 +99,15 @@ struct StartArgs {
     /// `new` or `existing`.
     #[arg(long)]
     initial_cluster_state: Option<String>,
+    /// CA that signs every member's peer certificate (PEM).
+    #[arg(long)]
+    peer_trusted_ca_file: Option<String>,
+    /// This member's peer certificate (PEM), naming the member.
+    #[arg(long)]
+    peer_cert_file: Option<String>,
+    /// This member's peer key (PEM).
+    #[arg(long)]
+    peer_key_file: Option<String>,
     /// voter, witness or learner.
     #[arg(long)]
     role: Option<String>,
@@ -131,6 +140,9 @@ impl StartArgs {
         add("initial_advertise_peer_urls", &self.initial_advertise_peer_urls);
         add("initial_cluster", &self.initial_cluster);
         add("initial_cluster_state", &self.initial_cluster_state);
+        add("peer_trusted_ca_file", &self.peer_trusted_ca_file);
+        add("peer_cert_file", &self.peer_cert_file);
+        add("peer_key_file", &self.peer_key_file);
         add("role", &self.role);
         add("region", &self.region);
         add("raft.election_timeout", &self.election_timeout.map(|ms| format!("{ms}ms")));

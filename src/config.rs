@@ -139,6 +139,11 @@ pub struct Config {
     pub initial_cluster: String,
     /// `new` or `existing`.
     pub initial_cluster_state: String,
+    /// PEM files of this member's peer identity; required when the cluster has more than one
+    /// member (etcd's `--peer-trusted-ca-file`, `--peer-cert-file`, `--peer-key-file`).
+    pub peer_trusted_ca_file: String,
+    pub peer_cert_file: String,
+    pub peer_key_file: String,
     pub role: Role,
     pub region: String,
     pub cluster: ClusterSection,
@@ -160,6 +165,9 @@ impl Default for Config {
             initial_advertise_peer_urls: "http://127.0.0.1:2380".into(),
             initial_cluster: String::new(),
             initial_cluster_state: "new".into(),
+            peer_trusted_ca_file: String::new(),
+            peer_cert_file: String::new(),
+            peer_key_file: String::new(),
             role: Role::Voter,
             region: String::new(),
             cluster: ClusterSection::default(),
@@ -298,6 +306,22 @@ impl Config {
     pub fn peer_addr(&self) -> Result<String, ConfigError> {
         let url = self.peer_urls().into_iter().next().ok_or_else(|| ConfigError::Invalid("no peer URL".into()))?;
         host_port(&url)
+    }
+
+    /// The peer TLS files, if all three are set.
+    pub fn peer_tls(&self) -> Result<Option<crate::transport::TlsFiles>, ConfigError> {
+        let set = [&self.peer_trusted_ca_file, &self.peer_cert_file, &self.peer_key_file];
+        match set.iter().filter(|f| !f.is_empty()).count() {
+            0 => Ok(None),
+            3 => Ok(Some(crate::transport::TlsFiles {
+                ca: PathBuf::from(&self.peer_trusted_ca_file),
+                cert: PathBuf::from(&self.peer_cert_file),
+                key: PathBuf::from(&self.peer_key_file),
+            })),
+            _ => Err(ConfigError::Invalid(
+                "peer TLS needs all of peer_trusted_ca_file, peer_cert_file and peer_key_file".into(),
+            )),
+        }
     }
 
     /// The lease TTL bounds in whole seconds.

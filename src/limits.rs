@@ -58,6 +58,13 @@ pub const LOG_APPEND_BATCH_ENTRIES_MAX: usize = 4_096;
 /// Size of the whole key space kept by a data node (etcd's default backend quota).
 pub const KEYSPACE_BYTES_MAX: u64 = 2 * 1024 * 1024 * 1024;
 
+/// Largest message between peers other than a snapshot (a batch of log entries, a forwarded
+/// request, a reply).
+pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Largest snapshot sent to a peer in one piece.
+pub const PEER_SNAPSHOT_BYTES_MAX: usize = KEYSPACE_BYTES_MAX as usize + 64 * 1024 * 1024;
+
 /// Members of one cluster.
 pub const MEMBERS_MAX: usize = 16;
 
@@ -70,3 +77,4 @@ const _: () = assert!(GRPC_MESSAGE_BYTES_MAX > REQUEST_BYTES_MAX);
 const _: () = assert!(TXN_DEPTH_MAX <= TXN_OPS_MAX);
 const _: () = assert!(WATCH_EVENTS_PER_RESPONSE_MAX <= WATCH_STREAM_QUEUE_MAX);
 const _: () = assert!(LEASE_EXPIRIES_PER_PROPOSAL_MAX <= LEASES_MAX);
+const _: () = assert!(PEER_MESSAGE_BYTES_MAX > 2 * GRPC_MESSAGE_BYTES_MAX);

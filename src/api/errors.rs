@@ -77,7 +77,8 @@ impl From<ApiError> for Status {
                 | NodeError::NoLeader
                 | NodeError::Stopped
                 | NodeError::Timeout
-                | NodeError::TooManyProposals { .. } => Code::Unavailable,
+                | NodeError::TooManyProposals { .. }
+                | NodeError::Peer(_) => Code::Unavailable,
                 NodeError::Role { .. } => Code::FailedPrecondition,
                 NodeError::Storage(_) | NodeError::Internal(_) => Code::Internal,
             },

@@ -21,6 +21,8 @@ pub use log_store::LogStore;
 pub use state_machine::{LockWake, Shared, SmState, StateMachine};
 
 use crate::config::{Config, Role};
+use crate::transport::Transport;
+use network::{Kind, Peers, RemoteError};
 use crate::lease::{LeaseError, TtlBounds};
 use crate::limits::{LEASE_EXPIRIES_PER_PROPOSAL_MAX, PROPOSALS_IN_FLIGHT_MAX};
 use crate::machine::{ApplyError, Applied, Command, Machine};
@@ -97,6 +99,8 @@ pub enum NodeError {
     TooManyProposals { max: usize },
     #[error("geolock: a {role:?} node does not serve {what}")]
     Role { role: Role, what: &'static str },
+    #[error("etcdserver: leader unreachable: {0}")]
+    Peer(String),
     #[error("geolock: storage: {0}")]
     Storage(String),
     #[error("geolock: {0}")]
@@ -134,7 +138,7 @@ pub struct MemberInfo {
 }
 
 /// LeaseTimeToLive figures.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LeaseInfo {
     pub remaining_s: i64,
     pub granted_s: i64,
@@ -155,6 +159,32 @@ pub struct Node {
     proposals: Semaphore,
     next_stream: std::sync::atomic::AtomicU64,
     next_waiter: std::sync::atomic::AtomicU64,
+    peers: Arc<Peers>,
+    transport: Option<Arc<Transport>>,
+}
+
+impl From<&NodeError> for RemoteError {
+    fn from(e: &NodeError) -> Self {
+        match e {
+            NodeError::NotLeader { .. } => RemoteError::NotLeader,
+            NodeError::NoLeader => RemoteError::NoLeader,
+            NodeError::Timeout => RemoteError::Timeout,
+            NodeError::Stopped => RemoteError::Stopped,
+            other => RemoteError::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<RemoteError> for NodeError {
+    fn from(e: RemoteError) -> Self {
+        match e {
+            RemoteError::NotLeader => NodeError::NotLeader { leader: None },
+            RemoteError::NoLeader => NodeError::NoLeader,
+            RemoteError::Timeout => NodeError::Timeout,
+            RemoteError::Stopped => NodeError::Stopped,
+            RemoteError::Other(m) => NodeError::Internal(m),
+        }
+    }
 }
 
 impl Node {
@@ -186,14 +216,42 @@ impl Node {
             // Our state machine writes are not synced; a restarted leader must win an election
             // (and so re-commit its log) before it serves.
             enable_leader_restore: Some(false),
+            install_snapshot_timeout: 60_000,
             ..Default::default()
         }
         .validate()
         .map_err(|e| NodeError::Internal(format!("raft config: {e}")))?;
+        let tls = cfg.peer_tls().map_err(|e| NodeError::Internal(e.to_string()))?;
+        if members.len() > 1 && tls.is_none() {
+            return Err(NodeError::Internal(format!(
+                "a cluster of {} members needs peer TLS: set --peer-trusted-ca-file, --peer-cert-file and --peer-key-file",
+                members.len()
+            )));
+        }
+        let transport = match tls {
+            Some(tls) => {
+                let listen = cfg
+                    .listen_peer_urls
+                    .split(',')
+                    .next()
+                    .map(crate::config::host_port)
+                    .transpose()
+                    .map_err(|e| NodeError::Internal(e.to_string()))?
+                    .ok_or_else(|| NodeError::Internal("no listen_peer_urls".into()))?;
+                let addr = tokio::net::lookup_host(&listen)
+                    .await
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| NodeError::Internal(format!("cannot resolve peer address {listen}")))?;
+                Some(Arc::new(Transport::bind(addr, &tls).map_err(|e| NodeError::Internal(e.to_string()))?))
+            }
+            None => None,
+        };
+        let peers = Peers::new(transport.clone());
         let raft = Raft::new(
             id,
             Arc::new(raft_cfg),
-            network::Network,
+            network::Network { peers: peers.clone() },
             LogStore::new(engine),
             StateMachine { shared: shared.clone() },
         )
@@ -235,16 +293,25 @@ impl Node {
             proposals: Semaphore::new(PROPOSALS_IN_FLIGHT_MAX),
             next_stream: std::sync::atomic::AtomicU64::new(1),
             next_waiter: std::sync::atomic::AtomicU64::new(1),
+            peers,
+            transport: transport.clone(),
         });
+        if let Some(t) = transport {
+            let founders: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
+            tokio::spawn(serve_peers(Arc::downgrade(&node), t, founders));
+        }
         tokio::spawn(leadership_loop(Arc::downgrade(&node)));
         tokio::spawn(progress_notify_loop(Arc::downgrade(&node), cfg.watch.progress_notify_interval));
         Ok(node)
     }
 
-    /// Stop Raft.
+    /// Stop Raft and the peer transport.
     pub async fn shutdown(self: Arc<Self>) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
+        }
+        if let Some(t) = &self.transport {
+            t.close();
         }
     }
 
@@ -280,15 +347,48 @@ impl Node {
         f(&self.shared.lock().machine)
     }
 
-    /// Propose a command and wait until it is applied here.
+    /// Propose a command and wait until it is applied here: on the leader directly, on a
+    /// follower through the leader, then until this node has applied it too (so a read here
+    /// after the write sees it).
     pub async fn propose(&self, cmd: Command) -> Result<Applied, NodeError> {
         let _permit = self
             .proposals
             .try_acquire()
             .map_err(|_| NodeError::TooManyProposals { max: PROPOSALS_IN_FLIGHT_MAX })?;
+        match self.leader()? {
+            None => Ok(self.propose_here(cmd).await?.0),
+            Some((leader, member)) => {
+                let call = self.peers.call::<_, Result<(Applied, u64), RemoteError>>(leader, &member, Kind::ForwardWrite, &cmd);
+                let (applied, index) = match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
+                    Err(_) => return Err(NodeError::Timeout),
+                    Ok(Err(e)) => return Err(NodeError::Peer(e.to_string())),
+                    Ok(Ok(r)) => r?,
+                };
+                self.wait_applied(index).await?;
+                Ok(applied)
+            }
+        }
+    }
+
+    /// The leader, if it is another member (`None` if this node leads).
+    fn leader(&self) -> Result<Option<(u64, Member)>, NodeError> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        match m.current_leader {
+            None => Err(NodeError::NoLeader),
+            Some(l) if l == self.id && m.state == ServerState::Leader => Ok(None),
+            Some(l) => match m.membership_config.membership().get_node(&l) {
+                Some(member) if l != self.id => Ok(Some((l, member.clone()))),
+                _ => Err(NodeError::NoLeader),
+            },
+        }
+    }
+
+    /// Propose on this node, which must lead. Returns the result and the entry's log index.
+    async fn propose_here(&self, cmd: Command) -> Result<(Applied, u64), NodeError> {
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd)).await {
             Err(_) => Err(NodeError::Timeout),
-            Ok(Ok(resp)) => Ok(resp.data),
+            Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => match f.leader_id {
                 Some(l) => Err(NodeError::NotLeader { leader: Some(l) }),
                 None => Err(NodeError::NoLeader),
@@ -298,12 +398,39 @@ impl Node {
         }
     }
 
+    /// Wait until this node has applied log index `index`.
+    async fn wait_applied(&self, index: u64) -> Result<(), NodeError> {
+        self.raft
+            .wait(Some(PROPOSE_TIMEOUT))
+            .applied_index_at_least(Some(index), "forwarded request")
+            .await
+            .map(|_| ())
+            .map_err(|_| NodeError::Timeout)
+    }
+
     /// Wait until this node has applied everything committed when the call began, confirmed by
-    /// a quorum (a read index): reads after this are linearizable.
+    /// a quorum (a read index, asked of the leader when this node follows): reads after this are
+    /// linearizable.
     pub async fn linearize(&self) -> Result<(), NodeError> {
+        match self.leader()? {
+            None => self.read_index_here().await.map(|_| ()),
+            Some((leader, member)) => {
+                let call = self.peers.call::<_, Result<u64, RemoteError>>(leader, &member, Kind::ReadIndex, &());
+                let index = match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
+                    Err(_) => return Err(NodeError::Timeout),
+                    Ok(Err(e)) => return Err(NodeError::Peer(e.to_string())),
+                    Ok(Ok(r)) => r?,
+                };
+                self.wait_applied(index).await
+            }
+        }
+    }
+
+    /// The read index on this node, which must lead; waits until it is applied here.
+    async fn read_index_here(&self) -> Result<u64, NodeError> {
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
             Err(_) => Err(NodeError::Timeout),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(read)) => Ok(read.index()),
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => match f.leader_id {
                 Some(l) => Err(NodeError::NotLeader { leader: Some(l) }),
                 None => Err(NodeError::NoLeader),
@@ -319,8 +446,15 @@ impl Node {
         m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
 
-    /// A keep-alive: the leader restarts the lease's TTL.
+    /// A keep-alive: the leader restarts the lease's TTL (asked of it when this node follows).
     pub async fn lease_keep_alive(&self, id: i64) -> Result<i64, NodeError> {
+        match self.leader()? {
+            None => self.lease_keep_alive_here(id),
+            Some((leader, member)) => self.ask_leader::<_, i64>(leader, &member, Kind::LeaseKeepAlive, &id).await,
+        }
+    }
+
+    fn lease_keep_alive_here(&self, id: i64) -> Result<i64, NodeError> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
@@ -328,8 +462,33 @@ impl Node {
         Ok(ttl)
     }
 
-    /// TTL left and keys of a lease, as the leader sees it.
+    /// A lease request only the leader can answer, asked of it; lease errors come back as such.
+    async fn ask_leader<Req: Serialize, Rep: serde::de::DeserializeOwned>(
+        &self,
+        leader: u64,
+        member: &Member,
+        kind: Kind,
+        req: &Req,
+    ) -> Result<Rep, NodeError> {
+        let call = self.peers.call::<_, Result<Result<Rep, LeaseError>, RemoteError>>(leader, member, kind, req);
+        match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
+            Err(_) => Err(NodeError::Timeout),
+            Ok(Err(e)) => Err(NodeError::Peer(e.to_string())),
+            Ok(Ok(Err(remote))) => Err(remote.into()),
+            Ok(Ok(Ok(Err(lease)))) => Err(ApplyError::Lease(lease).into()),
+            Ok(Ok(Ok(Ok(rep)))) => Ok(rep),
+        }
+    }
+
+    /// TTL left and keys of a lease, as the leader sees it (asked of it when this node follows).
     pub async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<LeaseInfo, NodeError> {
+        match self.leader()? {
+            None => self.lease_time_to_live_here(id, keys),
+            Some((leader, member)) => self.ask_leader(leader, &member, Kind::LeaseTimeToLive, &(id, keys)).await,
+        }
+    }
+
+    fn lease_time_to_live_here(&self, id: i64, keys: bool) -> Result<LeaseInfo, NodeError> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
@@ -472,6 +631,82 @@ impl Node {
         let mut st = self.shared.lock();
         st.streams.remove(&stream);
         st.hub.close_stream(stream);
+    }
+}
+
+/// Accept peers and answer their requests.
+async fn serve_peers(node: std::sync::Weak<Node>, transport: Arc<Transport>, founders: Vec<String>) {
+    let members = {
+        let node = node.clone();
+        move || {
+            let Some(n) = node.upgrade() else { return Vec::new() };
+            let m = n.raft.metrics();
+            let m = m.borrow_watched();
+            let mut names: Vec<String> = m.membership_config.membership().nodes().map(|(_, n)| n.name.clone()).collect();
+            if names.is_empty() {
+                names = founders.clone();
+            }
+            names
+        }
+    };
+    while let Some((conn, peer)) = transport.accept(&members).await {
+        let node = node.clone();
+        tokio::spawn(async move {
+            while let Some(req) = crate::transport::next_request(&conn, crate::limits::PEER_SNAPSHOT_BYTES_MAX).await {
+                let req = match req {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!("peer {peer}: {e}");
+                        continue;
+                    }
+                };
+                let Some(n) = node.upgrade() else { return };
+                tokio::spawn(async move {
+                    let reply = match Kind::of(req.kind) {
+                        Some(kind) if req.body.len() <= kind.max_request() => n.answer_peer(kind, &req.body).await,
+                        _ => Err(crate::transport::TransportError::Stream(format!("bad request kind {}", req.kind))),
+                    };
+                    match reply {
+                        Ok(bytes) => {
+                            let _ = req.reply(&bytes).await;
+                        }
+                        Err(e) => tracing::warn!("peer request: {e}"),
+                    }
+                });
+            }
+        });
+    }
+}
+
+impl Node {
+    /// Answer one request from a peer.
+    async fn answer_peer(&self, kind: Kind, body: &[u8]) -> Result<Vec<u8>, crate::transport::TransportError> {
+        use network::{decode, encode};
+        let remote = |e: NodeError| RemoteError::from(&e);
+        fn lease<T>(r: Result<T, NodeError>) -> Result<Result<T, LeaseError>, RemoteError> {
+            match r {
+                Ok(v) => Ok(Ok(v)),
+                Err(NodeError::Apply(ApplyError::Lease(l))) => Ok(Err(l)),
+                Err(e) => Err(RemoteError::from(&e)),
+            }
+        }
+        Ok(match kind {
+            Kind::AppendEntries => encode(&self.raft.append_entries(decode(body)?).await),
+            Kind::Vote => encode(&self.raft.vote(decode(body)?).await),
+            Kind::PreVote => encode(&self.raft.pre_vote(decode(body)?).await),
+            Kind::Snapshot => {
+                let (vote, meta, snapshot) = decode(body)?;
+                encode(&self.raft.install_full_snapshot(vote, openraft::Snapshot { meta, snapshot }).await)
+            }
+            Kind::TransferLeader => encode(&self.raft.handle_transfer_leader(decode(body)?).await),
+            Kind::ForwardWrite => encode(&self.propose_here(decode(body)?).await.map_err(remote)),
+            Kind::ReadIndex => encode(&self.read_index_here().await.map_err(remote)),
+            Kind::LeaseKeepAlive => encode(&lease(self.lease_keep_alive_here(decode(body)?))),
+            Kind::LeaseTimeToLive => {
+                let (id, keys): (i64, bool) = decode(body)?;
+                encode(&lease(self.lease_time_to_live_here(id, keys)))
+            }
+        })
     }
 }
 

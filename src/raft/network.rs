@@ -1,39 +1,188 @@
-//! Raft's view of the peers. Multi-member clusters arrive with the QUIC transport (issue 5); a
-//! single member never calls out, and any call to a peer reports it unreachable, which Raft
-//! treats as a peer that is down.
+//! Raft's view of the peers, over [`crate::transport`]: one QUIC connection per peer, shared by
+//! openraft's replication and by this node's own requests to the leader (forwarded writes, read
+//! indexes, lease keep-alives). Requests and replies are postcard-encoded.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 
-use openraft::errors::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
 use openraft::type_config::alias::{SnapshotOf, VoteOf};
 use openraft::OptionalSend;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::{Member, TypeConfig};
+use crate::limits::{PEER_MESSAGE_BYTES_MAX, PEER_SNAPSHOT_BYTES_MAX};
+use crate::transport::{self, Connection, Transport, TransportError};
 
 type TC = TypeConfig;
 
-/// Creates a connection per peer.
-pub struct Network;
-
-/// A connection to one peer.
-pub struct Peer {
-    target: u64,
-    addr: String,
+/// What a peer request asks for: the first byte of each request stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    AppendEntries = 1,
+    Vote = 2,
+    PreVote = 3,
+    Snapshot = 4,
+    TransferLeader = 5,
+    /// A client write proposed through the leader on behalf of a follower.
+    ForwardWrite = 6,
+    /// The leader's read index, for a linearizable read on a follower.
+    ReadIndex = 7,
+    /// A lease keep-alive or time-to-live, which only the leader answers.
+    LeaseKeepAlive = 8,
+    LeaseTimeToLive = 9,
 }
 
-impl Peer {
-    fn unreachable(&self) -> Unreachable<TC> {
-        Unreachable::from_string(format!("peer {:x} at {}: no peer transport in this build", self.target, self.addr))
+impl Kind {
+    /// The kind of a request byte.
+    pub fn of(b: u8) -> Option<Kind> {
+        use Kind::*;
+        [AppendEntries, Vote, PreVote, Snapshot, TransferLeader, ForwardWrite, ReadIndex, LeaseKeepAlive, LeaseTimeToLive]
+            .into_iter()
+            .find(|k| *k as u8 == b)
     }
+
+    /// Largest reply expected for this kind.
+    fn max_reply(self) -> usize {
+        PEER_MESSAGE_BYTES_MAX
+    }
+
+    /// Largest request accepted for this kind.
+    pub fn max_request(self) -> usize {
+        match self {
+            Kind::Snapshot => PEER_SNAPSHOT_BYTES_MAX,
+            _ => PEER_MESSAGE_BYTES_MAX,
+        }
+    }
+}
+
+/// A peer refused or failed a forwarded request, in terms the client API maps to etcd's errors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RemoteError {
+    #[error("not leader")]
+    NotLeader,
+    #[error("no leader")]
+    NoLeader,
+    #[error("timed out")]
+    Timeout,
+    #[error("stopped")]
+    Stopped,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Encode a message for a peer.
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("peer messages encode")
+}
+
+/// Decode a message from a peer.
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, TransportError> {
+    postcard::from_bytes(b).map_err(|e| TransportError::Stream(format!("undecodable peer message: {e}")))
+}
+
+/// Connections to peers, one per peer, made on first use and remade after a failure.
+pub struct Peers {
+    transport: Option<Arc<Transport>>,
+    conns: Mutex<HashMap<u64, Connection>>,
+}
+
+impl Peers {
+    /// Peers reached through `transport` (none for a single member without peer TLS).
+    pub fn new(transport: Option<Arc<Transport>>) -> Arc<Peers> {
+        Arc::new(Peers { transport, conns: Mutex::new(HashMap::new()) })
+    }
+
+    async fn conn(&self, target: u64, member: &Member) -> Result<Connection, TransportError> {
+        if let Some(c) = self.conns.lock().unwrap().get(&target) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let transport = self.transport.as_ref().ok_or_else(|| TransportError::Connect {
+            peer: member.name.clone(),
+            reason: "this node has no peer transport (start it with peer TLS files)".into(),
+        })?;
+        let addr = tokio::net::lookup_host(&member.peer_addr)
+            .await?
+            .next()
+            .ok_or_else(|| TransportError::Connect { peer: member.name.clone(), reason: "no address".into() })?;
+        let c = transport.connect(addr, &member.name).await?;
+        self.conns.lock().unwrap().insert(target, c.clone());
+        Ok(c)
+    }
+
+    /// One request to `target`; a failed connection is dropped so the next call redials.
+    pub async fn call<Req: Serialize, Rep: DeserializeOwned>(
+        &self,
+        target: u64,
+        member: &Member,
+        kind: Kind,
+        req: &Req,
+    ) -> Result<Rep, TransportError> {
+        let conn = self.conn(target, member).await?;
+        match transport::call(&conn, kind as u8, &encode(req), kind.max_reply()).await {
+            Ok(bytes) => decode(&bytes),
+            Err(e) => {
+                self.conns.lock().unwrap().remove(&target);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Creates openraft's per-peer clients.
+pub struct Network {
+    pub peers: Arc<Peers>,
+}
+
+/// openraft's client for one peer.
+pub struct Peer {
+    peers: Arc<Peers>,
+    target: u64,
+    member: Member,
 }
 
 impl RaftNetworkFactory<TC> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &Member) -> Self::Network {
-        Peer { target, addr: node.peer_addr.clone() }
+        Peer { peers: self.peers.clone(), target, member: node.clone() }
+    }
+}
+
+fn unreachable(e: TransportError) -> Unreachable<TC> {
+    Unreachable::from_string(e.to_string())
+}
+
+impl Peer {
+    async fn rpc<Req: Serialize, Rep: DeserializeOwned, E: std::fmt::Display>(
+        &self,
+        kind: Kind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Rep, RPCError<TC>>
+    where
+        Result<Rep, E>: DeserializeOwned,
+    {
+        let call = self.peers.call::<Req, Result<Rep, E>>(self.target, &self.member, kind, req);
+        match tokio::time::timeout(option.soft_ttl(), call).await {
+            Err(_) => Err(RPCError::Unreachable(Unreachable::from_string(format!("{kind:?} to {} timed out", self.member.name)))),
+            Ok(Err(e)) => Err(RPCError::Unreachable(unreachable(e))),
+            Ok(Ok(Err(remote))) => Err(RPCError::Network(NetworkError::from_string(format!(
+                "{} answered {kind:?} with: {remote}",
+                self.member.name
+            )))),
+            Ok(Ok(Ok(rep))) => Ok(rep),
+        }
     }
 }
 
@@ -42,23 +191,40 @@ impl RaftNetworkV2<TC> for Peer {
 
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TC>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TC>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<TC>, RPCError<TC>> {
-        Err(RPCError::Unreachable(self.unreachable()))
+        self.rpc::<_, _, openraft::errors::RaftError<TC>>(Kind::AppendEntries, &rpc, &option).await
     }
 
-    async fn vote(&mut self, _rpc: VoteRequest<TC>, _option: RPCOption) -> Result<VoteResponse<TC>, RPCError<TC>> {
-        Err(RPCError::Unreachable(self.unreachable()))
+    async fn vote(&mut self, rpc: VoteRequest<TC>, option: RPCOption) -> Result<VoteResponse<TC>, RPCError<TC>> {
+        self.rpc::<_, _, openraft::errors::RaftError<TC>>(Kind::Vote, &rpc, &option).await
+    }
+
+    async fn pre_vote(&mut self, rpc: VoteRequest<TC>, option: RPCOption) -> Result<VoteResponse<TC>, RPCError<TC>> {
+        self.rpc::<_, _, openraft::errors::RaftError<TC>>(Kind::PreVote, &rpc, &option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TC>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TC>, RPCError<TC>> {
+        self.rpc::<_, _, openraft::errors::Fatal<TC>>(Kind::TransferLeader, &req, &option).await
     }
 
     async fn full_snapshot(
         &mut self,
-        _vote: VoteOf<TC>,
-        _snapshot: SnapshotOf<TC, Vec<u8>>,
-        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
-        _option: RPCOption,
+        vote: VoteOf<TC>,
+        snapshot: SnapshotOf<TC, Vec<u8>>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
     ) -> Result<SnapshotResponse<TC>, StreamingError<TC>> {
-        Err(StreamingError::Unreachable(self.unreachable()))
+        let req = (vote, snapshot.meta, snapshot.snapshot);
+        let send = self.rpc::<_, SnapshotResponse<TC>, openraft::errors::Fatal<TC>>(Kind::Snapshot, &req, &option);
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = send => r.map_err(StreamingError::from),
+        }
     }
 }

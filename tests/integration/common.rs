@@ -256,3 +256,118 @@ pub fn rt() -> tokio::runtime::Runtime {
 fn sigterm(pid: u32) {
     let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
 }
+
+/// A cluster of `lockctl` voters on loopback with generated certificates.
+pub struct Cluster {
+    pub nodes: Vec<ClusterNode>,
+    initial: String,
+    tmp: tempfile::TempDir,
+}
+
+/// One member of a [`Cluster`].
+pub struct ClusterNode {
+    pub name: String,
+    pub proc: Proc,
+    pub client_port: u16,
+    pub peer_port: u16,
+}
+
+impl Cluster {
+    /// Start `n` voters and wait until every one serves linearizable reads.
+    pub fn start(n: usize) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let certs = tmp.path().join("certs");
+        let lockctl = |args: &[&str]| {
+            let out = Command::new(env!("CARGO_BIN_EXE_lockctl")).args(args).output().unwrap();
+            assert!(out.status.success(), "lockctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        lockctl(&["certs", "init", "--dir", certs.to_str().unwrap()]);
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial = (0..n)
+            .map(|i| format!("n{}=http://127.0.0.1:{}", i + 1, ports[i].1))
+            .collect::<Vec<_>>()
+            .join(",");
+        for i in 0..n {
+            lockctl(&["certs", "issue", "--dir", certs.to_str().unwrap(), "--name", &format!("n{}", i + 1), "--host", "127.0.0.1"]);
+        }
+        let mut c = Cluster { nodes: Vec::new(), initial, tmp };
+        for (i, (cp, pp)) in ports.into_iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let proc = c.spawn(&name, cp, pp, "new");
+            c.nodes.push(ClusterNode { name, proc, client_port: cp, peer_port: pp });
+        }
+        for i in 0..n {
+            c.wait_ready(i);
+        }
+        c
+    }
+
+    fn spawn(&self, name: &str, client_port: u16, peer_port: u16, state: &str) -> Proc {
+        let certs = self.tmp.path().join("certs");
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
+        cmd.args(["start", "--name", name, "--data-dir"])
+            .arg(self.tmp.path().join(name))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .arg(format!("--initial-cluster={}", self.initial))
+            .arg(format!("--initial-cluster-state={state}"))
+            .arg("--peer-trusted-ca-file")
+            .arg(certs.join("ca.crt"))
+            .arg("--peer-cert-file")
+            .arg(certs.join(format!("{name}.crt")))
+            .arg("--peer-key-file")
+            .arg(certs.join(format!("{name}.key")));
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let log = self.tmp.path().join(format!("{name}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
+        spawn_logged(cmd, &log)
+    }
+
+    fn wait_ready(&mut self, i: usize) {
+        let ep = self.endpoint(i);
+        wait_ready(&ep, &mut self.nodes[i].proc);
+    }
+
+    /// `host:port` of member `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.nodes[i].client_port)
+    }
+
+    /// Every member's endpoint, comma-separated.
+    pub fn endpoints(&self) -> String {
+        (0..self.nodes.len()).map(|i| self.endpoint(i)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Index of the member that leads, as the members report it.
+    pub fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].proc.child.is_none() {
+                    continue;
+                }
+                let out = etcdctl(&self.endpoint(i), &["endpoint", "status", "-w", "json"], None);
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { continue };
+                let s = &v[0]["Status"];
+                if s["leader"].as_u64().is_some() && s["leader"] == s["header"]["member_id"] {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader after 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL member `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].proc.kill();
+    }
+
+    /// Start member `i` again on its data and wait until it serves.
+    pub fn restart(&mut self, i: usize) {
+        let (name, cp, pp) = (self.nodes[i].name.clone(), self.nodes[i].client_port, self.nodes[i].peer_port);
+        self.nodes[i].proc = self.spawn(&name, cp, pp, "new");
+        self.wait_ready(i);
+    }
+}

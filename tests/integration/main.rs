@@ -2,6 +2,7 @@
 //! `etcd-client` crate, compared with a real etcd where output can be compared.
 
 mod bad_input;
+mod cluster;
 mod common;
 mod crash;
 mod kv;
