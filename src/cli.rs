@@ -30,6 +30,19 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Run a local cluster of voters on loopback with generated certificates, until interrupted.
+    Dev {
+        /// Where the members keep their data, certificates and logs.
+        #[arg(long, default_value = "geolock-dev")]
+        dir: PathBuf,
+        /// Number of voters (1 to 5).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=5))]
+        nodes: u8,
+        /// Client port of the first member; the others follow etcd's local numbering
+        /// (2379, 22379, 32379, ...), each with its peer port one above.
+        #[arg(long, default_value_t = 2379)]
+        base_port: u16,
+    },
     /// Development certificates: a cluster CA and member certificates signed by it.
     Certs {
         #[command(subcommand)]
@@ -163,6 +176,16 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
+        Command::Dev { dir, nodes, base_port } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            match rt.block_on(crate::dev::run(&dir, nodes as usize, base_port)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lockctl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Certs { what } => {
             let done = match what {
                 CertsCommand::Init { dir } => crate::certs::init_ca(&dir).map(|()| format!("{}", dir.join("ca.crt").display())),

@@ -6,13 +6,15 @@
 //!    [`certs`] (development certificates)
 //! 3. [`kv`], [`lease`], [`watch`], [`lock`], [`machine`]: pure and deterministic
 //! 4. [`raft`] (the only importer of openraft)
-//! 5. [`api`] (tonic services and the error table), [`roles`] (wiring per role), [`client`] and [`cli`]
+//! 5. [`api`] (tonic services and the error table), [`roles`] (wiring per role), [`dev`] (a local cluster),
+//!    [`client`] and [`cli`]
 
 pub mod api;
 pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dev;
 pub mod kv;
 pub mod lease;
 pub mod limits;

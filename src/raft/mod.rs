@@ -305,13 +305,41 @@ impl Node {
         Ok(node)
     }
 
-    /// Stop Raft and the peer transport.
+    /// Stop Raft and the peer transport. A leader first hands leadership to the voter that has
+    /// replicated the most of its log, so the cluster does not wait out an election timeout.
     pub async fn shutdown(self: Arc<Self>) {
+        self.hand_over_leadership().await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
         }
         if let Some(t) = &self.transport {
             t.close();
+        }
+    }
+
+    async fn hand_over_leadership(&self) {
+        let target = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            if m.state != ServerState::Leader {
+                return;
+            }
+            let voters: Vec<u64> = m.membership_config.membership().voter_ids().filter(|v| *v != self.id).collect();
+            let replication = m.replication.clone().unwrap_or_default();
+            voters.into_iter().max_by_key(|v| replication.get(v).cloned().flatten().map(|l| l.index))
+        };
+        let Some(to) = target else { return };
+        if self.raft.trigger().transfer_leader(to).await.is_err() {
+            return;
+        }
+        let moved = self
+            .raft
+            .wait(Some(self.election_timeout * 2))
+            .metrics(|m| m.current_leader.is_some_and(|l| l != self.id), "leadership handed over")
+            .await;
+        match moved {
+            Ok(_) => tracing::info!("handed leadership to {to:x}"),
+            Err(e) => tracing::warn!("leadership hand-over to {to:x} did not complete: {e}"),
         }
     }
 

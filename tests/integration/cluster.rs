@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{client, etcdctl_ok, rt, Cluster};
+use crate::common::{client, etcdctl_ok, free_port, rt, Cluster};
 
 #[test]
 fn three_voters_replicate_and_serve_on_every_member() {
@@ -99,4 +99,54 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
     let mut revs: Vec<i64> = acked.iter().map(|(_, r)| *r).collect();
     revs.sort();
     assert!(revs.windows(2).all(|w| w[0] < w[1]), "a revision was acknowledged twice");
+}
+
+#[test]
+fn a_leader_stopped_with_sigterm_hands_over_first() {
+    let mut c = Cluster::start(3);
+    let old = c.leader();
+    let log = c.nodes[old].proc.log.clone();
+    c.stop(old);
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.contains("handed leadership to"), "{text}");
+    let new = c.leader();
+    assert_ne!(new, old);
+    etcdctl_ok(&c.endpoint(new), &["put", "after", "handover"]);
+}
+
+#[test]
+fn peers_from_another_ca_or_outside_the_membership_are_refused_and_logged() {
+    let c = Cluster::start(3);
+    let lockctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockctl")).args(args).output().unwrap();
+        assert!(out.status.success());
+    };
+    // A node claiming to be n3, with a certificate from another CA.
+    let other = c.dir().join("other-ca");
+    lockctl(&["certs", "init", "--dir", other.to_str().unwrap()]);
+    lockctl(&["certs", "issue", "--dir", other.to_str().unwrap(), "--name", "n3", "--host", "127.0.0.1"]);
+    let mut impostor = c.spawn_with("n3", &c.dir().join("impostor"), free_port(), free_port(), "new", &other, c.initial());
+    // A node with a good certificate for a name that is not a member.
+    let certs = c.dir().join("certs");
+    lockctl(&["certs", "issue", "--dir", certs.to_str().unwrap(), "--name", "n9", "--host", "127.0.0.1"]);
+    let n9_peer = free_port();
+    let outsider_initial = format!("{},n9=http://127.0.0.1:{n9_peer}", c.initial());
+    let mut outsider = c.spawn_with("n9", &c.dir().join("n9"), free_port(), n9_peer, "new", &certs, &outsider_initial);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs: String = (0..2).map(|i| c.log(i)).collect();
+        let foreign = logs.contains("refused peer") && logs.contains("handshake failed");
+        let stranger = logs.contains("names no current member");
+        if foreign && stranger {
+            break;
+        }
+        assert!(Instant::now() < deadline, "refusals not logged by n1/n2:\n{logs}\nimpostor:\n{}", impostor.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    impostor.kill();
+    outsider.kill();
+    // The cluster is unharmed.
+    etcdctl_ok(&c.endpoints(), &["put", "still", "fine"]);
+    assert_eq!(etcdctl_ok(&c.endpoint(0), &["member", "list"]).lines().count(), 3);
 }

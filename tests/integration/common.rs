@@ -303,15 +303,31 @@ impl Cluster {
     }
 
     fn spawn(&self, name: &str, client_port: u16, peer_port: u16, state: &str) -> Proc {
-        let certs = self.tmp.path().join("certs");
+        let data = self.tmp.path().join(name);
+        self.spawn_with(name, &data, client_port, peer_port, state, &self.tmp.path().join("certs"), &self.initial.clone())
+    }
+
+    /// A process that claims to be member `name` of `initial`, with the CA and certificates in
+    /// `certs` (which may not be this cluster's).
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_with(
+        &self,
+        name: &str,
+        data: &Path,
+        client_port: u16,
+        peer_port: u16,
+        state: &str,
+        certs: &Path,
+        initial: &str,
+    ) -> Proc {
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
         cmd.args(["start", "--name", name, "--data-dir"])
-            .arg(self.tmp.path().join(name))
+            .arg(data)
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .arg(format!("--initial-cluster={}", self.initial))
+            .arg(format!("--initial-cluster={initial}"))
             .arg(format!("--initial-cluster-state={state}"))
             .arg("--peer-trusted-ca-file")
             .arg(certs.join("ca.crt"))
@@ -357,6 +373,26 @@ impl Cluster {
             assert!(Instant::now() < deadline, "no leader after 30 s");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The cluster's working directory.
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// The `--initial-cluster` value of the members.
+    pub fn initial(&self) -> &str {
+        &self.initial
+    }
+
+    /// The log of member `i`'s latest run.
+    pub fn log(&self, i: usize) -> String {
+        self.nodes[i].proc.log()
+    }
+
+    /// SIGTERM member `i` and wait for it to exit.
+    pub fn stop(&mut self, i: usize) {
+        self.nodes[i].proc.terminate(Duration::from_secs(15));
     }
 
     /// SIGKILL member `i`.
