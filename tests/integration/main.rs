@@ -7,6 +7,7 @@ mod common;
 mod crash;
 mod kv;
 mod lease;
+mod linearizability;
 mod lock;
 mod maintenance;
 mod watch;
