@@ -30,6 +30,119 @@ enum What {
     Kv,
     /// Lock+Unlock cycles: 16 clients on their own names, and 8 clients on one name.
     Lock,
+    /// Three members each: put at 16 and 1 clients, then SIGKILL of the leader to the first
+    /// acknowledged write.
+    Cluster,
+}
+
+/// A cluster of three server processes, SIGKILLed on drop.
+struct Group {
+    name: &'static str,
+    children: Vec<Option<Child>>,
+    endpoints: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Three etcd members, or three geolock members with generated peer certificates.
+fn spawn_group(name: &'static str, lockctl: Option<&std::path::Path>) -> Group {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let initial = (0..3).map(|i| format!("m{i}=http://127.0.0.1:{}", ports[i].1)).collect::<Vec<_>>().join(",");
+    let certs = dir.path().join("certs");
+    if let Some(l) = lockctl {
+        let run = |args: &[&str]| assert!(Command::new(l).args(args).output().unwrap().status.success());
+        run(&["certs", "init", "--dir", certs.to_str().unwrap()]);
+        for i in 0..3 {
+            run(&["certs", "issue", "--dir", certs.to_str().unwrap(), "--name", &format!("m{i}"), "--host", "127.0.0.1"]);
+        }
+    }
+    let mut children = Vec::new();
+    for (i, (cp, pp)) in ports.iter().enumerate() {
+        let member = format!("m{i}");
+        let client = format!("http://127.0.0.1:{cp}");
+        let peer = format!("http://127.0.0.1:{pp}");
+        let log = std::fs::File::create(dir.path().join(format!("{member}.log"))).unwrap();
+        let mut cmd = match lockctl {
+            Some(l) => {
+                let mut c = Command::new(l);
+                c.arg("start")
+                    .arg("--peer-trusted-ca-file")
+                    .arg(certs.join("ca.crt"))
+                    .arg("--peer-cert-file")
+                    .arg(certs.join(format!("{member}.crt")))
+                    .arg("--peer-key-file")
+                    .arg(certs.join(format!("{member}.key")));
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        cmd.args(["--name", &member, "--data-dir"])
+            .arg(dir.path().join(&member))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .arg(format!("--initial-cluster={initial}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        children.push(Some(cmd.spawn().unwrap()));
+    }
+    Group { name, children, endpoints: ports.iter().map(|(cp, _)| format!("127.0.0.1:{cp}")).collect(), _dir: dir }
+}
+
+/// Index of the member that leads.
+async fn group_leader(g: &Group) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for (i, ep) in g.endpoints.iter().enumerate() {
+            if g.children[i].is_none() {
+                continue;
+            }
+            let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(1)).with_timeout(Duration::from_secs(2));
+            let Ok(mut c) = Client::connect([ep.as_str()], Some(opts)).await else { continue };
+            if let Ok(s) = c.status().await {
+                if s.leader() == s.header().map_or(0, |h| h.member_id()) {
+                    return i;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "{}: no leader", g.name);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGKILL the leader while one client writes through the other members; the time from the
+/// kill to the first acknowledged write.
+async fn failover(g: &mut Group) -> Duration {
+    let leader = group_leader(g).await;
+    let mut others = Vec::new();
+    for (i, ep) in g.endpoints.iter().enumerate() {
+        if i != leader {
+            others.push(connect(ep).await);
+        }
+    }
+    others[0].put("failover/warm", "x", None).await.unwrap();
+    let mut child = g.children[leader].take().unwrap();
+    let killed = Instant::now();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut n = 0usize;
+    loop {
+        let c = &mut others[n % 2];
+        n += 1;
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), c.put("failover/after", "x", None)).await {
+            return killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(60), "{}: no write acknowledged after the kill", g.name);
+    }
 }
 
 /// A server process, SIGKILLed on drop.
@@ -243,6 +356,39 @@ fn main() {
                     g.p99_ms / e.p99_ms
                 );
             }
+        }
+        What::Cluster => {
+            let mut etcd = spawn_group("etcd", None);
+            let mut geo = spawn_group("geolock", Some(&lockctl));
+            println!("{:<34} {:>8} {:>10} {:>9} {:>9}", "workload (3 members each)", "server", "ops/s", "p50 ms", "p99 ms");
+            for (label, clients) in [("put 256 B, 16 clients", 16), ("put 256 B, 1 client", 1)] {
+                let mut figs = Vec::new();
+                for g in [&etcd, &geo] {
+                    let f = rt.block_on(async {
+                        let leader = group_leader(g).await;
+                        run(&g.endpoints[leader], Op::Put, clients, cli.seconds).await
+                    });
+                    println!("{label:<34} {:>8} {:>10.0} {:>9.2} {:>9.2}", g.name, f.ops_per_s, f.p50_ms, f.p99_ms);
+                    figs.push(f);
+                }
+                let (e, g) = (&figs[0], &figs[1]);
+                println!(
+                    "{label:<34} {:>8} throughput x{:.2}, p50 x{:.2}, p99 x{:.2}",
+                    "ratio",
+                    g.ops_per_s / e.ops_per_s,
+                    g.p50_ms / e.p50_ms,
+                    g.p99_ms / e.p99_ms
+                );
+            }
+            let e = rt.block_on(failover(&mut etcd));
+            let g = rt.block_on(failover(&mut geo));
+            println!(
+                "{:<34} etcd {:.0} ms, geolock {:.0} ms, ratio x{:.2}",
+                "leader SIGKILL to first ack",
+                e.as_secs_f64() * 1000.0,
+                g.as_secs_f64() * 1000.0,
+                g.as_secs_f64() / e.as_secs_f64()
+            );
         }
         What::Lock => {
             let etcd = spawn("etcd", std::path::Path::new("etcd"), &[]);
