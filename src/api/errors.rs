@@ -60,19 +60,23 @@ fn kv_code(e: &KvError) -> Code {
     }
 }
 
+fn lease_code(e: &LeaseError) -> Code {
+    match e {
+        LeaseError::NotFound { .. } => Code::NotFound,
+        LeaseError::Exists { .. } => Code::FailedPrecondition,
+        LeaseError::TtlTooLarge { .. } => Code::OutOfRange,
+        LeaseError::TooMany { .. } => Code::ResourceExhausted,
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let code = match &e {
             ApiError::Kv(k) => kv_code(k),
-            ApiError::Lease(l) => match l {
-                LeaseError::NotFound { .. } => Code::NotFound,
-                LeaseError::Exists { .. } => Code::FailedPrecondition,
-                LeaseError::TtlTooLarge { .. } => Code::OutOfRange,
-                LeaseError::TooMany { .. } => Code::ResourceExhausted,
-            },
+            ApiError::Lease(l) => lease_code(l),
             ApiError::Node(n) => match n {
                 NodeError::Apply(ApplyError::Kv(k)) => kv_code(k),
-                NodeError::Apply(ApplyError::Lease(_)) => Code::NotFound,
+                NodeError::Apply(ApplyError::Lease(l)) => lease_code(l),
                 NodeError::NotLeader { .. }
                 | NodeError::NoLeader
                 | NodeError::Stopped

@@ -50,11 +50,6 @@ impl Kind {
             .find(|k| *k as u8 == b)
     }
 
-    /// Largest reply expected for this kind.
-    fn max_reply(self) -> usize {
-        PEER_MESSAGE_BYTES_MAX
-    }
-
     /// Largest request accepted for this kind.
     pub fn max_request(self) -> usize {
         match self {
@@ -129,7 +124,7 @@ impl Peers {
         req: &Req,
     ) -> Result<Rep, TransportError> {
         let conn = self.conn(target, member).await?;
-        match transport::call(&conn, kind as u8, &encode(req), kind.max_reply()).await {
+        match transport::call(&conn, kind as u8, &encode(req), PEER_MESSAGE_BYTES_MAX).await {
             Ok(bytes) => decode(&bytes),
             Err(e) => {
                 self.conns.lock().unwrap().remove(&target);

@@ -101,43 +101,36 @@ fn check_register(ops: &[Op]) -> bool {
     let mut state: Option<String> = None;
     let mut entry = head;
     loop {
-        let Some(e) = entry else {
-            if head.is_none() {
-                return true;
-            }
-            // Nothing left to try at this level: backtrack.
-            let Some((op, prev)) = stack.pop() else { return false };
-            state = prev;
-            linearized[op / 64] &= !(1 << (op % 64));
-            relink(&mut events, &mut head, ret_of[op]);
-            relink(&mut events, &mut head, call_of[op]);
-            entry = events[call_of[op]].next;
-            continue;
-        };
-        let ev = events[e];
-        if ev.is_call {
-            let (ok, next_state) = step(&state, &ops[ev.op]);
-            if ok {
-                let mut bits = linearized.clone();
-                bits[ev.op / 64] |= 1 << (ev.op % 64);
-                if cache.insert((bits.clone(), next_state.clone())) {
-                    stack.push((ev.op, std::mem::replace(&mut state, next_state)));
-                    linearized = bits;
-                    unlink(&mut events, &mut head, call_of[ev.op]);
-                    unlink(&mut events, &mut head, ret_of[ev.op]);
-                    entry = head;
-                    continue;
+        if head.is_none() {
+            return true;
+        }
+        match entry.map(|e| events[e]) {
+            Some(ev) if ev.is_call => {
+                let (ok, next_state) = step(&state, &ops[ev.op]);
+                if ok {
+                    let mut bits = linearized.clone();
+                    bits[ev.op / 64] |= 1 << (ev.op % 64);
+                    if cache.insert((bits.clone(), next_state.clone())) {
+                        stack.push((ev.op, std::mem::replace(&mut state, next_state)));
+                        linearized = bits;
+                        unlink(&mut events, &mut head, call_of[ev.op]);
+                        unlink(&mut events, &mut head, ret_of[ev.op]);
+                        entry = head;
+                        continue;
+                    }
                 }
+                entry = ev.next;
             }
-            entry = ev.next;
-        } else {
-            // A return whose call is still pending: some earlier choice was wrong.
-            let Some((op, prev)) = stack.pop() else { return false };
-            state = prev;
-            linearized[op / 64] &= !(1 << (op % 64));
-            relink(&mut events, &mut head, ret_of[op]);
-            relink(&mut events, &mut head, call_of[op]);
-            entry = events[call_of[op]].next;
+            // A return whose call is still pending, or nothing left to try: an earlier choice
+            // was wrong, so undo the latest one and try the next call after it.
+            _ => {
+                let Some((op, prev)) = stack.pop() else { return false };
+                state = prev;
+                linearized[op / 64] &= !(1 << (op % 64));
+                relink(&mut events, &mut head, ret_of[op]);
+                relink(&mut events, &mut head, call_of[op]);
+                entry = events[call_of[op]].next;
+            }
         }
     }
 }
