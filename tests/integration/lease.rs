@@ -9,9 +9,17 @@ fn lease_id(grant_output: &str) -> String {
     grant_output.split_whitespace().nth(1).expect("lease id").to_string()
 }
 
-/// Replace the lease ID and the (timing-dependent) remaining TTL so outputs can be compared.
+/// Replace the lease ID and the (timing-dependent) remaining TTL, and sort the attached keys
+/// (etcd lists them in map order), so outputs can be compared.
 fn mask(text: &str, id: &str) -> String {
-    let t = text.replace(id, "ID");
+    let mut t = text.replace(id, "ID");
+    if let Some(i) = t.find("attached keys([") {
+        let start = i + "attached keys([".len();
+        let end = t[start..].find("])").map_or(t.len(), |j| start + j);
+        let mut keys: Vec<&str> = t[start..end].split(' ').collect();
+        keys.sort();
+        t = format!("{}{}{}", &t[..start], keys.join(" "), &t[end..]);
+    }
     match t.find("remaining(") {
         Some(i) => {
             let end = t[i..].find(')').map_or(t.len(), |j| i + j);
