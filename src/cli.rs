@@ -30,6 +30,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Add, remove, list, promote members, or move leadership.
+    Member {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        what: crate::client::MemberCommand,
+    },
     /// Run a local cluster of voters on loopback with generated certificates, until interrupted.
     Dev {
         /// Where the members keep their data, certificates and logs.
@@ -85,7 +92,7 @@ enum CertsCommand {
 #[derive(Args, Debug)]
 struct ClientArgs {
     /// Comma-separated client endpoints (`host:port`); the first that answers is used.
-    #[arg(long, default_value = "127.0.0.1:2379", env = "LOCKCTL_ENDPOINTS")]
+    #[arg(long, global = true, default_value = "127.0.0.1:2379", env = "LOCKCTL_ENDPOINTS")]
     endpoints: String,
 }
 
@@ -205,6 +212,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Lock { client, name, ttl, command } => run_client(crate::client::lock(&client.endpoints, &name, ttl, &command)),
+        Command::Member { client, what } => run_client(crate::client::member(&client.endpoints, what)),
         Command::Elect { client, name, proposal, ttl } => {
             run_client(crate::client::elect(&client.endpoints, &name, proposal.as_deref(), ttl))
         }

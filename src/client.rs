@@ -1,4 +1,4 @@
-//! Client commands of `lockctl`: `lock` and `elect`, shaped like etcdctl's.
+//! Client commands of `lockctl`: `lock`, `elect` and `member`, shaped like etcdctl's.
 
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ pub enum ClientError {
     LeaseLost(i64),
     #[error("cannot run {cmd}: {source}")]
     Exec { cmd: String, source: std::io::Error },
+    #[error("no member named {name} (members: {known})")]
+    NoSuchMember { name: String, known: String },
 }
 
 async fn connect(endpoints: &str) -> Result<Channel, ClientError> {
@@ -147,5 +149,127 @@ pub async fn elect(endpoints: &str, name: &str, proposal: Option<&str>, ttl: i64
     }
     election.resign(epb::ResignRequest { leader: Some(leader) }).await?;
     session.revoke(&ch).await;
+    Ok(0)
+}
+
+/// `lockctl member ...`: the spec's membership procedures over etcd's Cluster API.
+#[derive(Debug, clap::Subcommand)]
+pub enum MemberCommand {
+    /// Add member NAME; it joins as a learner and, unless --learner, is promoted once caught up.
+    /// Prints the settings to start it with.
+    Add {
+        name: String,
+        /// Comma-separated peer URLs of the new member.
+        #[arg(long)]
+        peer_urls: String,
+        /// Keep it a learner until `lockctl member promote`.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Take member NAME out of the cluster.
+    Remove { name: String },
+    /// List the members.
+    List,
+    /// Make learner NAME a voter (refused until it has caught up).
+    Promote { name: String },
+    /// Give member NAME new peer URLs.
+    Update {
+        name: String,
+        #[arg(long)]
+        peer_urls: String,
+    },
+    /// Hand leadership to voter NAME.
+    TransferLeadership { name: String },
+}
+
+/// Run a `lockctl member` command. Returns the exit code.
+pub async fn member(endpoints: &str, cmd: MemberCommand) -> Result<u8, ClientError> {
+    let ch = connect(endpoints).await?;
+    let mut cluster = pb::cluster_client::ClusterClient::new(ch.clone());
+    let list = |members: &[pb::Member]| {
+        for m in members {
+            println!(
+                "{:x}, {}, {}, {}, {}, {}",
+                m.id,
+                if m.client_ur_ls.is_empty() { "unstarted" } else { "started" },
+                m.name,
+                m.peer_ur_ls.join(","),
+                m.client_ur_ls.join(","),
+                m.is_learner
+            );
+        }
+    };
+    let warn_even = |members: &[pb::Member]| {
+        let voters = members.iter().filter(|m| !m.is_learner).count();
+        if voters % 2 == 0 {
+            eprintln!(
+                "warning: the cluster has {voters} voters; an even count tolerates no more failures than {} voters",
+                voters - 1
+            );
+        }
+    };
+    let members = cluster.member_list(pb::MemberListRequest { linearizable: true }).await?.into_inner().members;
+    let id_of = |name: &str| {
+        members.iter().find(|m| m.name == name).map(|m| m.id).ok_or_else(|| ClientError::NoSuchMember {
+            name: name.to_string(),
+            known: members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    };
+    match cmd {
+        MemberCommand::List => list(&members),
+        MemberCommand::Add { name, peer_urls, learner } => {
+            let urls: Vec<String> = peer_urls.split(',').filter(|u| !u.is_empty()).map(str::to_string).collect();
+            let mut req = tonic::Request::new(pb::MemberAddRequest { peer_ur_ls: urls.clone(), is_learner: learner });
+            let value = name.parse().map_err(|_| tonic::Status::invalid_argument(format!("bad member name {name:?}")))?;
+            req.metadata_mut().insert(crate::api::MEMBER_NAME_HEADER, value);
+            let resp = cluster.member_add(req).await?.into_inner();
+            let header = resp.header.unwrap_or_default();
+            let id = resp.member.map_or(0, |m| m.id);
+            println!("Member {id:x} added to cluster {:x}", header.cluster_id);
+            let initial: Vec<String> = resp
+                .members
+                .iter()
+                .flat_map(|m| {
+                    let n = if m.id == id { name.clone() } else { m.name.clone() };
+                    m.peer_ur_ls.iter().map(move |u| format!("{n}={u}"))
+                })
+                .collect();
+            println!();
+            println!("GEOLOCK_NAME=\"{name}\"");
+            println!("GEOLOCK_INITIAL_CLUSTER=\"{}\"", initial.join(","));
+            println!("GEOLOCK_INITIAL_ADVERTISE_PEER_URLS=\"{}\"", urls.join(","));
+            println!("GEOLOCK_INITIAL_CLUSTER_STATE=\"existing\"");
+            if !learner {
+                let mut after = resp.members.clone();
+                after.iter_mut().filter(|m| m.id == id).for_each(|m| m.is_learner = false);
+                warn_even(&after);
+            }
+        }
+        MemberCommand::Remove { name } => {
+            let id = id_of(&name)?;
+            let resp = cluster.member_remove(pb::MemberRemoveRequest { id }).await?.into_inner();
+            println!("Member {id:x} removed from cluster {:x}", resp.header.unwrap_or_default().cluster_id);
+            warn_even(&resp.members);
+        }
+        MemberCommand::Promote { name } => {
+            let id = id_of(&name)?;
+            let resp = cluster.member_promote(pb::MemberPromoteRequest { id }).await?.into_inner();
+            println!("Member {id:x} promoted in cluster {:x}", resp.header.unwrap_or_default().cluster_id);
+            warn_even(&resp.members);
+        }
+        MemberCommand::Update { name, peer_urls } => {
+            let id = id_of(&name)?;
+            let urls = peer_urls.split(',').filter(|u| !u.is_empty()).map(str::to_string).collect();
+            let resp = cluster.member_update(pb::MemberUpdateRequest { id, peer_ur_ls: urls }).await?.into_inner();
+            println!("Member {id:x} updated in cluster {:x}", resp.header.unwrap_or_default().cluster_id);
+        }
+        MemberCommand::TransferLeadership { name } => {
+            let id = id_of(&name)?;
+            pb::maintenance_client::MaintenanceClient::new(ch)
+                .move_leader(pb::MoveLeaderRequest { target_id: id })
+                .await?;
+            println!("Leadership transferred to {name} ({id:x})");
+        }
+    }
     Ok(0)
 }

@@ -62,8 +62,21 @@ pub const KEYSPACE_BYTES_MAX: u64 = 2 * 1024 * 1024 * 1024;
 /// request, a reply).
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
-/// Largest snapshot sent to a peer in one piece.
+/// Largest snapshot a member assembles from a peer's chunks.
 pub const PEER_SNAPSHOT_BYTES_MAX: usize = KEYSPACE_BYTES_MAX as usize + 64 * 1024 * 1024;
+
+/// A snapshot travels to a peer in pieces of this size, one request each.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// A state-machine snapshot is taken at least this often, whatever the entry count.
+pub const SNAPSHOT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Share of the leader's log a learner must hold before it may be promoted (etcd's 90 %).
+pub const LEARNER_IN_SYNC_PERCENT: u64 = 90;
+
+/// How long the leader waits for a member added as a voter to catch up before it gives up
+/// promoting it (it stays a learner; `lockctl member promote` can finish the job).
+pub const LEARNER_CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Members of one cluster.
 pub const MEMBERS_MAX: usize = 16;
@@ -78,3 +91,5 @@ const _: () = assert!(TXN_DEPTH_MAX <= TXN_OPS_MAX);
 const _: () = assert!(WATCH_EVENTS_PER_RESPONSE_MAX <= WATCH_STREAM_QUEUE_MAX);
 const _: () = assert!(LEASE_EXPIRIES_PER_PROPOSAL_MAX <= LEASES_MAX);
 const _: () = assert!(PEER_MESSAGE_BYTES_MAX > 2 * GRPC_MESSAGE_BYTES_MAX);
+const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX / 2);
+const _: () = assert!(LEARNER_IN_SYNC_PERCENT <= 100);

@@ -8,7 +8,7 @@ use tonic::{Code, Status};
 use crate::kv::KvError;
 use crate::lease::LeaseError;
 use crate::machine::ApplyError;
-use crate::raft::NodeError;
+use crate::raft::{MemberError, NodeError};
 
 /// Anything a client request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +84,9 @@ impl From<ApiError> for Status {
                 | NodeError::TooManyProposals { .. }
                 | NodeError::Peer(_) => Code::Unavailable,
                 NodeError::Role { .. } => Code::FailedPrecondition,
+                NodeError::Member(MemberError::NotFound) => Code::NotFound,
+                NodeError::Member(MemberError::InProgress | MemberError::TransferTimeout { .. }) => Code::Unavailable,
+                NodeError::Member(_) => Code::FailedPrecondition,
                 NodeError::Storage(_) | NodeError::Internal(_) => Code::Internal,
             },
             ApiError::RequestTooLarge { .. } | ApiError::InvalidArgument(_) => Code::InvalidArgument,

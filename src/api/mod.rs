@@ -21,7 +21,7 @@ use crate::kv::KvError;
 use crate::lease::Lessor;
 use crate::limits::{GRPC_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX};
 use crate::machine::{Command, Response as Done};
-use crate::raft::{Node, NodeError};
+use crate::raft::{Member, MemberChange, Node, NodeError};
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -341,9 +341,11 @@ impl pb::maintenance_server::Maintenance for Api {
 
     async fn move_leader(
         &self,
-        _req: Request<pb::MoveLeaderRequest>,
+        req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        Err(ApiError::Unimplemented("Maintenance.MoveLeader").into())
+        let to = req.into_inner().target_id;
+        self.node.change_members(MemberChange::MoveLeader { to }).await.map_err(ApiError::from)?;
+        Ok(Response::new(pb::MoveLeaderResponse { header: Some(self.header(self.node.current_rev())) }))
     }
 
     async fn downgrade(&self, _req: Request<pb::DowngradeRequest>) -> Result<Response<pb::DowngradeResponse>, Status> {
@@ -351,32 +353,13 @@ impl pb::maintenance_server::Maintenance for Api {
     }
 }
 
-#[tonic::async_trait]
-impl pb::cluster_server::Cluster for Api {
-    async fn member_add(&self, _r: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
-        Err(ApiError::Unimplemented("Cluster.MemberAdd").into())
-    }
+/// The gRPC metadata key that carries a new member's name in MemberAdd (etcd's request has no
+/// name field; `lockctl member add` sets it, and a member ID is derived from its name).
+pub const MEMBER_NAME_HEADER: &str = "geolock-member-name";
 
-    async fn member_remove(
-        &self,
-        _r: Request<pb::MemberRemoveRequest>,
-    ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
-        Err(ApiError::Unimplemented("Cluster.MemberRemove").into())
-    }
-
-    async fn member_update(
-        &self,
-        _r: Request<pb::MemberUpdateRequest>,
-    ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        Err(ApiError::Unimplemented("Cluster.MemberUpdate").into())
-    }
-
-    async fn member_list(
-        &self,
-        _r: Request<pb::MemberListRequest>,
-    ) -> Result<Response<pb::MemberListResponse>, Status> {
-        let members = self
-            .node
+impl Api {
+    fn members(&self) -> Vec<pb::Member> {
+        self.node
             .members()
             .into_iter()
             .map(|m| pb::Member {
@@ -386,14 +369,90 @@ impl pb::cluster_server::Cluster for Api {
                 client_ur_ls: m.client_urls,
                 is_learner: m.is_learner,
             })
-            .collect();
-        Ok(Response::new(pb::MemberListResponse { header: Some(self.header(self.node.current_rev())), members }))
+            .collect()
+    }
+
+    async fn change(&self, change: MemberChange) -> Result<(), ApiError> {
+        self.node.change_members(change).await.map_err(ApiError::from)
+    }
+}
+
+/// The `host:port` of a member's first peer URL; a member must have one.
+fn peer_addr(urls: &[String]) -> Result<String, ApiError> {
+    let first = urls.first().ok_or_else(|| ApiError::InvalidArgument("given member URLs are invalid: none given".into()))?;
+    crate::config::host_port(first).map_err(|e| ApiError::InvalidArgument(format!("given member URLs are invalid: {e}")))
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for Api {
+    async fn member_add(&self, r: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
+        let name = r
+            .metadata()
+            .get(MEMBER_NAME_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| {
+                ApiError::InvalidArgument(format!(
+                    "geolock needs the new member's name, which etcd's MemberAdd does not carry: \
+                     use `lockctl member add NAME --peer-urls URL` (gRPC metadata {MEMBER_NAME_HEADER})"
+                ))
+            })?;
+        let req = r.into_inner();
+        let peer_addr = peer_addr(&req.peer_ur_ls)?;
+        let id = crate::raft::member_id(&name);
+        let member = Member { name: name.clone(), peer_addr, peer_urls: req.peer_ur_ls.clone(), ..Default::default() };
+        self.change(MemberChange::Add { id, member, learner: req.is_learner }).await?;
+        let added = pb::Member { id, name, peer_ur_ls: req.peer_ur_ls, client_ur_ls: vec![], is_learner: true };
+        Ok(Response::new(pb::MemberAddResponse {
+            header: Some(self.header(self.node.current_rev())),
+            member: Some(added),
+            members: self.members(),
+        }))
+    }
+
+    async fn member_remove(
+        &self,
+        r: Request<pb::MemberRemoveRequest>,
+    ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        self.change(MemberChange::Remove { id: r.into_inner().id }).await?;
+        Ok(Response::new(pb::MemberRemoveResponse {
+            header: Some(self.header(self.node.current_rev())),
+            members: self.members(),
+        }))
+    }
+
+    async fn member_update(
+        &self,
+        r: Request<pb::MemberUpdateRequest>,
+    ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        let req = r.into_inner();
+        let peer_addr = peer_addr(&req.peer_ur_ls)?;
+        self.change(MemberChange::Update { id: req.id, peer_urls: req.peer_ur_ls, peer_addr }).await?;
+        Ok(Response::new(pb::MemberUpdateResponse {
+            header: Some(self.header(self.node.current_rev())),
+            members: self.members(),
+        }))
+    }
+
+    async fn member_list(
+        &self,
+        _r: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
+        Ok(Response::new(pb::MemberListResponse {
+            header: Some(self.header(self.node.current_rev())),
+            members: self.members(),
+        }))
     }
 
     async fn member_promote(
         &self,
-        _r: Request<pb::MemberPromoteRequest>,
+        r: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        Err(ApiError::Unimplemented("Cluster.MemberPromote").into())
+        self.change(MemberChange::Promote { id: r.into_inner().id }).await?;
+        Ok(Response::new(pb::MemberPromoteResponse {
+            header: Some(self.header(self.node.current_rev())),
+            members: self.members(),
+        }))
     }
 }

@@ -3,6 +3,7 @@
 //! openraft, so a version bump touches nothing else.
 
 mod log_store;
+mod membership;
 mod network;
 mod state_machine;
 
@@ -18,11 +19,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 
 pub use log_store::LogStore;
+pub use membership::{MemberChange, MemberError};
 pub use state_machine::{LockWake, Shared, SmState, StateMachine};
 
 use crate::config::{Config, Role};
 use crate::transport::Transport;
-use network::{Kind, Peers, RemoteError};
+use network::{Kind, Peers, RemoteError, SnapshotInbox};
 use crate::lease::{LeaseError, TtlBounds};
 use crate::limits::{LEASE_EXPIRIES_PER_PROPOSAL_MAX, PROPOSALS_IN_FLIGHT_MAX};
 use crate::machine::{ApplyError, Applied, Command, Machine};
@@ -101,6 +103,8 @@ pub enum NodeError {
     Role { role: Role, what: &'static str },
     #[error("etcdserver: leader unreachable: {0}")]
     Peer(String),
+    #[error(transparent)]
+    Member(#[from] MemberError),
     #[error("geolock: storage: {0}")]
     Storage(String),
     #[error("geolock: {0}")]
@@ -135,6 +139,8 @@ pub struct MemberInfo {
     pub peer_urls: Vec<String>,
     pub client_urls: Vec<String>,
     pub is_learner: bool,
+    pub role: Role,
+    pub region: String,
 }
 
 /// LeaseTimeToLive figures.
@@ -161,6 +167,9 @@ pub struct Node {
     next_waiter: std::sync::atomic::AtomicU64,
     peers: Arc<Peers>,
     transport: Option<Arc<Transport>>,
+    snapshot_inbox: SnapshotInbox,
+    /// Whether this member's own addresses are in the membership.
+    published: tokio::sync::watch::Sender<bool>,
 }
 
 impl From<&NodeError> for RemoteError {
@@ -197,11 +206,8 @@ impl Node {
         let shared = Shared::open(engine.clone(), dir.join("snapshots")).map_err(|e| NodeError::Storage(e.to_string()))?;
         let id = member_id(&cfg.name);
         let members = cfg.initial_members().map_err(|e| NodeError::Internal(e.to_string()))?;
-        let cluster_id = member_id(&format!(
-            "{}/{}",
-            cfg.cluster.name,
-            members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(",")
-        ));
+        // From the cluster's name alone, so that a member added later computes the same ID.
+        let cluster_id = member_id(&format!("cluster/{}", cfg.cluster.name));
         let et_ms = cfg.raft.election_timeout.as_millis() as u64;
         let raft_cfg = RaftConfig {
             cluster_name: cfg.cluster.name.clone(),
@@ -212,7 +218,7 @@ impl Node {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_count),
             max_in_snapshot_log_to_keep: 1_000,
             purge_batch_size: 256,
-            removed_leader_step_down: StepDownPolicy::Never,
+            removed_leader_step_down: StepDownPolicy::After(et_ms / 2),
             // Our state machine writes are not synced; a restarted leader must win an election
             // (and so re-commit its log) before it serves.
             enable_leader_restore: Some(false),
@@ -260,25 +266,24 @@ impl Node {
 
         let fresh = !raft.is_initialized().await.map_err(|e| NodeError::Internal(e.to_string()))?;
         if fresh && cfg.initial_cluster_state() == "new" {
+            // Every founder must propose the very same membership: each writes it as log entry 0
+            // of its own log, and Raft takes entries with equal IDs to be equal. So it holds only
+            // what the initial cluster says of everyone; each member then publishes the rest.
             let mut nodes = BTreeMap::new();
             for m in &members {
-                let me = m.name == cfg.name;
                 nodes.insert(
                     member_id(&m.name),
                     Member {
                         name: m.name.clone(),
                         peer_addr: m.peer_addr.clone(),
-                        peer_urls: if me { cfg.peer_urls() } else { vec![format!("http://{}", m.peer_addr)] },
-                        client_urls: if me { cfg.client_urls() } else { Vec::new() },
-                        role: if me { cfg.role } else { Role::Voter },
-                        region: if me { cfg.region.clone() } else { String::new() },
+                        peer_urls: vec![format!("http://{}", m.peer_addr)],
+                        ..Default::default()
                     },
                 );
             }
             if !nodes.contains_key(&id) {
                 return Err(NodeError::Internal(format!("{} is not in the initial cluster", cfg.name)));
             }
-            // Every founding member proposes the same membership; Raft keeps one.
             if let Err(e) = raft.initialize(nodes).await {
                 tracing::info!("initialize: {e}");
             }
@@ -295,12 +300,24 @@ impl Node {
             next_waiter: std::sync::atomic::AtomicU64::new(1),
             peers,
             transport: transport.clone(),
+            snapshot_inbox: SnapshotInbox::default(),
+            published: tokio::sync::watch::Sender::new(false),
         });
         if let Some(t) = transport {
             let founders: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
             tokio::spawn(serve_peers(Arc::downgrade(&node), t, founders));
         }
         tokio::spawn(leadership_loop(Arc::downgrade(&node)));
+        tokio::spawn(snapshot_loop(Arc::downgrade(&node)));
+        let me = Member {
+            name: cfg.name.clone(),
+            peer_addr: cfg.peer_addr().map_err(|e| NodeError::Internal(e.to_string()))?,
+            peer_urls: cfg.peer_urls(),
+            client_urls: cfg.client_urls(),
+            role: cfg.role,
+            region: cfg.region.clone(),
+        };
+        tokio::spawn(Node::publish_self(Arc::downgrade(&node), me));
         tokio::spawn(progress_notify_loop(Arc::downgrade(&node), cfg.watch.progress_notify_interval));
         Ok(node)
     }
@@ -574,6 +591,8 @@ impl Node {
                 peer_urls: node.peer_urls.clone(),
                 client_urls: node.client_urls.clone(),
                 is_learner: !voters.contains(id),
+                role: node.role,
+                region: node.region.clone(),
             })
             .collect()
     }
@@ -680,7 +699,7 @@ async fn serve_peers(node: std::sync::Weak<Node>, transport: Arc<Transport>, fou
     while let Some((conn, peer)) = transport.accept(&members).await {
         let node = node.clone();
         tokio::spawn(async move {
-            while let Some(req) = crate::transport::next_request(&conn, crate::limits::PEER_SNAPSHOT_BYTES_MAX).await {
+            while let Some(req) = crate::transport::next_request(&conn, crate::limits::PEER_MESSAGE_BYTES_MAX).await {
                 let req = match req {
                     Ok(r) => r,
                     Err(e) => {
@@ -691,7 +710,7 @@ async fn serve_peers(node: std::sync::Weak<Node>, transport: Arc<Transport>, fou
                 let Some(n) = node.upgrade() else { return };
                 tokio::spawn(async move {
                     let reply = match Kind::of(req.kind) {
-                        Some(kind) if req.body.len() <= kind.max_request() => n.answer_peer(kind, &req.body).await,
+                        Some(kind) => n.answer_peer(kind, &req.body).await,
                         _ => Err(crate::transport::TransportError::Stream(format!("bad request kind {}", req.kind))),
                     };
                     match reply {
@@ -708,7 +727,7 @@ async fn serve_peers(node: std::sync::Weak<Node>, transport: Arc<Transport>, fou
 
 impl Node {
     /// Answer one request from a peer.
-    async fn answer_peer(&self, kind: Kind, body: &[u8]) -> Result<Vec<u8>, crate::transport::TransportError> {
+    async fn answer_peer(self: &Arc<Self>, kind: Kind, body: &[u8]) -> Result<Vec<u8>, crate::transport::TransportError> {
         use network::{decode, encode};
         let remote = |e: NodeError| RemoteError::from(&e);
         fn lease<T>(r: Result<T, NodeError>) -> Result<Result<T, LeaseError>, RemoteError> {
@@ -722,10 +741,19 @@ impl Node {
             Kind::AppendEntries => encode(&self.raft.append_entries(decode(body)?).await),
             Kind::Vote => encode(&self.raft.vote(decode(body)?).await),
             Kind::PreVote => encode(&self.raft.pre_vote(decode(body)?).await),
-            Kind::Snapshot => {
-                let (vote, meta, snapshot) = decode(body)?;
-                encode(&self.raft.install_full_snapshot(vote, openraft::Snapshot { meta, snapshot }).await)
+            Kind::SnapshotChunk => {
+                let chunk: network::SnapshotChunk = decode(body)?;
+                match self.snapshot_inbox.take(&chunk)? {
+                    None => encode(&Ok::<_, openraft::errors::Fatal<TypeConfig>>(None::<openraft::raft::SnapshotResponse<TypeConfig>>)),
+                    Some(snapshot) => {
+                        let meta = chunk.meta;
+                        tracing::info!("installing a snapshot of {} bytes up to {:?}", snapshot.len(), meta.last_log_id);
+                        let snapshot = openraft::Snapshot { meta, snapshot };
+                        encode(&self.raft.install_full_snapshot(chunk.vote, snapshot).await.map(Some))
+                    }
+                }
             }
+            Kind::ChangeMembers => encode(&self.answer_change(decode(body)?).await),
             Kind::TransferLeader => encode(&self.raft.handle_transfer_leader(decode(body)?).await),
             Kind::ForwardWrite => encode(&self.propose_here(decode(body)?).await.map_err(remote)),
             Kind::ReadIndex => encode(&self.read_index_here().await.map_err(remote)),
@@ -787,6 +815,20 @@ async fn leadership_loop(node: std::sync::Weak<Node>) {
                     tracing::debug!("expire lease {id:x}: {e}");
                 }
             });
+        }
+    }
+}
+
+/// A snapshot at least every [`SNAPSHOT_INTERVAL`], however few entries were applied, so the
+/// log behind it can be purged on a quiet cluster too.
+async fn snapshot_loop(node: std::sync::Weak<Node>) {
+    let mut ticker = tokio::time::interval(crate::limits::SNAPSHOT_INTERVAL);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if let Err(e) = node.raft.trigger().snapshot().await {
+            tracing::warn!("hourly snapshot: {e}");
         }
     }
 }

@@ -12,13 +12,13 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::type_config::alias::{SnapshotOf, VoteOf};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::OptionalSend;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{Member, TypeConfig};
-use crate::limits::{PEER_MESSAGE_BYTES_MAX, PEER_SNAPSHOT_BYTES_MAX};
+use crate::limits::{PEER_MESSAGE_BYTES_MAX, PEER_SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES};
 use crate::transport::{self, Connection, Transport, TransportError};
 
 type TC = TypeConfig;
@@ -30,7 +30,8 @@ pub enum Kind {
     AppendEntries = 1,
     Vote = 2,
     PreVote = 3,
-    Snapshot = 4,
+    /// One piece of a snapshot; the last piece installs it.
+    SnapshotChunk = 4,
     TransferLeader = 5,
     /// A client write proposed through the leader on behalf of a follower.
     ForwardWrite = 6,
@@ -39,23 +40,75 @@ pub enum Kind {
     /// A lease keep-alive or time-to-live, which only the leader answers.
     LeaseKeepAlive = 8,
     LeaseTimeToLive = 9,
+    /// A membership change, made by the leader on behalf of a follower.
+    ChangeMembers = 10,
 }
 
 impl Kind {
     /// The kind of a request byte.
     pub fn of(b: u8) -> Option<Kind> {
         use Kind::*;
-        [AppendEntries, Vote, PreVote, Snapshot, TransferLeader, ForwardWrite, ReadIndex, LeaseKeepAlive, LeaseTimeToLive]
-            .into_iter()
-            .find(|k| *k as u8 == b)
+        [
+            AppendEntries,
+            Vote,
+            PreVote,
+            SnapshotChunk,
+            TransferLeader,
+            ForwardWrite,
+            ReadIndex,
+            LeaseKeepAlive,
+            LeaseTimeToLive,
+            ChangeMembers,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == b)
     }
+}
 
-    /// Largest request accepted for this kind.
-    pub fn max_request(self) -> usize {
-        match self {
-            Kind::Snapshot => PEER_SNAPSHOT_BYTES_MAX,
-            _ => PEER_MESSAGE_BYTES_MAX,
+/// One piece of a snapshot on its way to a peer. Every piece carries the vote and metadata, so
+/// the last one can be installed on its own terms.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    pub vote: VoteOf<TC>,
+    pub meta: SnapshotMetaOf<TC>,
+    pub offset: u64,
+    pub total: u64,
+    pub data: Vec<u8>,
+}
+
+/// Reassembles the snapshot a leader is sending, piece by piece, in order. One at a time: a
+/// piece that does not continue the snapshot being assembled starts over or is refused, and the
+/// sender retries from the start.
+#[derive(Default)]
+pub struct SnapshotInbox {
+    assembling: Mutex<Option<Vec<u8>>>,
+}
+
+impl SnapshotInbox {
+    /// Take a piece; returns the whole snapshot once its last piece has arrived.
+    pub fn take(&self, c: &SnapshotChunk) -> Result<Option<Vec<u8>>, TransportError> {
+        if c.total as usize > PEER_SNAPSHOT_BYTES_MAX {
+            return Err(TransportError::Stream(format!(
+                "snapshot of {} bytes is over peer_snapshot_bytes_max {PEER_SNAPSHOT_BYTES_MAX}",
+                c.total
+            )));
         }
+        let mut slot = self.assembling.lock().unwrap();
+        if c.offset == 0 {
+            *slot = Some(Vec::with_capacity((c.total as usize).min(SNAPSHOT_CHUNK_BYTES * 16)));
+        }
+        let buf = match slot.as_mut() {
+            Some(b) if b.len() as u64 == c.offset && c.offset + c.data.len() as u64 <= c.total => b,
+            _ => {
+                *slot = None;
+                return Err(TransportError::Stream(format!("snapshot piece at offset {} out of order", c.offset)));
+            }
+        };
+        buf.extend_from_slice(&c.data);
+        if buf.len() as u64 == c.total {
+            return Ok(slot.take());
+        }
+        Ok(None)
     }
 }
 
@@ -215,11 +268,57 @@ impl RaftNetworkV2<TC> for Peer {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TC>, StreamingError<TC>> {
-        let req = (vote, snapshot.meta, snapshot.snapshot);
-        let send = self.rpc::<_, SnapshotResponse<TC>, openraft::errors::Fatal<TC>>(Kind::Snapshot, &req, &option);
+        let (meta, data) = (snapshot.meta, snapshot.snapshot);
+        let total = data.len();
+        let send = async {
+            let mut offset = 0;
+            loop {
+                let end = (offset + SNAPSHOT_CHUNK_BYTES).min(total);
+                let chunk = SnapshotChunk {
+                    vote: vote.clone(),
+                    meta: meta.clone(),
+                    offset: offset as u64,
+                    total: total as u64,
+                    data: data[offset..end].to_vec(),
+                };
+                let installed: Option<SnapshotResponse<TC>> =
+                    self.rpc::<_, _, openraft::errors::Fatal<TC>>(Kind::SnapshotChunk, &chunk, &option).await?;
+                if end == total {
+                    return installed.ok_or_else(|| {
+                        RPCError::Network(NetworkError::from_string(format!("{} did not install the snapshot", self.member.name)))
+                    });
+                }
+                offset = end;
+            }
+        };
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             r = send => r.map_err(StreamingError::from),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(offset: u64, total: u64, data: &[u8]) -> SnapshotChunk {
+        SnapshotChunk { vote: openraft::Vote::new(1, 1), meta: Default::default(), offset, total, data: data.to_vec() }
+    }
+
+    #[test]
+    fn snapshot_pieces_reassemble_in_order_only() {
+        let inbox = SnapshotInbox::default();
+        assert_eq!(inbox.take(&piece(0, 6, b"abc")).unwrap(), None);
+        assert_eq!(inbox.take(&piece(3, 6, b"def")).unwrap(), Some(b"abcdef".to_vec()));
+        // A gap, or a piece past the end, drops what was assembled; a new start begins again.
+        assert_eq!(inbox.take(&piece(0, 6, b"abc")).unwrap(), None);
+        assert!(inbox.take(&piece(4, 6, b"ef")).is_err());
+        assert!(inbox.take(&piece(3, 6, b"def")).is_err());
+        assert_eq!(inbox.take(&piece(0, 4, b"ab")).unwrap(), None);
+        assert!(inbox.take(&piece(2, 4, b"cde")).is_err());
+        // An empty snapshot is whole at once; an oversized one is refused up front.
+        assert_eq!(inbox.take(&piece(0, 0, b"")).unwrap(), Some(Vec::new()));
+        assert!(inbox.take(&piece(0, PEER_SNAPSHOT_BYTES_MAX as u64 + 1, b"a")).is_err());
     }
 }

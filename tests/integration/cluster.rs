@@ -33,9 +33,18 @@ fn three_voters_replicate_and_serve_on_every_member() {
 }
 
 #[test]
-fn killing_the_leader_under_load_loses_no_acknowledged_write() {
-    let mut c = Cluster::start(3);
-    let endpoints: Vec<String> = (0..3).map(|i| c.endpoint(i)).collect();
+fn killing_the_leader_of_three_under_load_loses_no_acknowledged_write() {
+    kill_the_leader_under_load(3);
+}
+
+#[test]
+fn killing_the_leader_of_five_under_load_loses_no_acknowledged_write() {
+    kill_the_leader_under_load(5);
+}
+
+fn kill_the_leader_under_load(members: usize) {
+    let mut c = Cluster::start(members);
+    let endpoints: Vec<String> = (0..members).map(|i| c.endpoint(i)).collect();
     let acked: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rt = rt();
@@ -51,7 +60,7 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let key = format!("load/{w}/{n}");
                     // Try members in turn until one acknowledges.
-                    let c = &mut clients[(n as usize + w) % 3];
+                    let c = &mut clients[(n as usize + w) % members];
                     if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), c.put(key.clone(), "v", None)).await {
                         acked.lock().unwrap().push((key, r.header().unwrap().revision()));
                         n += 1;
@@ -86,7 +95,7 @@ fn killing_the_leader_under_load_loses_no_acknowledged_write() {
     c.restart(old);
     let acked = acked.lock().unwrap().clone();
     rt.block_on(async {
-        for i in 0..3 {
+        for i in 0..members {
             let mut cl = client(&c.endpoint(i)).await;
             for (key, rev) in &acked {
                 let got = cl.get(key.as_str(), None).await.unwrap();

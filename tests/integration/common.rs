@@ -261,7 +261,34 @@ fn sigterm(pid: u32) {
 pub struct Cluster {
     pub nodes: Vec<ClusterNode>,
     initial: String,
+    /// Flags every member starts with besides the cluster's own.
+    extra: Vec<String>,
     tmp: tempfile::TempDir,
+}
+
+/// Run `lockctl` as a client (certs, member); panics unless it succeeds. Returns stdout and
+/// stderr.
+pub fn lockctl_ok(args: &[&str]) -> (String, String) {
+    let out = run_with_deadline(Command::new(env!("CARGO_BIN_EXE_lockctl")).tap_args(args), None, Duration::from_secs(60));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(out.status.success(), "lockctl {args:?}: {stdout}{stderr}");
+    (stdout, stderr)
+}
+
+/// Run `lockctl` as a client; returns its exit status, stdout and stderr.
+pub fn lockctl(args: &[&str]) -> Output {
+    run_with_deadline(Command::new(env!("CARGO_BIN_EXE_lockctl")).tap_args(args), None, Duration::from_secs(60))
+}
+
+trait TapArgs {
+    fn tap_args(self, args: &[&str]) -> Command;
+}
+
+impl TapArgs for Command {
+    fn tap_args(mut self, args: &[&str]) -> Command {
+        self.args(args);
+        self
+    }
 }
 
 /// One member of a [`Cluster`].
@@ -275,11 +302,15 @@ pub struct ClusterNode {
 impl Cluster {
     /// Start `n` voters and wait until every one serves linearizable reads.
     pub fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, &[])
+    }
+
+    /// Start `n` voters, each also given the flags `extra`.
+    pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let certs = tmp.path().join("certs");
         let lockctl = |args: &[&str]| {
-            let out = Command::new(env!("CARGO_BIN_EXE_lockctl")).args(args).output().unwrap();
-            assert!(out.status.success(), "lockctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            lockctl_ok(args);
         };
         lockctl(&["certs", "init", "--dir", certs.to_str().unwrap()]);
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
@@ -290,7 +321,8 @@ impl Cluster {
         for i in 0..n {
             lockctl(&["certs", "issue", "--dir", certs.to_str().unwrap(), "--name", &format!("n{}", i + 1), "--host", "127.0.0.1"]);
         }
-        let mut c = Cluster { nodes: Vec::new(), initial, tmp };
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut c = Cluster { nodes: Vec::new(), initial, extra, tmp };
         for (i, (cp, pp)) in ports.into_iter().enumerate() {
             let name = format!("n{}", i + 1);
             let proc = c.spawn(&name, cp, pp, "new");
@@ -334,7 +366,8 @@ impl Cluster {
             .arg("--peer-cert-file")
             .arg(certs.join(format!("{name}.crt")))
             .arg("--peer-key-file")
-            .arg(certs.join(format!("{name}.key")));
+            .arg(certs.join(format!("{name}.key")))
+            .args(&self.extra);
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = self.tmp.path().join(format!("{name}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
         spawn_logged(cmd, &log)
@@ -388,6 +421,23 @@ impl Cluster {
     /// The log of member `i`'s latest run.
     pub fn log(&self, i: usize) -> String {
         self.nodes[i].proc.log()
+    }
+
+    /// Add member `name` with `lockctl member add --learner` (asked of member `via`), then start
+    /// it with `--initial-cluster-state existing`, and wait until it serves. Returns its index
+    /// and the output of `member add`.
+    pub fn add_learner(&mut self, name: &str, via: usize) -> (usize, String) {
+        let certs = self.tmp.path().join("certs");
+        lockctl_ok(&["certs", "issue", "--dir", certs.to_str().unwrap(), "--name", name, "--host", "127.0.0.1"]);
+        let (cp, pp) = (free_port(), free_port());
+        let peer = format!("http://127.0.0.1:{pp}");
+        let (out, _) = lockctl_ok(&["member", "add", name, "--peer-urls", &peer, "--learner", "--endpoints", &self.endpoint(via)]);
+        self.initial = format!("{},{name}={peer}", self.initial);
+        let proc = self.spawn(name, cp, pp, "existing");
+        self.nodes.push(ClusterNode { name: name.to_string(), proc, client_port: cp, peer_port: pp });
+        let i = self.nodes.len() - 1;
+        self.wait_ready(i);
+        (i, out)
     }
 
     /// SIGTERM member `i` and wait for it to exit.

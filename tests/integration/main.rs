@@ -10,4 +10,5 @@ mod lease;
 mod linearizability;
 mod lock;
 mod maintenance;
+mod membership;
 mod watch;
