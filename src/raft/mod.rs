@@ -209,11 +209,17 @@ impl Node {
         // From the cluster's name alone, so that a member added later computes the same ID.
         let cluster_id = member_id(&format!("cluster/{}", cfg.cluster.name));
         let et_ms = cfg.raft.election_timeout.as_millis() as u64;
+        let hb_ms = cfg.raft.heartbeat_interval.as_millis() as u64;
+        // A follower of openraft campaigns only after the leader's lease (election_timeout_max)
+        // plus a random timeout in [min, max) have passed without a heartbeat. Halving and
+        // quartering etcd's setting keeps that whole wait within one election timeout, where
+        // etcd waits between one and two.
+        let (et_max_ms, et_min_ms) = (et_ms / 2, (et_ms / 4).max(hb_ms * 2).min(et_ms / 2 - 1));
         let raft_cfg = RaftConfig {
             cluster_name: cfg.cluster.name.clone(),
             heartbeat_interval: cfg.raft.heartbeat_interval.as_millis() as u64,
-            election_timeout_min: et_ms,
-            election_timeout_max: et_ms * 2,
+            election_timeout_min: et_min_ms,
+            election_timeout_max: et_max_ms,
             enable_pre_vote: Some(true),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_count),
             max_in_snapshot_log_to_keep: 1_000,
