@@ -66,6 +66,22 @@ impl Node {
     /// Make a membership change: here if this node leads, else through the leader. Returns once
     /// this node has applied the change (so a member list read here shows it).
     pub async fn change_members(self: &Arc<Self>, change: MemberChange) -> Result<(), NodeError> {
+        // Leadership may be changing hands (a leader asked to remove itself hands over first and
+        // answers "not leader"): try again until the new leader is known. A change refused as
+        // "not leader" was never proposed, so trying again cannot make it twice.
+        let deadline = tokio::time::Instant::now() + self.election_timeout * 3;
+        loop {
+            match self.change_members_once(change.clone()).await {
+                Err(NodeError::NotLeader { .. } | NodeError::NoLeader) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn change_members_once(self: &Arc<Self>, change: MemberChange) -> Result<(), NodeError> {
+        let removes_me = matches!(change, MemberChange::Remove { id } if id == self.id);
         match self.leader()? {
             None => self.change_members_here(change).await.map(|_| ()),
             Some((leader, member)) => {
@@ -77,6 +93,10 @@ impl Node {
                     Ok(Ok(Ok(Err(m)))) => return Err(NodeError::Member(m)),
                     Ok(Ok(Ok(Ok(index)))) => index,
                 };
+                if removes_me {
+                    // The leader replicates nothing more to a member it removed.
+                    return Ok(());
+                }
                 self.wait_applied(index).await
             }
         }
@@ -131,6 +151,12 @@ impl Node {
             }
             MemberChange::Remove { id } => {
                 found(id)?;
+                if id == self.id {
+                    // openraft's own step-down could pick any voter, a witness too: hand over
+                    // to the voter with the most of the log, and let the new leader remove us.
+                    self.hand_over_leadership().await;
+                    return Err(self.not_leader());
+                }
                 if voters.contains(&id) {
                     if voters.len() == 1 {
                         return Err(MemberError::LastVoter.into());

@@ -224,7 +224,9 @@ impl Node {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_count),
             max_in_snapshot_log_to_keep: 1_000,
             purge_batch_size: 256,
-            removed_leader_step_down: StepDownPolicy::After(et_ms / 2),
+            // A leader removes itself only after handing over (see `membership`), so openraft
+            // never has to choose a successor, which could be a witness.
+            removed_leader_step_down: StepDownPolicy::Never,
             // Our state machine writes are not synced; a restarted leader must win an election
             // (and so re-commit its log) before it serves.
             enable_leader_restore: Some(false),
