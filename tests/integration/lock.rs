@@ -114,9 +114,10 @@ fn an_expired_holder_hands_the_lock_to_the_next_waiter() {
     rt().block_on(async {
         let mut a = client(&geo.endpoint()).await;
         let mut b = client(&geo.endpoint()).await;
+        // Timed from before the grant: the lease's TTL cannot start earlier than that.
+        let held = Instant::now();
         let la = a.lease_grant(5, None).await.unwrap().id(); // never kept alive
         let lb = b.lease_grant(60, None).await.unwrap().id();
-        let held = Instant::now();
         let ka = a.lock("expiring", Some(LockOptions::new().with_lease(la))).await.unwrap().key().to_vec();
         let kb = b.lock("expiring", Some(LockOptions::new().with_lease(lb))).await.unwrap().key().to_vec();
         let waited = held.elapsed();
