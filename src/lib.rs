@@ -3,6 +3,7 @@
 //! Modules are layered, lowest first; a module never imports one above it:
 //! 1. [`config`], [`limits`]
 //! 2. [`storage`] (the only importer of RocksDB), [`transport`] (the only importer of quinn),
+//!    [`relay`] (WAN latency for the local multi-region harness),
 //!    [`certs`] (development certificates)
 //! 3. [`kv`], [`lease`], [`watch`], [`lock`], [`machine`]: pure and deterministic
 //! 4. [`raft`] (the only importer of openraft)
@@ -21,6 +22,7 @@ pub mod limits;
 pub mod lock;
 pub mod machine;
 pub mod raft;
+pub mod relay;
 pub mod roles;
 pub mod storage;
 pub mod transport;

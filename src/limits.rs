@@ -78,6 +78,15 @@ pub const LEARNER_IN_SYNC_PERCENT: u64 = 90;
 /// promoting it (it stays a learner; `lockctl member promote` can finish the job).
 pub const LEARNER_CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Largest datagram the WAN relay carries (the largest UDP payload).
+pub const RELAY_DATAGRAM_BYTES_MAX: usize = 65_535;
+
+/// Senders one relay keeps a path for; past this it forgets them all and starts again.
+pub const RELAY_FLOWS_MAX: usize = 1_024;
+
+/// Datagrams waiting out their delay on one path of the relay; more are dropped.
+pub const RELAY_QUEUE_DATAGRAMS_MAX: usize = 4_096;
+
 /// Members of one cluster.
 pub const MEMBERS_MAX: usize = 16;
 

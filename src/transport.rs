@@ -200,19 +200,77 @@ impl Request {
     }
 }
 
-/// The next request on `conn`; `None` when the peer closes it.
-pub async fn next_request(conn: &Connection, max: usize) -> Option<Result<Request, TransportError>> {
+/// What a peer opened a stream for.
+pub enum Incoming {
+    /// One request, answered with one reply.
+    Call(Request),
+    /// A long-lived stream of frames each way (replication); the caller reads requests from
+    /// `frames` and writes replies, in order, to `replies`.
+    Duplex { kind: u8, frames: FrameReader, replies: FrameWriter },
+}
+
+/// The next request on `conn`; `None` when the peer closes it. A stream whose kind byte is
+/// `duplex_kind` is handed over as it is, to carry many frames.
+pub async fn next_request(conn: &Connection, max: usize, duplex_kind: u8) -> Option<Result<Incoming, TransportError>> {
     let (send, mut recv) = conn.accept_bi().await.ok()?;
-    Some(match recv.read_to_end(max + 1).await {
-        Ok(bytes) if bytes.is_empty() => Err(TransportError::Stream("empty request".into())),
-        Ok(bytes) if bytes.len() > max + 1 => Err(TransportError::TooLarge { len: bytes.len(), max }),
-        Ok(mut bytes) => {
-            let body = bytes.split_off(1);
-            Ok(Request { kind: bytes[0], body, reply: send })
-        }
-        Err(quinn::ReadToEndError::TooLong) => Err(TransportError::TooLarge { len: max + 2, max }),
+    let mut kind = [0u8; 1];
+    if let Err(e) = recv.read_exact(&mut kind).await {
+        return Some(Err(TransportError::Stream(format!("empty request: {e}"))));
+    }
+    if kind[0] == duplex_kind {
+        return Some(Ok(Incoming::Duplex { kind: kind[0], frames: FrameReader(recv), replies: FrameWriter(send) }));
+    }
+    Some(match recv.read_to_end(max).await {
+        Ok(body) => Ok(Incoming::Call(Request { kind: kind[0], body, reply: send })),
+        Err(quinn::ReadToEndError::TooLong) => Err(TransportError::TooLarge { len: max + 1, max }),
         Err(e) => Err(TransportError::Stream(e.to_string())),
     })
+}
+
+/// Open a duplex stream of `kind` to a peer.
+pub async fn open_duplex(conn: &Connection, kind: u8) -> Result<(FrameWriter, FrameReader), TransportError> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| TransportError::Stream(e.to_string()))?;
+    send.write_all(&[kind]).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+    Ok((FrameWriter(send), FrameReader(recv)))
+}
+
+/// Writes length-prefixed frames on a stream.
+pub struct FrameWriter(quinn::SendStream);
+
+impl FrameWriter {
+    /// Write one frame.
+    pub async fn write(&mut self, body: &[u8]) -> Result<(), TransportError> {
+        let len = u32::try_from(body.len()).map_err(|_| TransportError::TooLarge { len: body.len(), max: u32::MAX as usize })?;
+        self.0.write_all(&len.to_be_bytes()).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        self.0.write_all(body).await.map_err(|e| TransportError::Stream(e.to_string()))
+    }
+
+    /// End the stream.
+    pub fn finish(mut self) {
+        let _ = self.0.finish();
+    }
+}
+
+/// Reads length-prefixed frames from a stream.
+pub struct FrameReader(quinn::RecvStream);
+
+impl FrameReader {
+    /// The next frame; `None` once the peer has finished the stream.
+    pub async fn read(&mut self, max: usize) -> Result<Option<Vec<u8>>, TransportError> {
+        let mut len = [0u8; 4];
+        match self.0.read_exact(&mut len).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(e) => return Err(TransportError::Stream(e.to_string())),
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > max {
+            return Err(TransportError::TooLarge { len, max });
+        }
+        let mut body = vec![0u8; len];
+        self.0.read_exact(&mut body).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        Ok(Some(body))
+    }
 }
 
 #[cfg(test)]
@@ -243,7 +301,7 @@ mod tests {
             while let Some((conn, name)) = server.accept(|| vec!["n1".to_string(), "n2".to_string()]).await {
                 seen.lock().unwrap().push(name);
                 tokio::spawn(async move {
-                    while let Some(Ok(req)) = next_request(&conn, 1024).await {
+                    while let Some(Ok(Incoming::Call(req))) = next_request(&conn, 1024, u8::MAX).await {
                         let mut echo = vec![req.kind];
                         echo.extend_from_slice(&req.body);
                         let _ = req.reply(&echo).await;

@@ -707,9 +707,15 @@ async fn serve_peers(node: std::sync::Weak<Node>, transport: Arc<Transport>, fou
     while let Some((conn, peer)) = transport.accept(&members).await {
         let node = node.clone();
         tokio::spawn(async move {
-            while let Some(req) = crate::transport::next_request(&conn, crate::limits::PEER_MESSAGE_BYTES_MAX).await {
+            let max = crate::limits::PEER_MESSAGE_BYTES_MAX;
+            while let Some(req) = crate::transport::next_request(&conn, max, Kind::StreamAppend as u8).await {
                 let req = match req {
-                    Ok(r) => r,
+                    Ok(crate::transport::Incoming::Call(r)) => r,
+                    Ok(crate::transport::Incoming::Duplex { frames, replies, .. }) => {
+                        let Some(n) = node.upgrade() else { return };
+                        tokio::spawn(n.answer_append_stream(frames, replies));
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!("peer {peer}: {e}");
                         continue;
@@ -734,6 +740,42 @@ async fn serve_peers(node: std::sync::Weak<Node>, transport: Arc<Transport>, fou
 }
 
 impl Node {
+    /// Feed a leader's stream of AppendEntries to Raft and send back its answers, in order,
+    /// until either side ends the stream.
+    async fn answer_append_stream(
+        self: Arc<Self>,
+        frames: crate::transport::FrameReader,
+        mut replies: crate::transport::FrameWriter,
+    ) {
+        use futures::StreamExt;
+        let requests = futures::stream::unfold(frames, |mut frames| async move {
+            match frames.read(crate::limits::PEER_MESSAGE_BYTES_MAX).await {
+                Ok(Some(bytes)) => match network::decode::<openraft::raft::AppendEntriesRequest<TypeConfig>>(&bytes) {
+                    Ok(req) => Some((req, frames)),
+                    Err(e) => {
+                        tracing::warn!("replication stream: {e}");
+                        None
+                    }
+                },
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::debug!("replication stream: {e}");
+                    None
+                }
+            }
+        });
+        let answers = self.raft.stream_append(requests);
+        let mut answers = std::pin::pin!(answers);
+        while let Some(answer) = answers.next().await {
+            let stop = answer.is_err();
+            let answer: network::StreamAppendReply = answer;
+            if replies.write(&network::encode(&answer)).await.is_err() || stop {
+                return;
+            }
+        }
+        replies.finish();
+    }
+
     /// Answer one request from a peer.
     async fn answer_peer(self: &Arc<Self>, kind: Kind, body: &[u8]) -> Result<Vec<u8>, crate::transport::TransportError> {
         use network::{decode, encode};
@@ -747,6 +789,7 @@ impl Node {
         }
         Ok(match kind {
             Kind::AppendEntries => encode(&self.raft.append_entries(decode(body)?).await),
+            Kind::StreamAppend => return Err(crate::transport::TransportError::Stream("a replication stream sent as one request".into())),
             Kind::Vote => encode(&self.raft.vote(decode(body)?).await),
             Kind::PreVote => encode(&self.raft.pre_vote(decode(body)?).await),
             Kind::SnapshotChunk => {

@@ -263,6 +263,8 @@ pub struct Cluster {
     initial: String,
     /// Flags every member starts with besides the cluster's own.
     extra: Vec<String>,
+    /// The peer port each member is known by, where it is not the one it listens on.
+    advertised: std::collections::HashMap<String, u16>,
     tmp: tempfile::TempDir,
 }
 
@@ -307,23 +309,31 @@ impl Cluster {
 
     /// Start `n` voters, each also given the flags `extra`.
     pub fn start_with(n: usize, extra: &[&str]) -> Cluster {
+        let ports = (0..n).map(|_| (free_port(), free_port())).map(|(c, p)| (c, p, p)).collect();
+        Cluster::start_on(ports, extra)
+    }
+
+    /// Start a voter on each (client port, peer port it listens on, peer port it is known by):
+    /// a member known by another port than its own is reached through a relay there.
+    pub fn start_on(ports: Vec<(u16, u16, u16)>, extra: &[&str]) -> Cluster {
+        let n = ports.len();
         let tmp = tempfile::tempdir().unwrap();
         let certs = tmp.path().join("certs");
         let lockctl = |args: &[&str]| {
             lockctl_ok(args);
         };
         lockctl(&["certs", "init", "--dir", certs.to_str().unwrap()]);
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let initial = (0..n)
-            .map(|i| format!("n{}=http://127.0.0.1:{}", i + 1, ports[i].1))
+            .map(|i| format!("n{}=http://127.0.0.1:{}", i + 1, ports[i].2))
             .collect::<Vec<_>>()
             .join(",");
         for i in 0..n {
             lockctl(&["certs", "issue", "--dir", certs.to_str().unwrap(), "--name", &format!("n{}", i + 1), "--host", "127.0.0.1"]);
         }
         let extra = extra.iter().map(|s| s.to_string()).collect();
-        let mut c = Cluster { nodes: Vec::new(), initial, extra, tmp };
-        for (i, (cp, pp)) in ports.into_iter().enumerate() {
+        let advertised = ports.iter().enumerate().map(|(i, p)| (format!("n{}", i + 1), p.2)).collect();
+        let mut c = Cluster { nodes: Vec::new(), initial, extra, advertised, tmp };
+        for (i, (cp, pp, _)) in ports.into_iter().enumerate() {
             let name = format!("n{}", i + 1);
             let proc = c.spawn(&name, cp, pp, "new");
             c.nodes.push(ClusterNode { name, proc, client_port: cp, peer_port: pp });
@@ -354,11 +364,12 @@ impl Cluster {
     ) -> Proc {
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
+        let advertised = format!("http://127.0.0.1:{}", self.advertised.get(name).copied().unwrap_or(peer_port));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
         cmd.args(["start", "--name", name, "--data-dir"])
             .arg(data)
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &advertised])
             .arg(format!("--initial-cluster={initial}"))
             .arg(format!("--initial-cluster-state={state}"))
             .arg("--peer-trusted-ca-file")

@@ -11,4 +11,5 @@ mod linearizability;
 mod lock;
 mod maintenance;
 mod membership;
+mod wan;
 mod watch;
