@@ -1,7 +1,7 @@
 //! geolock: a geo-replicated lock and coordination service that speaks the etcd v3 API.
 //!
 //! Modules are layered, lowest first; a module never imports one above it:
-//! 1. [`config`], [`limits`]
+//! 1. [`config`], [`limits`], [`topology`] (region layouts)
 //! 2. [`storage`] (the only importer of RocksDB), [`transport`] (the only importer of quinn),
 //!    [`relay`] (WAN latency for the local multi-region harness),
 //!    [`certs`] (development certificates)
@@ -25,5 +25,6 @@ pub mod raft;
 pub mod relay;
 pub mod roles;
 pub mod storage;
+pub mod topology;
 pub mod transport;
 pub mod watch;

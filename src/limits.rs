@@ -87,6 +87,9 @@ pub const RELAY_FLOWS_MAX: usize = 1_024;
 /// Datagrams waiting out their delay on one path of the relay; more are dropped.
 pub const RELAY_QUEUE_DATAGRAMS_MAX: usize = 4_096;
 
+/// Longest one-way latency a topology file may give a link, in milliseconds.
+pub const LINK_ONE_WAY_MS_MAX: f64 = 10_000.0;
+
 /// Members of one cluster.
 pub const MEMBERS_MAX: usize = 16;
 
