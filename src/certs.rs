@@ -67,3 +67,16 @@ pub fn issue(dir: &Path, name: &str, hosts: &[String]) -> Result<(PathBuf, PathB
     write(keyf.clone(), &key.serialize_pem())?;
     Ok((crt, keyf))
 }
+
+/// The `lockctl start` flags that give member `name` its peer identity from `dir`, laid out as
+/// `lockctl certs init|issue` writes it.
+pub fn peer_tls_flags(dir: &Path, name: &str) -> [std::ffi::OsString; 6] {
+    [
+        "--peer-trusted-ca-file".into(),
+        dir.join("ca.crt").into(),
+        "--peer-cert-file".into(),
+        dir.join(format!("{name}.crt")).into(),
+        "--peer-key-file".into(),
+        dir.join(format!("{name}.key")).into(),
+    ]
+}

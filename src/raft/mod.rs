@@ -354,15 +354,7 @@ impl Node {
             voters.into_iter().max_by_key(|v| replication.get(v).cloned().flatten().map(|l| l.index))
         };
         let Some(to) = target else { return };
-        if self.raft.trigger().transfer_leader(to).await.is_err() {
-            return;
-        }
-        let moved = self
-            .raft
-            .wait(Some(self.election_timeout * 2))
-            .metrics(|m| m.current_leader.is_some_and(|l| l != self.id), "leadership handed over")
-            .await;
-        match moved {
+        match self.transfer_leadership(to).await {
             Ok(_) => tracing::info!("handed leadership to {to:x}"),
             Err(e) => tracing::warn!("leadership hand-over to {to:x} did not complete: {e}"),
         }

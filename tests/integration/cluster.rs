@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{client, etcdctl_ok, free_port, rt, Cluster};
+use crate::common::{client, etcdctl_ok, free_port, rt, wait_for_acks, Cluster};
 
 #[test]
 fn three_voters_replicate_and_serve_on_every_member() {
@@ -72,13 +72,7 @@ fn kill_the_leader_under_load(members: usize) {
             })
         })
         .collect();
-    let wait_for = |count: usize| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while acked.lock().unwrap().len() < count {
-            assert!(Instant::now() < deadline, "writes stalled at {}", acked.lock().unwrap().len());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let wait_for = |count: usize| wait_for_acks(&acked, count);
     wait_for(200);
     let old = c.leader();
     c.kill(old);

@@ -271,7 +271,7 @@ pub struct Cluster {
 /// Run `lockctl` as a client (certs, member); panics unless it succeeds. Returns stdout and
 /// stderr.
 pub fn lockctl_ok(args: &[&str]) -> (String, String) {
-    let out = run_with_deadline(Command::new(env!("CARGO_BIN_EXE_lockctl")).tap_args(args), None, Duration::from_secs(60));
+    let out = lockctl(args);
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(out.status.success(), "lockctl {args:?}: {stdout}{stderr}");
     (stdout, stderr)
@@ -279,17 +279,17 @@ pub fn lockctl_ok(args: &[&str]) -> (String, String) {
 
 /// Run `lockctl` as a client; returns its exit status, stdout and stderr.
 pub fn lockctl(args: &[&str]) -> Output {
-    run_with_deadline(Command::new(env!("CARGO_BIN_EXE_lockctl")).tap_args(args), None, Duration::from_secs(60))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
+    cmd.args(args);
+    run_with_deadline(cmd, None, Duration::from_secs(60))
 }
 
-trait TapArgs {
-    fn tap_args(self, args: &[&str]) -> Command;
-}
-
-impl TapArgs for Command {
-    fn tap_args(mut self, args: &[&str]) -> Command {
-        self.args(args);
-        self
+/// Wait until `acked` holds at least `count` entries; panics if it stalls for 30 s.
+pub fn wait_for_acks<T>(acked: &std::sync::Mutex<Vec<T>>, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() < count {
+        assert!(Instant::now() < deadline, "writes stalled at {}", acked.lock().unwrap().len());
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -372,12 +372,7 @@ impl Cluster {
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &advertised])
             .arg(format!("--initial-cluster={initial}"))
             .arg(format!("--initial-cluster-state={state}"))
-            .arg("--peer-trusted-ca-file")
-            .arg(certs.join("ca.crt"))
-            .arg("--peer-cert-file")
-            .arg(certs.join(format!("{name}.crt")))
-            .arg("--peer-key-file")
-            .arg(certs.join(format!("{name}.key")))
+            .args(geolock::certs::peer_tls_flags(certs, name))
             .args(&self.extra);
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = self.tmp.path().join(format!("{name}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{client, etcdctl, etcdctl_ok, lockctl, lockctl_ok, rt, Cluster};
+use crate::common::{client, etcdctl, etcdctl_ok, lockctl, lockctl_ok, rt, wait_for_acks, Cluster};
 
 /// Puts `count` keys `{prefix}{i}` through `endpoint`, 8 at a time.
 fn put_many(endpoint: &str, prefix: &str, count: usize) {
@@ -201,11 +201,7 @@ fn every_member_restarted_in_turn_under_load_fails_no_client_operation() {
         .collect();
     let wait_for_more = |n: usize| {
         let target = acked.lock().unwrap().len() + n;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while acked.lock().unwrap().len() < target {
-            assert!(Instant::now() < deadline, "writes stalled at {}", acked.lock().unwrap().len());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_acks(&acked, target);
     };
     wait_for_more(50);
     // Followers first, the leader last, as the spec's upgrade procedure does.
