@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages geolock needs to build and test, if they are missing:
-# libclang-dev (RocksDB's bindings), protobuf-compiler (the etcd-client crate's build),
+# libclang-dev (RocksDB's bindings), protobuf-compiler and libprotobuf-dev (protoc and the well-known
+# .proto files it imports, for the etcd-client crate's build),
 # etcd-client (etcdctl, the reference client) and etcd-server (etcd, for side-by-side tests).
 set -euo pipefail
 need=()
-for p in libclang-dev protobuf-compiler etcd-client etcd-server; do
+for p in libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

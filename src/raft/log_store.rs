@@ -48,14 +48,19 @@ impl LogStore {
     /// A log store over `engine`, with its flusher thread (which ends when every clone is gone).
     pub fn new(engine: Arc<dyn Engine>) -> Self {
         let (tx, rx) = mpsc::channel::<IOFlushed<TC>>();
-        let e = engine.clone();
+        // Weak, so that the engine closes where its owners drop it and never in this detached
+        // thread, which could still be closing RocksDB while the process exits (RocksDB aborts).
+        let e = Arc::downgrade(&engine);
         std::thread::Builder::new()
             .name("geolock-log-flush".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
                     let mut group = vec![first];
                     group.extend(rx.try_iter());
-                    let res = e.sync_wal().map_err(|err| err.to_string());
+                    let res = match e.upgrade() {
+                        Some(e) => e.sync_wal().map_err(|err| err.to_string()),
+                        None => Err("the storage engine is closed".to_string()),
+                    };
                     for cb in group {
                         cb.io_completed(res.clone().map_err(io::Error::other));
                     }

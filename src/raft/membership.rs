@@ -66,18 +66,9 @@ impl Node {
     /// Make a membership change: here if this node leads, else through the leader. Returns once
     /// this node has applied the change (so a member list read here shows it).
     pub async fn change_members(self: &Arc<Self>, change: MemberChange) -> Result<(), NodeError> {
-        // Leadership may be changing hands (a leader asked to remove itself hands over first and
-        // answers "not leader"): try again until the new leader is known. A change refused as
-        // "not leader" was never proposed, so trying again cannot make it twice.
-        let deadline = tokio::time::Instant::now() + self.election_timeout * 3;
-        loop {
-            match self.change_members_once(change.clone()).await {
-                Err(NodeError::NotLeader { .. } | NodeError::NoLeader) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                other => return other,
-            }
-        }
+        // Leadership may be changing hands: a leader asked to remove itself hands over first and
+        // answers "not leader".
+        self.with_leader(|| self.change_members_once(change.clone())).await
     }
 
     async fn change_members_once(self: &Arc<Self>, change: MemberChange) -> Result<(), NodeError> {

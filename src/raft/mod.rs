@@ -400,6 +400,29 @@ impl Node {
             .proposals
             .try_acquire()
             .map_err(|_| NodeError::TooManyProposals { max: PROPOSALS_IN_FLIGHT_MAX })?;
+        self.with_leader(|| self.propose_once(cmd.clone())).await
+    }
+
+    /// Run `attempt` until it is not refused for want of a leader: during an election a request
+    /// waits for the outcome, as etcd's do, rather than failing at once. Only refusals are tried
+    /// again: a request refused as "not leader" or "no leader" was never proposed, so it cannot
+    /// take effect twice.
+    pub(super) async fn with_leader<T, F: std::future::Future<Output = Result<T, NodeError>>>(
+        &self,
+        mut attempt: impl FnMut() -> F,
+    ) -> Result<T, NodeError> {
+        let deadline = tokio::time::Instant::now() + self.election_timeout * 3;
+        loop {
+            match attempt().await {
+                Err(NodeError::NotLeader { .. } | NodeError::NoLeader) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn propose_once(&self, cmd: Command) -> Result<Applied, NodeError> {
         match self.leader()? {
             None => Ok(self.propose_here(cmd).await?.0),
             Some((leader, member)) => {
@@ -457,6 +480,10 @@ impl Node {
     /// a quorum (a read index, asked of the leader when this node follows): reads after this are
     /// linearizable.
     pub async fn linearize(&self) -> Result<(), NodeError> {
+        self.with_leader(|| self.linearize_once()).await
+    }
+
+    async fn linearize_once(&self) -> Result<(), NodeError> {
         match self.leader()? {
             None => self.read_index_here().await.map(|_| ()),
             Some((leader, member)) => {
@@ -493,10 +520,13 @@ impl Node {
 
     /// A keep-alive: the leader restarts the lease's TTL (asked of it when this node follows).
     pub async fn lease_keep_alive(&self, id: i64) -> Result<i64, NodeError> {
-        match self.leader()? {
-            None => self.lease_keep_alive_here(id),
-            Some((leader, member)) => self.ask_leader::<_, i64>(leader, &member, Kind::LeaseKeepAlive, &id).await,
-        }
+        self.with_leader(|| async {
+            match self.leader()? {
+                None => self.lease_keep_alive_here(id),
+                Some((leader, member)) => self.ask_leader::<_, i64>(leader, &member, Kind::LeaseKeepAlive, &id).await,
+            }
+        })
+        .await
     }
 
     fn lease_keep_alive_here(&self, id: i64) -> Result<i64, NodeError> {
@@ -527,10 +557,13 @@ impl Node {
 
     /// TTL left and keys of a lease, as the leader sees it (asked of it when this node follows).
     pub async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<LeaseInfo, NodeError> {
-        match self.leader()? {
-            None => self.lease_time_to_live_here(id, keys),
-            Some((leader, member)) => self.ask_leader(leader, &member, Kind::LeaseTimeToLive, &(id, keys)).await,
-        }
+        self.with_leader(|| async {
+            match self.leader()? {
+                None => self.lease_time_to_live_here(id, keys),
+                Some((leader, member)) => self.ask_leader(leader, &member, Kind::LeaseTimeToLive, &(id, keys)).await,
+            }
+        })
+        .await
     }
 
     fn lease_time_to_live_here(&self, id: i64, keys: bool) -> Result<LeaseInfo, NodeError> {

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use futures::future::{BoxFuture, FutureExt, Shared};
+
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
@@ -144,7 +146,16 @@ pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, TransportError> {
 /// Connections to peers, one per peer, made on first use and remade after a failure.
 pub struct Peers {
     transport: Option<Arc<Transport>>,
-    conns: Mutex<HashMap<u64, Connection>>,
+    conns: Mutex<HashMap<u64, Slot>>,
+}
+
+/// A peer's connection, or the dial that will make it.
+enum Slot {
+    Ready(Connection),
+    /// A dial runs as a task of its own and callers wait on it, so a caller that gives up (a
+    /// heartbeat times out after one interval, shorter than a WAN handshake) does not abort the
+    /// handshake for everyone: over a slow link, the dial would otherwise never finish.
+    Dialing(Shared<BoxFuture<'static, Result<Connection, String>>>),
 }
 
 impl Peers {
@@ -154,22 +165,41 @@ impl Peers {
     }
 
     pub async fn conn(&self, target: u64, member: &Member) -> Result<Connection, TransportError> {
-        if let Some(c) = self.conns.lock().unwrap().get(&target) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+        let dial = {
+            let mut conns = self.conns.lock().unwrap();
+            match conns.get(&target) {
+                Some(Slot::Ready(c)) if c.close_reason().is_none() => return Ok(c.clone()),
+                Some(Slot::Dialing(d)) => d.clone(),
+                _ => {
+                    let transport = self.transport.clone().ok_or_else(|| TransportError::Connect {
+                        peer: member.name.clone(),
+                        reason: "this node has no peer transport (start it with peer TLS files)".into(),
+                    })?;
+                    let member = member.clone();
+                    let task = tokio::spawn(async move {
+                        let addr = tokio::net::lookup_host(&member.peer_addr)
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .next()
+                            .ok_or_else(|| format!("peer {}: no address for {}", member.name, member.peer_addr))?;
+                        transport.connect(addr, &member.name).await.map_err(|e| e.to_string())
+                    });
+                    let dial = async move { task.await.map_err(|e| e.to_string())? }.boxed().shared();
+                    conns.insert(target, Slot::Dialing(dial.clone()));
+                    dial
+                }
             }
+        };
+        let done = dial.clone().await;
+        let mut conns = self.conns.lock().unwrap();
+        // Only the dial that is still current settles the slot.
+        if matches!(conns.get(&target), Some(Slot::Dialing(d)) if Shared::ptr_eq(d, &dial)) {
+            match &done {
+                Ok(c) => conns.insert(target, Slot::Ready(c.clone())),
+                Err(_) => conns.remove(&target),
+            };
         }
-        let transport = self.transport.as_ref().ok_or_else(|| TransportError::Connect {
-            peer: member.name.clone(),
-            reason: "this node has no peer transport (start it with peer TLS files)".into(),
-        })?;
-        let addr = tokio::net::lookup_host(&member.peer_addr)
-            .await?
-            .next()
-            .ok_or_else(|| TransportError::Connect { peer: member.name.clone(), reason: "no address".into() })?;
-        let c = transport.connect(addr, &member.name).await?;
-        self.conns.lock().unwrap().insert(target, c.clone());
-        Ok(c)
+        done.map_err(|reason| TransportError::Connect { peer: member.name.clone(), reason })
     }
 
     /// One request to `target`; a failed connection is dropped so the next call redials.
@@ -184,7 +214,10 @@ impl Peers {
         match transport::call(&conn, kind as u8, &encode(req), PEER_MESSAGE_BYTES_MAX).await {
             Ok(bytes) => decode(&bytes),
             Err(e) => {
-                self.conns.lock().unwrap().remove(&target);
+                let mut conns = self.conns.lock().unwrap();
+                if matches!(conns.get(&target), Some(Slot::Ready(c)) if c.stable_id() == conn.stable_id()) {
+                    conns.remove(&target);
+                }
                 Err(e)
             }
         }

@@ -38,7 +38,10 @@ fn a_commit_waits_for_the_nearest_majority_round_trip() {
         }
         relays
     });
-    let c = Cluster::start_on(ports, &[]);
+    // As etcd's tuning guide says, the heartbeat interval must exceed the longest round trip
+    // between members (120 ms here): a heartbeat is given one interval to be answered, and a
+    // leader in europe whose heartbeats all time out can never confirm a read index.
+    let c = Cluster::start_on(ports, &["--heartbeat-interval", "200", "--election-timeout", "2000"]);
     // Lead from us-east, whose nearest peer is 60 ms away and whose farthest is 100 ms away.
     let leader = c.leader();
     if leader != 0 {
