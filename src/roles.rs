@@ -32,10 +32,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         listeners.push(l);
     }
     let node = Node::start(&cfg).await.map_err(|e| RunError::Node(e.to_string()))?;
-    // As etcd, serve clients once this member's addresses are in the membership; without a
-    // quorum that can take long, and then the member serves anyway so that it can say so.
-    if !node.wait_published(cfg.raft.election_timeout * 5).await {
-        tracing::warn!("serving before this member's addresses reached the cluster: no leader yet");
+    // As etcd, serve clients once this member is published and caught up; without a quorum
+    // that can take long, and then the member serves anyway so that it can say so.
+    if !node.wait_ready(cfg.raft.election_timeout * 5).await {
+        tracing::warn!("serving before this member was published and caught up with the cluster: no leader yet");
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();

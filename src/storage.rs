@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 pub enum Cf {
     /// Raft log entries, keyed by big-endian index.
     Log,
-    /// Raft vote, committed log id, purge marker.
+    /// Raft vote and purge marker.
     RaftMeta,
     /// The MVCC key space, keyed by revision.
     Kv,
@@ -108,6 +108,10 @@ pub trait Engine: Send + Sync + 'static {
     /// Apply `batch` atomically. With `sync`, it is on stable storage when this returns;
     /// without, it is ordered before any later [`Engine::sync_wal`].
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<()>;
+    /// Every pair of `cfs` as they stood at one instant: the instant at which `at` is called.
+    /// A caller that holds a lock over its writes calls this under that lock and releases it in
+    /// `at`, so the writer waits only for the instant to be fixed, not for the whole scan.
+    fn scan_at_instant(&self, cfs: &[Cf], at: &mut dyn FnMut()) -> Result<Vec<(Cf, Pairs)>>;
     /// Make every write made so far durable.
     fn sync_wal(&self) -> Result<()>;
     /// Approximate bytes on disk (or in memory for the twin).
@@ -188,6 +192,23 @@ impl Engine for RocksEngine {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(sync);
         Ok(self.db.write_opt(wb, &wo)?)
+    }
+
+    fn scan_at_instant(&self, cfs: &[Cf], at: &mut dyn FnMut()) -> Result<Vec<(Cf, Pairs)>> {
+        let snapshot = self.db.snapshot();
+        at();
+        let mut out = Vec::new();
+        for cf in cfs {
+            let mut ro = rocksdb::ReadOptions::default();
+            ro.set_snapshot(&snapshot);
+            let mut pairs = Vec::new();
+            for item in self.db.iterator_cf_opt(self.cf(*cf), ro, rocksdb::IteratorMode::Start) {
+                let (k, v) = item?;
+                pairs.push((k.into_vec(), v.into_vec()));
+            }
+            out.push((*cf, pairs));
+        }
+        Ok(out)
     }
 
     fn sync_wal(&self) -> Result<()> {
@@ -273,6 +294,16 @@ impl Engine for MemEngine {
         Ok(())
     }
 
+    fn scan_at_instant(&self, cfs: &[Cf], at: &mut dyn FnMut()) -> Result<Vec<(Cf, Pairs)>> {
+        let copy: Vec<(Cf, Pairs)> = {
+            let all = self.cfs.lock().unwrap();
+            let pairs = |cf: &Cf| all.get(cf).map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+            cfs.iter().map(|cf| (*cf, pairs(cf).unwrap_or_default())).collect()
+        };
+        at();
+        Ok(copy)
+    }
+
     fn sync_wal(&self) -> Result<()> {
         Ok(())
     }
@@ -308,6 +339,16 @@ pub(crate) fn engine_suite(e: &dyn Engine) {
     e.write(b, false).unwrap();
     e.sync_wal().unwrap();
     assert_eq!(keys(e.scan(Cf::Kv, b"", None, 10).unwrap()), vec![b"d".to_vec(), b"e".to_vec()]);
+    // A scan at an instant sees nothing written after it, even while it is still reading.
+    let mut later = WriteBatch::default();
+    later.put(Cf::Kv, b"f".to_vec(), b"f".to_vec());
+    let mut later = Some(later);
+    let seen = e.scan_at_instant(&[Cf::Kv, Cf::Lease], &mut || e.write(later.take().unwrap(), false).unwrap()).unwrap();
+    assert_eq!(seen.iter().map(|(cf, p)| (*cf, keys(p.clone()))).collect::<Vec<_>>(), vec![
+        (Cf::Kv, vec![b"d".to_vec(), b"e".to_vec()]),
+        (Cf::Lease, vec![b"a".to_vec()]),
+    ]);
+    assert_eq!(e.get(Cf::Kv, b"f").unwrap(), Some(b"f".to_vec()));
     assert_eq!(e.get(Cf::Lease, b"a").unwrap(), Some(b"other-cf".to_vec()));
     assert!(e.size_bytes() > 0 || e.get(Cf::Kv, b"e").unwrap().is_some());
 }

@@ -16,7 +16,7 @@ use etcd_client::{Client, ConnectOptions, GetOptions, LockOptions};
 struct Cli {
     #[command(subcommand)]
     what: What,
-    /// Seconds each workload runs against each server.
+    /// Seconds each workload runs against each server (in one-second slices, alternating).
     #[arg(long, default_value_t = 5)]
     seconds: u64,
     /// The lockctl binary (default: the workspace's debug build).
@@ -212,17 +212,42 @@ enum Op {
     Get,
 }
 
-async fn run(endpoint: &str, op: Op, clients: usize, seconds: u64) -> Figures {
+/// Run `op` from `clients` connections against each endpoint, in one-second slices that
+/// alternate between the endpoints for `seconds` rounds: this machine's speed drifts over a run,
+/// and alternating gives both servers the same drift, so their ratio means something.
+async fn side_by_side(endpoints: &[&str], op: Op, clients: usize, seconds: u64) -> Vec<Figures> {
     let value = Arc::new(vec![b'v'; 256]);
     let mut conns = Vec::new();
-    for _ in 0..clients {
-        conns.push(connect(endpoint).await);
+    for ep in endpoints {
+        let mut cs = Vec::new();
+        for _ in 0..clients {
+            cs.push(connect(ep).await);
+        }
+        cs[0].put("bench/read", value.to_vec(), None).await.unwrap();
+        conns.push(cs);
     }
-    conns[0].put("bench/read", value.to_vec(), None).await.unwrap();
-    let until = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let tasks: Vec<_> = conns
+    let mut samples: Vec<(Vec<Duration>, Duration)> = endpoints.iter().map(|_| (Vec::new(), Duration::ZERO)).collect();
+    for _ in 0..seconds {
+        for (cs, (lat, elapsed)) in conns.iter().zip(samples.iter_mut()) {
+            let started = Instant::now();
+            lat.extend(slice(cs, op, &value, started + Duration::from_secs(1)).await);
+            *elapsed += started.elapsed();
+        }
+    }
+    samples
         .into_iter()
+        .map(|(mut all, elapsed)| {
+            all.sort();
+            Figures { ops_per_s: all.len() as f64 / elapsed.as_secs_f64(), p50_ms: pct(&all, 0.50), p99_ms: pct(&all, 0.99) }
+        })
+        .collect()
+}
+
+/// Latencies of `op` from every connection, each running closed-loop until `until`.
+async fn slice(conns: &[Client], op: Op, value: &Arc<Vec<u8>>, until: Instant) -> Vec<Duration> {
+    let tasks: Vec<_> = conns
+        .iter()
+        .cloned()
         .enumerate()
         .map(|(i, mut c)| {
             let value = value.clone();
@@ -250,10 +275,7 @@ async fn run(endpoint: &str, op: Op, clients: usize, seconds: u64) -> Figures {
     for t in tasks {
         all.extend(t.await.unwrap());
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort();
-    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1000.0;
-    Figures { ops_per_s: all.len() as f64 / elapsed, p50_ms: pct(0.50), p99_ms: pct(0.99) }
+    all
 }
 
 /// Lock figures: cycles per second, lock wait (Lock sent to Lock returned) and hand-over
@@ -338,11 +360,9 @@ fn main() {
             ];
             println!("{:<32} {:>10} {:>10} {:>9} {:>9} | ratio geolock/etcd", "workload", "server", "ops/s", "p50 ms", "p99 ms");
             for (label, op, clients) in workloads {
-                let mut figs = Vec::new();
-                for s in [&etcd, &geo] {
-                    let f = rt.block_on(run(&s.endpoint, op, clients, cli.seconds));
+                let figs = rt.block_on(side_by_side(&[&etcd.endpoint, &geo.endpoint], op, clients, cli.seconds));
+                for (s, f) in [&etcd, &geo].iter().zip(&figs) {
                     println!("{label:<32} {:>10} {:>10.0} {:>9.2} {:>9.2}", s.name, f.ops_per_s, f.p50_ms, f.p99_ms);
-                    figs.push(f);
                 }
                 let (e, g) = (&figs[0], &figs[1]);
                 println!(
@@ -362,14 +382,12 @@ fn main() {
             let mut geo = spawn_group("geolock", Some(&lockctl));
             println!("{:<34} {:>8} {:>10} {:>9} {:>9}", "workload (3 members each)", "server", "ops/s", "p50 ms", "p99 ms");
             for (label, clients) in [("put 256 B, 16 clients", 16), ("put 256 B, 1 client", 1)] {
-                let mut figs = Vec::new();
-                for g in [&etcd, &geo] {
-                    let f = rt.block_on(async {
-                        let leader = group_leader(g).await;
-                        run(&g.endpoints[leader], Op::Put, clients, cli.seconds).await
-                    });
+                let figs = rt.block_on(async {
+                    let (e, g) = (group_leader(&etcd).await, group_leader(&geo).await);
+                    side_by_side(&[&etcd.endpoints[e], &geo.endpoints[g]], Op::Put, clients, cli.seconds).await
+                });
+                for (g, f) in [&etcd, &geo].iter().zip(&figs) {
                     println!("{label:<34} {:>8} {:>10.0} {:>9.2} {:>9.2}", g.name, f.ops_per_s, f.p50_ms, f.p99_ms);
-                    figs.push(f);
                 }
                 let (e, g) = (&figs[0], &figs[1]);
                 println!(

@@ -1,4 +1,4 @@
-//! The Raft log in the `log` column family, vote and commit marks in `raft_meta`.
+//! The Raft log in the `log` column family, the vote and the purge mark in `raft_meta`.
 //!
 //! Durability by group commit: `append` writes entries without syncing (so they are readable at
 //! once) and hands the completion callback to one flusher thread, which syncs the WAL once for
@@ -22,7 +22,6 @@ use crate::storage::{Cf, Engine, WriteBatch};
 type TC = TypeConfig;
 
 const VOTE: &[u8] = b"vote";
-const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -134,18 +133,6 @@ impl RaftLogStorage<TC> for LogStore {
         b.put(Cf::RaftMeta, VOTE, encode(vote));
         // A vote is durable before it is acted on; the sync also covers earlier appends.
         self.engine.write(b, true).map_err(io_err)
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogIdOf<TC>>) -> Result<(), io::Error> {
-        // Called on every commit; it rides along with the next sync. A stale value after a crash
-        // only means re-committing entries the log still holds.
-        let mut b = WriteBatch::default();
-        b.put(Cf::RaftMeta, COMMITTED, encode(&committed));
-        self.engine.write(b, false).map_err(io_err)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogIdOf<TC>>, io::Error> {
-        Ok(self.meta::<Option<LogIdOf<TC>>>(COMMITTED)?.flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TC>) -> Result<(), io::Error>

@@ -234,12 +234,17 @@ impl Node {
             .map_err(|_| MemberError::TransferTimeout { to, waited_ms: waited.as_millis() as u64 }.into())
     }
 
-    /// Wait until this member's addresses are in the membership (etcd serves clients only once
-    /// it has published them), or `limit` has passed.
-    pub async fn wait_published(&self, limit: Duration) -> bool {
+    /// Wait (up to `limit`) until this member is ready to serve, as etcd's members are once they
+    /// have published themselves: its own addresses are in the membership, and it has applied
+    /// everything the cluster had committed of its log when it started, so that no read here
+    /// shows an older state than one it showed before a restart (the commit index is not kept
+    /// on disk: saving it on every commit cost each write a storage write).
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
         let mut rx = self.published.subscribe();
-        let published = tokio::time::timeout(limit, rx.wait_for(|p| *p)).await.is_ok_and(|r| r.is_ok());
-        published
+        let published = tokio::time::timeout_at(deadline, rx.wait_for(|p| *p)).await.is_ok_and(|r| r.is_ok());
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        published && self.raft.wait_for_recovery(Some(left)).await.is_ok()
     }
 
     /// State this node's own addresses, role and region in the membership once a leader is

@@ -154,19 +154,32 @@ impl RaftSnapshotBuilder<TC> for StateMachine {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TC, Vec<u8>>, io::Error> {
-        let (meta, data) = {
-            let st = self.shared.lock();
+        // Off the runtime thread, and with the state lock held only while the storage snapshot
+        // is taken: scanning a large key space under the lock stalled every apply, and every
+        // client with it, for as long as the scan took.
+        let shared = self.shared.clone();
+        let path = self.snapshot_path();
+        let build = move || -> io::Result<SnapshotOf<TC, Vec<u8>>> {
+            let mut held = Some(shared.lock());
+            let mut meta = None;
+            let scanned = shared
+                .engine
+                .scan_at_instant(&SNAPSHOT_CFS, &mut || {
+                    if let Some(st) = held.take() {
+                        meta = Some(SnapshotMeta { last_log_id: st.last_applied, last_membership: st.membership.clone() });
+                    }
+                })
+                .map_err(io::Error::other)?;
+            let meta = meta.expect("the scan calls back at its instant");
             let mut pairs = Vec::new();
-            for (i, cf) in SNAPSHOT_CFS.iter().enumerate() {
-                for (k, v) in self.shared.engine.scan(*cf, &[], None, usize::MAX).map_err(io::Error::other)? {
-                    pairs.push((i as u8, k, v));
-                }
+            for (i, (_, cf_pairs)) in scanned.into_iter().enumerate() {
+                pairs.extend(cf_pairs.into_iter().map(|(k, v)| (i as u8, k, v)));
             }
-            let meta = SnapshotMeta { last_log_id: st.last_applied, last_membership: st.membership.clone() };
-            (meta, encode(&SnapshotData { pairs }))
+            let data = encode(&SnapshotData { pairs });
+            save_snapshot_file(&path, &meta, &data)?;
+            Ok(Snapshot { meta, snapshot: data })
         };
-        save_snapshot_file(&self.snapshot_path(), &meta, &data)?;
-        Ok(Snapshot { meta, snapshot: data })
+        tokio::task::spawn_blocking(build).await.map_err(io::Error::other)?
     }
 }
 
