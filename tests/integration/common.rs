@@ -10,8 +10,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A port nobody listens on right now.
+/// A port free for both TCP (client URLs) and UDP (peer URLs: QUIC) right now. Asking for a TCP
+/// port alone handed out ports that a UDP socket of a test running alongside (a relay's flow)
+/// already held.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Run `cmd` to completion, killing it if it outlives `limit`.
