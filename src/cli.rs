@@ -49,6 +49,10 @@ enum Command {
         /// (2379, 22379, 32379, ...), each with its peer port one above.
         #[arg(long, default_value_t = 2379)]
         base_port: u16,
+        /// Run this topology instead (`regions/2-2-1.yaml`): every node, role and region, with
+        /// the topology's WAN latency between regions (in network namespaces when run as root).
+        #[arg(long, conflicts_with_all = ["nodes", "base_port"])]
+        topology: Option<PathBuf>,
     },
     /// Development certificates: a cluster CA and member certificates signed by it.
     Certs {
@@ -183,9 +187,13 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Dev { dir, nodes, base_port } => {
+        Command::Dev { dir, nodes, base_port, topology } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-            match rt.block_on(crate::dev::run(&dir, nodes as usize, base_port)) {
+            let outcome = match topology {
+                Some(t) => rt.block_on(crate::dev::run_topology(&dir, &t)),
+                None => rt.block_on(crate::dev::run(&dir, nodes as usize, base_port)),
+            };
+            match outcome {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("lockctl: {e}");
@@ -225,6 +233,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            crate::roles::no_transparent_huge_pages();
             // One thread for the async side: Raft, gRPC and apply hand work to each other many
             // times per request, and on a single thread those hand-offs are cheap. Fsyncs run on
             // the log flusher's own thread and RocksDB keeps its background threads. Measured in

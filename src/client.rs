@@ -23,7 +23,8 @@ pub enum ClientError {
     NoSuchMember { name: String, known: String },
 }
 
-async fn connect(endpoints: &str) -> Result<Channel, ClientError> {
+/// A channel to the first of `endpoints` that answers.
+pub(crate) async fn connect(endpoints: &str) -> Result<Channel, ClientError> {
     for ep in endpoints.split(',').filter(|e| !e.is_empty()) {
         let url = if ep.contains("://") { ep.to_string() } else { format!("http://{ep}") };
         let Ok(endpoint) = Channel::from_shared(url) else { continue };
@@ -186,16 +187,21 @@ pub enum MemberCommand {
 pub async fn member(endpoints: &str, cmd: MemberCommand) -> Result<u8, ClientError> {
     let ch = connect(endpoints).await?;
     let mut cluster = pb::cluster_client::ClusterClient::new(ch.clone());
+    // etcdctl's columns, then the role, the region and the lag behind the leader.
     let list = |members: &[pb::Member]| {
         for m in members {
             println!(
-                "{:x}, {}, {}, {}, {}, {}",
+                "{:x}, {}, {}, {}, {}, {}, {}, {}, lag {} entries {} ms",
                 m.id,
                 if m.client_ur_ls.is_empty() { "unstarted" } else { "started" },
                 m.name,
                 m.peer_ur_ls.join(","),
                 m.client_ur_ls.join(","),
-                m.is_learner
+                m.is_learner,
+                m.geolock_role,
+                if m.geolock_region.is_empty() { "-" } else { &m.geolock_region },
+                m.geolock_lag_entries,
+                m.geolock_lag_ms
             );
         }
     };

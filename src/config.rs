@@ -31,6 +31,16 @@ pub enum Role {
     Learner,
 }
 
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Voter => "voter",
+            Role::Witness => "witness",
+            Role::Learner => "learner",
+        })
+    }
+}
+
 /// `cluster:` section of the file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

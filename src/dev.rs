@@ -1,6 +1,7 @@
 //! `lockctl dev`: a local cluster of voters on loopback, with generated certificates, for
 //! trying geolock out and for development. Each member is a child `lockctl start` process
-//! logging to `<dir>/<name>.log`; they stop when `lockctl dev` is interrupted.
+//! logging to `<dir>/<name>.log`; they stop when `lockctl dev` is interrupted. With
+//! `--topology`, every node of a multi-region topology instead (see [`crate::geo`]).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -9,6 +10,10 @@ use std::time::Duration;
 /// Why the dev cluster could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
+    #[error(transparent)]
+    Geo(#[from] crate::geo::GeoError),
+    #[error(transparent)]
+    Topology(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Certs(#[from] crate::certs::CertError),
     #[error("dev cluster: {0}")]
@@ -92,6 +97,31 @@ pub async fn run(dir: &Path, nodes: usize, base_port: u16) -> Result<(), DevErro
         }
     }
     outcome
+}
+
+/// Run every node of the topology in `file` with data under `dir` until SIGINT or SIGTERM.
+pub async fn run_topology(dir: &Path, file: &Path) -> Result<(), DevError> {
+    let topology = crate::topology::Topology::load(file)?;
+    let opts = crate::geo::GeoOptions::new(std::env::current_exe()?, dir.to_path_buf());
+    println!(
+        "starting {} ({} nodes in {} regions, {}) ...",
+        topology.name,
+        topology.nodes.len(),
+        topology.regions.len(),
+        if opts.namespaces { "a network namespace per region" } else { "loopback addresses per region" }
+    );
+    let cluster = crate::geo::GeoCluster::start(topology, opts).await?;
+    for n in &cluster.nodes {
+        println!("{:<18} {:<8} {:<8} client {}  log {}", n.name, n.region, n.role, n.endpoint(), n.log.display());
+    }
+    let t = &cluster.topology;
+    for l in &t.latency_ms.between {
+        println!("{} <-> {}: {} ms round trip", l.a, l.b, l.one_way * 2.0);
+    }
+    println!("voters: {}", cluster.voter_endpoints());
+    println!("try: ETCDCTL_API=3 etcdctl --endpoints={} put hello world", cluster.voter_endpoints());
+    crate::roles::until_signal().await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! 3. [`kv`], [`lease`], [`watch`], [`lock`], [`machine`]: pure and deterministic
 //! 4. [`raft`] (the only importer of openraft)
 //! 5. [`api`] (tonic services and the error table), [`roles`] (wiring per role), [`dev`] (a local cluster),
-//!    [`client`] and [`cli`]
+//!    [`geo`] (a local multi-region topology), [`client`] and [`cli`]
 
 pub mod api;
 pub mod certs;
@@ -16,6 +16,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod geo;
 pub mod kv;
 pub mod lease;
 pub mod limits;

@@ -78,6 +78,11 @@ pub const LEARNER_IN_SYNC_PERCENT: u64 = 90;
 /// promoting it (it stays a learner; `lockctl member promote` can finish the job).
 pub const LEARNER_CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Bytes a peer may have in flight to this node on one QUIC connection, and on one stream: with
+/// many peers and large entries, what an unbounded window would let them buffer here.
+pub const PEER_RECEIVE_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+pub const PEER_STREAM_RECEIVE_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+
 /// Largest datagram the WAN relay carries (the largest UDP payload).
 pub const RELAY_DATAGRAM_BYTES_MAX: usize = 65_535;
 
@@ -96,6 +101,32 @@ pub const MEMBERS_MAX: usize = 16;
 /// Largest configuration file read at start-up.
 pub const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
 
+/// A witness's RocksDB memtable, in bytes: its log is purged within seconds, so a small
+/// memtable bounds its memory and its WAL, whatever the size of the key space.
+pub const WITNESS_WRITE_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// A witness's WAL files together, in bytes: past this RocksDB flushes the memtable and drops
+/// the WAL behind it.
+pub const WITNESS_WAL_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+/// A witness's block cache, shared by its column families: it reads its log tail back only to
+/// lead, which it does only to hand over.
+pub const WITNESS_BLOCK_CACHE_BYTES: usize = 1024 * 1024;
+
+/// How often the leader tells witnesses how far every data-bearing voter has confirmed the log.
+pub const WITNESS_PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Entries a witness may keep before the leader raises an alarm (a data voter is not
+/// confirming, so the witness cannot purge).
+pub const WITNESS_LOG_ENTRIES_ALARM: u64 = 100_000;
+
+/// Election timeouts without a leader before a witness considers leading to hand over.
+pub const WITNESS_TAKEOVER_ELECTION_TIMEOUTS: u32 = 3;
+
+/// Samples of when the leader's log reached an index, kept to tell a member's lag in time; at
+/// one sample per leadership tick (50 ms) this covers minutes of continuous writes.
+pub const LAG_SAMPLES_MAX: usize = 8_192;
+
 const _: () = assert!(KEY_BYTES_MAX < REQUEST_BYTES_MAX);
 const _: () = assert!(VALUE_BYTES_MAX <= REQUEST_BYTES_MAX);
 const _: () = assert!(GRPC_MESSAGE_BYTES_MAX > REQUEST_BYTES_MAX);
@@ -105,3 +136,5 @@ const _: () = assert!(LEASE_EXPIRIES_PER_PROPOSAL_MAX <= LEASES_MAX);
 const _: () = assert!(PEER_MESSAGE_BYTES_MAX > 2 * GRPC_MESSAGE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX / 2);
 const _: () = assert!(LEARNER_IN_SYNC_PERCENT <= 100);
+const _: () = assert!(PEER_STREAM_RECEIVE_WINDOW_BYTES as usize > GRPC_MESSAGE_BYTES_MAX);
+const _: () = assert!(PEER_RECEIVE_WINDOW_BYTES >= PEER_STREAM_RECEIVE_WINDOW_BYTES);

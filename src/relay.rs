@@ -90,7 +90,7 @@ async fn run(front: Arc<UdpSocket>, upstream: SocketAddr, delay_for: DelayFor) {
             if flows.len() >= RELAY_FLOWS_MAX {
                 flows.clear();
             }
-            let Ok(flow) = open_flow(front.clone(), from, upstream, delay).await else { continue };
+            let Ok(flow) = open_flow(front.clone(), from, upstream, delay, delay_for.clone()).await else { continue };
             flows.insert(from, flow);
         }
         if let Some(flow) = flows.get(&from) {
@@ -99,15 +99,24 @@ async fn run(front: Arc<UdpSocket>, upstream: SocketAddr, delay_for: DelayFor) {
     }
 }
 
-async fn open_flow(front: Arc<UdpSocket>, from: SocketAddr, upstream: SocketAddr, delay: Duration) -> std::io::Result<Flow> {
-    let local = SocketAddr::new(upstream.ip(), 0);
+async fn open_flow(
+    front: Arc<UdpSocket>,
+    from: SocketAddr,
+    upstream: SocketAddr,
+    delay: Duration,
+    delay_for: DelayFor,
+) -> std::io::Result<Flow> {
+    // From the relay's own address: the upstream may live in another network namespace, where
+    // only the relay's side of the link routes back here.
+    let local = SocketAddr::new(front.local_addr()?.ip(), 0);
     let socket = Arc::new(UdpSocket::bind(local).await?);
     let (to_upstream, send_up) = Delayed::new(socket.clone(), upstream);
     let (to_sender, send_back) = Delayed::new(front, from);
     let receive_replies = tokio::spawn(async move {
         let mut buf = vec![0u8; RELAY_DATAGRAM_BYTES_MAX];
         while let Ok((len, src)) = socket.recv_from(&mut buf).await {
-            if src == upstream {
+            // A cut (partitioned) sender gets nothing back either.
+            if src == upstream && delay_for(from).is_some() {
                 to_sender.push(Instant::now() + delay, buf[..len].to_vec());
             }
         }

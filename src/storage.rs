@@ -118,6 +118,15 @@ pub trait Engine: Send + Sync + 'static {
     fn size_bytes(&self) -> u64;
 }
 
+/// How much a member keeps, which sizes its engine's buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Footprint {
+    /// The key space and the log (voters and learners).
+    Data,
+    /// The tail of the log only (a witness): small buffers, so memory and disk stay bounded.
+    LogTail,
+}
+
 /// The RocksDB engine.
 pub struct RocksEngine {
     db: rocksdb::DB,
@@ -126,7 +135,17 @@ pub struct RocksEngine {
 impl RocksEngine {
     /// Open (creating if needed) the database at `path` with every column family.
     pub fn open(path: &Path) -> Result<Arc<Self>> {
+        Self::open_sized(path, Footprint::Data)
+    }
+
+    /// Open the database at `path`, sized for what the member keeps.
+    pub fn open_sized(path: &Path, footprint: Footprint) -> Result<Arc<Self>> {
         let mut opts = rocksdb::Options::default();
+        let witness_cache = (footprint == Footprint::LogTail).then(|| {
+            opts.set_max_total_wal_size(crate::limits::WITNESS_WAL_BYTES_MAX);
+            opts.set_db_write_buffer_size(crate::limits::WITNESS_WRITE_BUFFER_BYTES * 2);
+            rocksdb::Cache::new_lru_cache(crate::limits::WITNESS_BLOCK_CACHE_BYTES)
+        });
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         // Writes stay in RocksDB's WAL buffer until `sync_wal` (the log's group-commit flusher)
@@ -137,6 +156,13 @@ impl RocksEngine {
         let cfs = Cf::ALL.iter().map(|cf| {
             let mut o = rocksdb::Options::default();
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            if let Some(cache) = &witness_cache {
+                o.set_write_buffer_size(crate::limits::WITNESS_WRITE_BUFFER_BYTES);
+                o.set_max_write_buffer_number(2);
+                let mut table = rocksdb::BlockBasedOptions::default();
+                table.set_block_cache(cache);
+                o.set_block_based_table_factory(&table);
+            }
             rocksdb::ColumnFamilyDescriptor::new(cf.name(), o)
         });
         let db = rocksdb::DB::open_cf_descriptors(&opts, path, cfs)?;

@@ -17,7 +17,20 @@ pub struct Topology {
     pub name: String,
     pub regions: Vec<Region>,
     pub latency_ms: Latency,
+    /// Raft timing for these latencies; the node defaults where absent.
+    #[serde(default)]
+    pub raft: RaftTiming,
     pub nodes: Vec<TopologyNode>,
+}
+
+/// Raft timing a topology needs: over a WAN the heartbeat interval must exceed the longest round
+/// trip between members (a heartbeat is given one interval to be answered), as etcd's tuning
+/// guide also says.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RaftTiming {
+    pub heartbeat_interval_ms: Option<u64>,
+    pub election_timeout_ms: Option<u64>,
 }
 
 /// A region.
@@ -105,6 +118,15 @@ impl Topology {
                 }
             }
         }
+        if let Some(hb) = self.raft.heartbeat_interval_ms {
+            let rtt = self.longest_round_trip();
+            if Duration::from_millis(hb) <= rtt {
+                return bad(format!(
+                    "raft.heartbeat_interval_ms {hb} does not exceed the longest round trip, {} ms: heartbeats would time out",
+                    rtt.as_millis()
+                ));
+            }
+        }
         let mut names = BTreeSet::new();
         let mut addrs = BTreeSet::new();
         for n in &self.nodes {
@@ -135,6 +157,17 @@ impl Topology {
                 .map_or(0.0, |l| l.one_way)
         };
         Duration::from_secs_f64(ms / 1000.0)
+    }
+
+    /// The longest round trip between two regions that hold members.
+    pub fn longest_round_trip(&self) -> Duration {
+        let mut longest = Duration::ZERO;
+        for a in &self.nodes {
+            for b in &self.nodes {
+                longest = longest.max(self.one_way(&a.region, &b.region) * 2);
+            }
+        }
+        longest
     }
 
     /// Members that vote (voters and witnesses), per region.

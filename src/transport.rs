@@ -71,6 +71,8 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(1)));
     t.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("idle timeout fits")));
+    t.receive_window(crate::limits::PEER_RECEIVE_WINDOW_BYTES.into());
+    t.stream_receive_window(crate::limits::PEER_STREAM_RECEIVE_WINDOW_BYTES.into());
     Arc::new(t)
 }
 

@@ -21,6 +21,7 @@ use crate::kv::KvError;
 use crate::lease::Lessor;
 use crate::limits::{GRPC_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX};
 use crate::machine::{Command, Response as Done};
+use crate::config::Role;
 use crate::raft::{Member, MemberChange, Node, NodeError};
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -47,14 +48,22 @@ pub async fn serve(
             $s.max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX).max_encoding_message_size(usize::MAX)
         };
     }
+    // A witness holds no key space: it answers status and membership, and refuses the rest
+    // with an error that says so, before any handler runs.
+    let role = api.node.role();
+    let serves = move |req: Request<()>| match role {
+        Role::Witness => Err(Status::from(ApiError::Node(NodeError::Role { role, what: "key-space requests (KV, Lease, Watch, Lock, Election)" }))),
+        Role::Voter | Role::Learner => Ok(req),
+    };
+    use tonic::service::interceptor::InterceptedService as Guarded;
     tonic::transport::Server::builder()
-        .add_service(sized!(KvServer::new(api.clone())))
-        .add_service(sized!(LeaseServer::new(api.clone())))
-        .add_service(sized!(WatchServer::new(api.clone())))
+        .add_service(Guarded::new(sized!(KvServer::new(api.clone())), serves))
+        .add_service(Guarded::new(sized!(LeaseServer::new(api.clone())), serves))
+        .add_service(Guarded::new(sized!(WatchServer::new(api.clone())), serves))
         .add_service(sized!(MaintenanceServer::new(api.clone())))
         .add_service(sized!(ClusterServer::new(api.clone())))
-        .add_service(sized!(proto::v3lockpb::lock_server::LockServer::new(api.clone())))
-        .add_service(sized!(proto::v3electionpb::election_server::ElectionServer::new(api.clone())))
+        .add_service(Guarded::new(sized!(proto::v3lockpb::lock_server::LockServer::new(api.clone())), serves))
+        .add_service(Guarded::new(sized!(proto::v3electionpb::election_server::ElectionServer::new(api.clone())), serves))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
 }
@@ -299,6 +308,9 @@ impl pb::maintenance_server::Maintenance for Api {
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let s = self.node.status();
+        let me = self.node.header().member_id;
+        let lag = self.node.lags().await.get(&me).copied().unwrap_or_default();
+        let region = self.node.members().into_iter().find(|m| m.id == me).map(|m| m.region).unwrap_or_default();
         Ok(Response::new(pb::StatusResponse {
             header: Some(self.header(s.revision)),
             version: API_VERSION.to_string(),
@@ -310,6 +322,10 @@ impl pb::maintenance_server::Maintenance for Api {
             errors: vec![],
             db_size_in_use: s.db_size_bytes as i64,
             is_learner: s.is_learner,
+            geolock_role: shown_role(s.role, s.is_learner).to_string(),
+            geolock_region: region,
+            geolock_lag_entries: lag.entries,
+            geolock_lag_ms: lag.ms,
         }))
     }
 
@@ -357,17 +373,34 @@ impl pb::maintenance_server::Maintenance for Api {
 /// name field; `lockctl member add` sets it, and a member ID is derived from its name).
 pub const MEMBER_NAME_HEADER: &str = "geolock-member-name";
 
+/// The role a member plays now: a voter started as a learner and since promoted votes.
+fn shown_role(started_as: Role, is_learner: bool) -> Role {
+    match started_as {
+        Role::Witness => Role::Witness,
+        Role::Voter | Role::Learner if is_learner => Role::Learner,
+        Role::Voter | Role::Learner => Role::Voter,
+    }
+}
+
 impl Api {
-    fn members(&self) -> Vec<pb::Member> {
+    async fn members(&self) -> Vec<pb::Member> {
+        let lags = self.node.lags().await;
         self.node
             .members()
             .into_iter()
-            .map(|m| pb::Member {
-                id: m.id,
-                name: m.name,
-                peer_ur_ls: m.peer_urls,
-                client_ur_ls: m.client_urls,
-                is_learner: m.is_learner,
+            .map(|m| {
+                let lag = lags.get(&m.id).copied().unwrap_or_default();
+                pb::Member {
+                    id: m.id,
+                    name: m.name,
+                    peer_ur_ls: m.peer_urls,
+                    client_ur_ls: m.client_urls,
+                    is_learner: m.is_learner,
+                    geolock_role: shown_role(m.role, m.is_learner).to_string(),
+                    geolock_region: m.region,
+                    geolock_lag_entries: lag.entries,
+                    geolock_lag_ms: lag.ms,
+                }
             })
             .collect()
     }
@@ -403,11 +436,18 @@ impl pb::cluster_server::Cluster for Api {
         let id = crate::raft::member_id(&name);
         let member = Member { name: name.clone(), peer_addr, peer_urls: req.peer_ur_ls.clone(), ..Default::default() };
         self.change(MemberChange::Add { id, member, learner: req.is_learner }).await?;
-        let added = pb::Member { id, name, peer_ur_ls: req.peer_ur_ls, client_ur_ls: vec![], is_learner: true };
+        let added = pb::Member {
+            id,
+            name,
+            peer_ur_ls: req.peer_ur_ls,
+            is_learner: true,
+            geolock_role: Role::Learner.to_string(),
+            ..Default::default()
+        };
         Ok(Response::new(pb::MemberAddResponse {
             header: Some(self.header(self.node.current_rev())),
             member: Some(added),
-            members: self.members(),
+            members: self.members().await,
         }))
     }
 
@@ -418,7 +458,7 @@ impl pb::cluster_server::Cluster for Api {
         self.change(MemberChange::Remove { id: r.into_inner().id }).await?;
         Ok(Response::new(pb::MemberRemoveResponse {
             header: Some(self.header(self.node.current_rev())),
-            members: self.members(),
+            members: self.members().await,
         }))
     }
 
@@ -431,7 +471,7 @@ impl pb::cluster_server::Cluster for Api {
         self.change(MemberChange::Update { id: req.id, peer_urls: req.peer_ur_ls, peer_addr }).await?;
         Ok(Response::new(pb::MemberUpdateResponse {
             header: Some(self.header(self.node.current_rev())),
-            members: self.members(),
+            members: self.members().await,
         }))
     }
 
@@ -441,7 +481,7 @@ impl pb::cluster_server::Cluster for Api {
     ) -> Result<Response<pb::MemberListResponse>, Status> {
         Ok(Response::new(pb::MemberListResponse {
             header: Some(self.header(self.node.current_rev())),
-            members: self.members(),
+            members: self.members().await,
         }))
     }
 
@@ -452,7 +492,7 @@ impl pb::cluster_server::Cluster for Api {
         self.change(MemberChange::Promote { id: r.into_inner().id }).await?;
         Ok(Response::new(pb::MemberPromoteResponse {
             header: Some(self.header(self.node.current_rev())),
-            members: self.members(),
+            members: self.members().await,
         }))
     }
 }

@@ -174,7 +174,7 @@ impl Node {
                 ChangeMembers::SetNodes(BTreeMap::from([(id, member)]))
             }
             MemberChange::MoveLeader { to } => {
-                if !voters.contains(&to) {
+                if !voters.contains(&to) || nodes.get(&to).is_some_and(|n| n.role == crate::config::Role::Witness) {
                     return Err(MemberError::BadTransferee.into());
                 }
                 if to != self.id {

@@ -2,10 +2,12 @@
 //! adapter, and [`Node`], the handle the client API drives. The only module that imports
 //! openraft, so a version bump touches nothing else.
 
+mod lag;
 mod log_store;
 mod membership;
 mod network;
 mod state_machine;
+mod witness;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -18,6 +20,7 @@ use openraft::{Config as RaftConfig, ReadPolicy, ServerState, SnapshotPolicy, St
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 
+pub use lag::{Lag, LagClock};
 pub use log_store::LogStore;
 pub use membership::{MemberChange, MemberError};
 pub use state_machine::{LockWake, Shared, SmState, StateMachine};
@@ -28,7 +31,7 @@ use network::{Kind, Peers, RemoteError, SnapshotInbox};
 use crate::lease::{LeaseError, TtlBounds};
 use crate::limits::{LEASE_EXPIRIES_PER_PROPOSAL_MAX, PROPOSALS_IN_FLIGHT_MAX};
 use crate::machine::{ApplyError, Applied, Command, Machine};
-use crate::storage::{Engine, RocksEngine};
+use crate::storage::{Engine, Footprint, RocksEngine};
 use crate::watch::{Reply, StreamId, WatchSpec};
 
 /// A member as Raft carries it in the membership: enough to reach it and show it.
@@ -99,7 +102,7 @@ pub enum NodeError {
     Timeout,
     #[error("etcdserver: too many requests (proposals_in_flight_max {max})")]
     TooManyProposals { max: usize },
-    #[error("geolock: a {role:?} node does not serve {what}")]
+    #[error("geolock: this member is a {role}: it holds no key space and does not serve {what}; use a voter or learner endpoint")]
     Role { role: Role, what: &'static str },
     #[error("etcdserver: leader unreachable: {0}")]
     Peer(String),
@@ -129,6 +132,7 @@ pub struct NodeStatus {
     pub raft_term: u64,
     pub applied_index: u64,
     pub is_learner: bool,
+    pub role: Role,
 }
 
 /// A member as Cluster.MemberList shows it.
@@ -159,6 +163,12 @@ pub struct Node {
     raft: Raft,
     shared: Arc<Shared>,
     id: u64,
+    /// The role this member was started in (DESIGN.md "Roles").
+    role: Role,
+    /// While leading: when the log reached which index, for members' lag in time.
+    lag: std::sync::Mutex<LagClock>,
+    /// When ([`now_ms`]) a leader's AppendEntries or heartbeat last arrived.
+    leader_contact_ms: std::sync::atomic::AtomicU64,
     cluster_id: u64,
     ttl_bounds: TtlBounds,
     election_timeout: Duration,
@@ -201,9 +211,12 @@ impl Node {
     pub async fn start(cfg: &Config) -> Result<Arc<Node>, NodeError> {
         let dir = cfg.data_dir();
         std::fs::create_dir_all(&dir).map_err(|e| NodeError::Storage(format!("{}: {e}", dir.display())))?;
+        let witness = cfg.role == Role::Witness;
+        let footprint = if witness { Footprint::LogTail } else { Footprint::Data };
         let engine: Arc<dyn Engine> =
-            RocksEngine::open(&dir.join("db")).map_err(|e| NodeError::Storage(e.to_string()))?;
-        let shared = Shared::open(engine.clone(), dir.join("snapshots")).map_err(|e| NodeError::Storage(e.to_string()))?;
+            RocksEngine::open_sized(&dir.join("db"), footprint).map_err(|e| NodeError::Storage(e.to_string()))?;
+        let shared =
+            Shared::open(engine.clone(), dir.join("snapshots"), witness).map_err(|e| NodeError::Storage(e.to_string()))?;
         let id = member_id(&cfg.name);
         let members = cfg.initial_members().map_err(|e| NodeError::Internal(e.to_string()))?;
         // From the cluster's name alone, so that a member added later computes the same ID.
@@ -215,7 +228,7 @@ impl Node {
         // quartering etcd's setting keeps that whole wait within one election timeout, where
         // etcd waits between one and two.
         let (et_max_ms, et_min_ms) = (et_ms / 2, (et_ms / 4).max(hb_ms * 2).min(et_ms / 2 - 1));
-        let raft_cfg = RaftConfig {
+        let mut raft_cfg = RaftConfig {
             cluster_name: cfg.cluster.name.clone(),
             heartbeat_interval: cfg.raft.heartbeat_interval.as_millis() as u64,
             election_timeout_min: et_min_ms,
@@ -232,9 +245,15 @@ impl Node {
             enable_leader_restore: Some(false),
             install_snapshot_timeout: 60_000,
             ..Default::default()
+        };
+        if witness {
+            // It never campaigns on its own timeout (its supervisor decides), never snapshots on
+            // its own, and purges only up to what the leader says every data voter holds.
+            raft_cfg.enable_elect = false;
+            raft_cfg.snapshot_policy = SnapshotPolicy::Never;
+            raft_cfg.max_in_snapshot_log_to_keep = u64::MAX;
         }
-        .validate()
-        .map_err(|e| NodeError::Internal(format!("raft config: {e}")))?;
+        let raft_cfg = raft_cfg.validate().map_err(|e| NodeError::Internal(format!("raft config: {e}")))?;
         let tls = cfg.peer_tls().map_err(|e| NodeError::Internal(e.to_string()))?;
         if members.len() > 1 && tls.is_none() {
             return Err(NodeError::Internal(format!(
@@ -265,7 +284,7 @@ impl Node {
         let raft = Raft::new(
             id,
             Arc::new(raft_cfg),
-            network::Network { peers: peers.clone() },
+            network::Network { peers: peers.clone(), role: cfg.role },
             LogStore::new(engine),
             StateMachine { shared: shared.clone() },
         )
@@ -300,6 +319,9 @@ impl Node {
             raft,
             shared,
             id,
+            role: cfg.role,
+            lag: std::sync::Mutex::new(LagClock::default()),
+            leader_contact_ms: std::sync::atomic::AtomicU64::new(0),
             cluster_id,
             ttl_bounds: cfg.ttl_bounds(),
             election_timeout: cfg.raft.election_timeout,
@@ -316,6 +338,10 @@ impl Node {
             tokio::spawn(serve_peers(Arc::downgrade(&node), t, founders));
         }
         tokio::spawn(leadership_loop(Arc::downgrade(&node)));
+        tokio::spawn(witness::tell_witnesses(Arc::downgrade(&node)));
+        if witness {
+            tokio::spawn(witness::supervise(Arc::downgrade(&node), cfg.raft.election_timeout));
+        }
         tokio::spawn(snapshot_loop(Arc::downgrade(&node)));
         let me = Member {
             name: cfg.name.clone(),
@@ -349,7 +375,9 @@ impl Node {
             if m.state != ServerState::Leader {
                 return;
             }
-            let voters: Vec<u64> = m.membership_config.membership().voter_ids().filter(|v| *v != self.id).collect();
+            let membership = m.membership_config.membership();
+            let holds_data = |v: &u64| membership.get_node(v).is_none_or(|n| n.role != Role::Witness);
+            let voters: Vec<u64> = membership.voter_ids().filter(|v| *v != self.id).filter(holds_data).collect();
             let replication = m.replication.clone().unwrap_or_default();
             voters.into_iter().max_by_key(|v| replication.get(v).cloned().flatten().map(|l| l.index))
         };
@@ -442,18 +470,39 @@ impl Node {
     fn leader(&self) -> Result<Option<(u64, Member)>, NodeError> {
         let m = self.raft.metrics();
         let m = m.borrow_watched();
-        match m.current_leader {
+        match self.live_leader(&m) {
             None => Err(NodeError::NoLeader),
-            Some(l) if l == self.id && m.state == ServerState::Leader => Ok(None),
+            Some(l) if l == self.id => Ok(None),
             Some(l) => match m.membership_config.membership().get_node(&l) {
-                Some(member) if l != self.id => Ok(Some((l, member.clone()))),
-                _ => Err(NodeError::NoLeader),
+                Some(member) => Ok(Some((l, member.clone()))),
+                None => Err(NodeError::NoLeader),
             },
         }
     }
 
+    /// The leader as this member knows it now: itself if it leads, another member only if that
+    /// one's AppendEntries or heartbeats arrived within an election timeout. openraft keeps a
+    /// dead leader as the current one until a new one is elected (which may take a witness's
+    /// help); etcd's members, like this, report no leader once they stop hearing from it.
+    fn live_leader(&self, m: &openraft::RaftMetrics<TypeConfig>) -> Option<u64> {
+        match m.current_leader {
+            Some(l) if l == self.id => (m.state == ServerState::Leader).then_some(l),
+            Some(l) => {
+                let heard = self.leader_contact_ms.load(std::sync::atomic::Ordering::Relaxed);
+                (now_ms().saturating_sub(heard) <= self.election_timeout.as_millis() as u64).then_some(l)
+            }
+            None => None,
+        }
+    }
+
+    /// Note that the leader was just heard from.
+    fn leader_heard(&self) {
+        self.leader_contact_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Propose on this node, which must lead. Returns the result and the entry's log index.
     async fn propose_here(&self, cmd: Command) -> Result<(Applied, u64), NodeError> {
+        self.serves_clients_as_leader()?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd)).await {
             Err(_) => Err(NodeError::Timeout),
             Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
@@ -500,6 +549,7 @@ impl Node {
 
     /// The read index on this node, which must lead; waits until it is applied here.
     async fn read_index_here(&self) -> Result<u64, NodeError> {
+        self.serves_clients_as_leader()?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
             Err(_) => Err(NodeError::Timeout),
             Ok(Ok(read)) => Ok(read.index()),
@@ -510,6 +560,61 @@ impl Node {
             Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)))) => Err(NodeError::NoLeader),
             Ok(Err(RaftError::Fatal(_))) => Err(NodeError::Stopped),
         }
+    }
+
+    /// A witness that leads does so only to hand over: it answers no client request, and the
+    /// member that forwarded one tries again once a data voter leads.
+    fn serves_clients_as_leader(&self) -> Result<(), NodeError> {
+        match self.role {
+            Role::Witness => Err(NodeError::NotLeader { leader: None }),
+            Role::Voter | Role::Learner => Ok(()),
+        }
+    }
+
+    /// The role this member was started in.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The membership's record of member `id`.
+    fn member_record(&self, id: u64) -> Option<Member> {
+        self.raft.metrics().borrow_watched().membership_config.membership().get_node(&id).cloned()
+    }
+
+    /// Every member's replication lag: computed here on the leader, asked of it elsewhere
+    /// (empty when it cannot be reached).
+    pub async fn lags(&self) -> BTreeMap<u64, Lag> {
+        match self.leader() {
+            Ok(None) => self.lags_here(),
+            Ok(Some((leader, member))) => {
+                let call = self.peers.call::<_, BTreeMap<u64, Lag>>(leader, &member, Kind::Lag, &());
+                match tokio::time::timeout(self.election_timeout, call).await {
+                    Ok(Ok(lags)) => lags,
+                    _ => BTreeMap::new(),
+                }
+            }
+            Err(_) => BTreeMap::new(),
+        }
+    }
+
+    fn lags_here(&self) -> BTreeMap<u64, Lag> {
+        if !self.is_leader() {
+            return BTreeMap::new();
+        }
+        let (replication, last) = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            (m.replication.clone().unwrap_or_default(), m.last_log_index.unwrap_or(0))
+        };
+        let clock = self.lag.lock().unwrap();
+        let now = now_ms();
+        replication
+            .into_iter()
+            .map(|(id, matched)| {
+                let lag = if id == self.id { Lag::default() } else { clock.lag(matched.map_or(0, |l| l.index), last, now) };
+                (id, lag)
+            })
+            .collect()
     }
 
     fn is_leader(&self) -> bool {
@@ -530,6 +635,7 @@ impl Node {
     }
 
     fn lease_keep_alive_here(&self, id: i64) -> Result<i64, NodeError> {
+        self.serves_clients_as_leader()?;
         if !self.is_leader() {
             return Err(self.not_leader());
         }
@@ -567,6 +673,7 @@ impl Node {
     }
 
     fn lease_time_to_live_here(&self, id: i64, keys: bool) -> Result<LeaseInfo, NodeError> {
+        self.serves_clients_as_leader()?;
         if !self.is_leader() {
             return Err(self.not_leader());
         }
@@ -585,7 +692,7 @@ impl Node {
     }
 
     fn not_leader(&self) -> NodeError {
-        match self.raft.metrics().borrow_watched().current_leader {
+        match self.live_leader(&self.raft.metrics().borrow_watched()) {
             Some(l) => NodeError::NotLeader { leader: Some(l) },
             None => NodeError::NoLeader,
         }
@@ -602,11 +709,12 @@ impl Node {
         NodeStatus {
             revision,
             db_size_bytes: self.shared.db_size_bytes(),
-            leader: m.current_leader.unwrap_or(0),
+            leader: self.live_leader(&m).unwrap_or(0),
             raft_index: m.last_log_index.unwrap_or(0),
             raft_term: m.current_term,
             applied_index: applied,
             is_learner: m.state == ServerState::Learner,
+            role: self.role,
         }
     }
 
@@ -773,10 +881,13 @@ impl Node {
         mut replies: crate::transport::FrameWriter,
     ) {
         use futures::StreamExt;
-        let requests = futures::stream::unfold(frames, |mut frames| async move {
+        let requests = futures::stream::unfold((frames, self.clone()), |(mut frames, me)| async move {
             match frames.read(crate::limits::PEER_MESSAGE_BYTES_MAX).await {
                 Ok(Some(bytes)) => match network::decode::<openraft::raft::AppendEntriesRequest<TypeConfig>>(&bytes) {
-                    Ok(req) => Some((req, frames)),
+                    Ok(req) => {
+                        me.leader_heard();
+                        Some((req, (frames, me)))
+                    }
                     Err(e) => {
                         tracing::warn!("replication stream: {e}");
                         None
@@ -813,7 +924,10 @@ impl Node {
             }
         }
         Ok(match kind {
-            Kind::AppendEntries => encode(&self.raft.append_entries(decode(body)?).await),
+            Kind::AppendEntries => {
+                self.leader_heard();
+                encode(&self.raft.append_entries(decode(body)?).await)
+            }
             Kind::StreamAppend => return Err(crate::transport::TransportError::Stream("a replication stream sent as one request".into())),
             Kind::Vote => encode(&self.raft.vote(decode(body)?).await),
             Kind::PreVote => encode(&self.raft.pre_vote(decode(body)?).await),
@@ -821,6 +935,12 @@ impl Node {
                 let chunk: network::SnapshotChunk = decode(body)?;
                 match self.snapshot_inbox.take(&chunk)? {
                     None => encode(&Ok::<_, openraft::errors::Fatal<TypeConfig>>(None::<openraft::raft::SnapshotResponse<TypeConfig>>)),
+                    Some(snapshot) if snapshot.is_empty() && self.role != Role::Witness => {
+                        tracing::warn!("refused a snapshot without data (a witness's): installing it would erase the key space");
+                        return Err(crate::transport::TransportError::Stream(
+                            "refused: a snapshot without data (a witness's) would erase this member's key space".into(),
+                        ));
+                    }
                     Some(snapshot) => {
                         let meta = chunk.meta;
                         tracing::info!("installing a snapshot of {} bytes up to {:?}", snapshot.len(), meta.last_log_id);
@@ -833,6 +953,9 @@ impl Node {
             Kind::TransferLeader => encode(&self.raft.handle_transfer_leader(decode(body)?).await),
             Kind::ForwardWrite => encode(&self.propose_here(decode(body)?).await.map_err(remote)),
             Kind::ReadIndex => encode(&self.read_index_here().await.map_err(remote)),
+            Kind::WitnessPurge => encode(&self.witness_purge(decode(body)?).await.map_err(remote)),
+            Kind::LogState => encode(&self.last_log_id()),
+            Kind::Lag => encode(&self.lags_here()),
             Kind::LeaseKeepAlive => encode(&lease(self.lease_keep_alive_here(decode(body)?))),
             Kind::LeaseTimeToLive => {
                 let (id, keys): (i64, bool) = decode(body)?;
@@ -869,6 +992,7 @@ async fn leadership_loop(node: std::sync::Weak<Node>) {
         let now_leader = node.is_leader();
         if now_leader != leading {
             leading = now_leader;
+            node.lag.lock().unwrap().clear();
             let mut st = node.shared.lock();
             if leading {
                 st.machine.leases.promote(now_ms(), node.election_timeout.as_millis() as u64);
@@ -879,6 +1003,8 @@ async fn leadership_loop(node: std::sync::Weak<Node>) {
         if !leading {
             continue;
         }
+        let last = node.raft.metrics().borrow_watched().last_log_index.unwrap_or(0);
+        node.lag.lock().unwrap().record(last, now_ms());
         let expired = node.shared.lock().machine.leases.take_expired(
             now_ms(),
             node.election_timeout.as_millis() as u64,
@@ -936,7 +1062,7 @@ mod tests {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
             let dir = tempfile::tempdir().expect("temp dir");
             let engine: Arc<dyn Engine> = RocksEngine::open(&dir.path().join("db")).expect("open rocksdb");
-            let shared = Shared::open(engine.clone(), dir.path().join("snapshots")).expect("open state machine");
+            let shared = Shared::open(engine.clone(), dir.path().join("snapshots"), false).expect("open state machine");
             Ok((dir, LogStore::new(engine), StateMachine { shared }))
         }
     }

@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{Member, TypeConfig};
+use crate::config::Role;
 use crate::limits::{PEER_MESSAGE_BYTES_MAX, PEER_SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES};
 use crate::transport::{self, Connection, Transport, TransportError};
 
@@ -47,6 +48,12 @@ pub enum Kind {
     /// A stream of AppendEntries, pipelined: the leader sends the next batch without waiting
     /// for the answer to the last, and the follower answers them in order.
     StreamAppend = 11,
+    /// The leader tells a witness how far every data-bearing voter has confirmed the log.
+    WitnessPurge = 12,
+    /// A member's last log id, asked by a witness deciding whether to step in.
+    LogState = 13,
+    /// Every member's replication lag, as the leader sees it.
+    Lag = 14,
 }
 
 impl Kind {
@@ -65,6 +72,9 @@ impl Kind {
             LeaseTimeToLive,
             ChangeMembers,
             StreamAppend,
+            WitnessPurge,
+            LogState,
+            Lag,
         ]
         .into_iter()
         .find(|k| *k as u8 == b)
@@ -227,6 +237,8 @@ impl Peers {
 /// Creates openraft's per-peer clients.
 pub struct Network {
     pub peers: Arc<Peers>,
+    /// This node's own role.
+    pub role: Role,
 }
 
 /// openraft's client for one peer.
@@ -234,13 +246,15 @@ pub struct Peer {
     peers: Arc<Peers>,
     target: u64,
     member: Member,
+    /// This node's own role.
+    role: Role,
 }
 
 impl RaftNetworkFactory<TC> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &Member) -> Self::Network {
-        Peer { peers: self.peers.clone(), target, member: node.clone() }
+        Peer { peers: self.peers.clone(), target, member: node.clone(), role: self.role }
     }
 }
 
@@ -368,7 +382,20 @@ impl RaftNetworkV2<TC> for Peer {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TC>, StreamingError<TC>> {
-        let (meta, data) = (snapshot.meta, snapshot.snapshot);
+        if self.role == Role::Witness {
+            // A witness's snapshot has no data; sent to a data-bearing member it would erase
+            // that member's key space. A member that needs a snapshot gets one from the data
+            // voter the witness hands leadership to.
+            return Err(StreamingError::Unreachable(Unreachable::from_string(format!(
+                "a witness sends no snapshots ({} needs one from a data-bearing leader)",
+                self.member.name
+            ))));
+        }
+        let (meta, mut data) = (snapshot.meta, snapshot.snapshot);
+        if self.member.role == Role::Witness {
+            // It keeps the metadata only: spare the link the key space.
+            data = Vec::new();
+        }
         let total = data.len();
         let send = async {
             let mut offset = 0;

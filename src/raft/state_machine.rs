@@ -1,6 +1,9 @@
 //! openraft's state machine, over [`crate::machine::Machine`]: applies committed entries to the
 //! key space and leases, stores them (unsynced: the log is the durable copy), and hands the
 //! events to the watch hub while still holding the state lock, so watchers see writes in order.
+//!
+//! On a witness the same state machine keeps only the last applied log id and the membership,
+//! and its snapshots carry no data: zero bytes, which no data-bearing member installs.
 
 use std::collections::HashMap;
 use std::io;
@@ -84,11 +87,13 @@ pub struct Shared {
     state: Mutex<SmState>,
     engine: Arc<dyn Engine>,
     snapshot_dir: PathBuf,
+    /// A witness applies nothing to the key space.
+    witness: bool,
 }
 
 impl Shared {
-    /// Load the state machine from storage.
-    pub fn open(engine: Arc<dyn Engine>, snapshot_dir: PathBuf) -> io::Result<Arc<Shared>> {
+    /// Load the state machine from storage (a witness's keeps no key space).
+    pub fn open(engine: Arc<dyn Engine>, snapshot_dir: PathBuf, witness: bool) -> io::Result<Arc<Shared>> {
         let machine = Machine::load(&*engine).map_err(io::Error::other)?;
         let last_applied = read_meta::<Option<LogIdOf<TC>>>(&*engine, APPLIED)?.flatten();
         let membership = read_meta(&*engine, MEMBERSHIP)?.unwrap_or_default();
@@ -105,6 +110,7 @@ impl Shared {
             }),
             engine,
             snapshot_dir,
+            witness,
         }))
     }
 
@@ -159,6 +165,14 @@ impl RaftSnapshotBuilder<TC> for StateMachine {
         // client with it, for as long as the scan took.
         let shared = self.shared.clone();
         let path = self.snapshot_path();
+        if shared.witness {
+            let meta = {
+                let st = shared.lock();
+                SnapshotMeta { last_log_id: st.last_applied, last_membership: st.membership.clone() }
+            };
+            save_snapshot_file(&path, &meta, &[])?;
+            return Ok(Snapshot { meta, snapshot: Vec::new() });
+        }
         let build = move || -> io::Result<SnapshotOf<TC, Vec<u8>>> {
             let mut held = Some(shared.lock());
             let mut meta = None;
@@ -216,6 +230,9 @@ impl RaftStateMachine<TC> for StateMachine {
                 let mut batch = WriteBatch::default();
                 let mut events = Vec::new();
                 let applied = match entry.payload {
+                    EntryPayload::Normal(_) if self.shared.witness => {
+                        Applied { revision: 0, result: Ok(Response::Nothing) }
+                    }
                     EntryPayload::Normal(cmd) => st.machine.apply(&cmd, now_ms(), &mut batch, &mut events),
                     EntryPayload::Membership(m) => {
                         st.membership = StoredMembership::new(Some(entry.log_id), m);
@@ -246,6 +263,23 @@ impl RaftStateMachine<TC> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<TC>, snapshot: Vec<u8>) -> Result<(), io::Error> {
+        if self.shared.witness {
+            // Whatever data came with it, a witness keeps the metadata only.
+            let mut b = WriteBatch::default();
+            b.put(Cf::SmMeta, APPLIED, encode(&meta.last_log_id));
+            b.put(Cf::SmMeta, MEMBERSHIP, encode(&meta.last_membership));
+            self.shared.engine.write(b, true).map_err(io::Error::other)?;
+            save_snapshot_file(&self.snapshot_path(), meta, &[])?;
+            let mut st = self.shared.lock();
+            st.last_applied = meta.last_log_id;
+            st.membership = meta.last_membership.clone();
+            return Ok(());
+        }
+        // The peer transport refuses a witness's data-less snapshot before it gets here; this
+        // is the last line, because installing it would erase the key space.
+        if snapshot.is_empty() {
+            return Err(io::Error::other("a snapshot without data (a witness's) cannot be installed on a data-bearing member"));
+        }
         let data: SnapshotData = postcard::from_bytes(&snapshot).map_err(io::Error::other)?;
         let mut b = WriteBatch::default();
         for cf in SNAPSHOT_CFS {

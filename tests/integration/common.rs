@@ -248,12 +248,13 @@ impl Etcd {
     }
 }
 
-/// Connect the `etcd-client` crate to an endpoint.
-pub async fn client(endpoint: &str) -> etcd_client::Client {
+/// Connect the `etcd-client` crate to endpoints (comma-separated).
+pub async fn client(endpoints: &str) -> etcd_client::Client {
     let opts = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(Duration::from_secs(15));
-    etcd_client::Client::connect([endpoint], Some(opts)).await.expect("connect")
+    let endpoints: Vec<&str> = endpoints.split(',').collect();
+    etcd_client::Client::connect(endpoints, Some(opts)).await.expect("connect")
 }
 
 /// A multi-threaded runtime for a test body.

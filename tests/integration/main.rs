@@ -5,6 +5,7 @@ mod bad_input;
 mod cluster;
 mod common;
 mod crash;
+mod geo;
 mod kv;
 mod lease;
 mod linearizability;
