@@ -33,6 +33,11 @@ enum What {
     /// Three members each: put at 16 and 1 clients, then SIGKILL of the leader to the first
     /// acknowledged write.
     Cluster,
+    /// The 2+2+1 topology (regions/2-2-1.yaml) emulated on this machine: put latency from the
+    /// leader's region, watch delivery on the other data region's learner, and the time from
+    /// losing the leader's region to the first acknowledged write. geolock only: the WAN relay
+    /// carries QUIC (UDP), and etcd's peers speak TCP.
+    Geo,
 }
 
 /// A cluster of three server processes, SIGKILLed on drop.
@@ -408,6 +413,7 @@ fn main() {
                 g.as_secs_f64() / e.as_secs_f64()
             );
         }
+        What::Geo => rt.block_on(geo(&lockctl, cli.seconds)),
         What::Lock => {
             let etcd = spawn("etcd", std::path::Path::new("etcd"), &[]);
             let geo = spawn("geolock", &lockctl, &["start"]);
@@ -442,5 +448,87 @@ fn main() {
                 );
             }
         }
+    }
+}
+
+/// The `geo` workloads; see [`What::Geo`].
+async fn geo(lockctl: &std::path::Path, seconds: u64) {
+    use geolock::geo::{GeoCluster, GeoOptions};
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../regions/2-2-1.yaml");
+    let topology = geolock::topology::Topology::load(&file).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = GeoOptions::new(lockctl.to_path_buf(), dir.path().to_path_buf());
+    let regions = if opts.namespaces { "a network namespace per region" } else { "loopback addresses per region" };
+    let mut g = GeoCluster::start(topology, opts).await.unwrap_or_else(|e| panic!("{e}"));
+    println!("2+2+1 on this machine ({regions}); round trips: us-east/us-west 60 ms, us-east/europe 100 ms, us-west/europe 140 ms");
+    let endpoint = |name: &str| g.node(name).endpoint();
+    // Lead from us-east.
+    let mut c = connect(&g.voter_endpoints().split(',').next().unwrap().to_string()).await;
+    c.move_leader(geolock::raft::member_id("node-1")).await.unwrap();
+    let leader_ep = endpoint("node-1");
+    println!("{:<44} {:>8} {:>9} {:>9}", "workload (leader node-1, us-east)", "ops/s", "p50 ms", "p99 ms");
+    for clients in [1, 16] {
+        let f = side_by_side(&[&leader_ep], Op::Put, clients, seconds).await.remove(0);
+        println!("{:<44} {:>8.0} {:>9.2} {:>9.2}", format!("put 256 B, {clients} client(s)"), f.ops_per_s, f.p50_ms, f.p99_ms);
+    }
+    // Watch delivery on the us-west learner: from the put's acknowledgement in us-east to the
+    // event's arrival in us-west.
+    let mut w = connect(&endpoint("learner-us-west")).await;
+    let mut stream = w.watch("geo-watch/", Some(etcd_client::WatchOptions::new().with_prefix())).await.unwrap();
+    let mut writer = connect(&leader_ep).await;
+    let mut delays = Vec::new();
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut i = 0;
+    while Instant::now() < until {
+        writer.put(format!("geo-watch/{i}"), "v", None).await.unwrap();
+        let acked = Instant::now();
+        loop {
+            let resp = stream.message().await.unwrap().unwrap();
+            if !resp.events().is_empty() {
+                delays.push(acked.elapsed());
+                break;
+            }
+        }
+        i += 1;
+    }
+    delays.sort();
+    println!(
+        "{:<44} {:>8} {:>9.2} {:>9.2}",
+        "us-west learner watch, after the put's ack",
+        delays.len(),
+        pct(&delays, 0.5),
+        pct(&delays, 0.99)
+    );
+    // Lose us-east, the leader's region, under a writer on every voter.
+    let eps: Vec<String> = g.voter_endpoints().split(',').map(str::to_string).collect();
+    let lost_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let (tx, mut first) = tokio::sync::mpsc::channel::<Instant>(16);
+    let writers: Vec<_> = eps
+        .into_iter()
+        .map(|ep| {
+            let (lost_at, tx) = (lost_at.clone(), tx.clone());
+            tokio::spawn(async move {
+                let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(3));
+                let mut c = Client::connect([ep], Some(opts)).await.unwrap();
+                for n in 0.. {
+                    let after = lost_at.lock().unwrap().is_some();
+                    if c.put(format!("geo-loss/{n}"), "v", None).await.is_ok() && after {
+                        let _ = tx.send(Instant::now()).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lost = Instant::now();
+    *lost_at.lock().unwrap() = Some(lost);
+    g.drop_region("us-east").unwrap();
+    let recovered = tokio::time::timeout(Duration::from_secs(60), first.recv()).await.ok().flatten();
+    for w in writers {
+        w.abort();
+    }
+    match recovered {
+        Some(at) => println!("{:<44} {:>8} {:>9.0}", "us-east lost: first acknowledged write after", "ms", at.duration_since(lost).as_secs_f64() * 1000.0),
+        None => println!("us-east lost: no write acknowledged within 60 s"),
     }
 }
