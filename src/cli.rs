@@ -53,6 +53,10 @@ enum Command {
         /// the topology's WAN latency between regions (in network namespaces when run as root).
         #[arg(long, conflicts_with_all = ["nodes", "base_port"])]
         topology: Option<PathBuf>,
+        /// With --topology: regions on loopback addresses of their own even when run as root
+        /// (partitions then happen in the relays).
+        #[arg(long, requires = "topology")]
+        loopback: bool,
     },
     /// Development certificates: a cluster CA and member certificates signed by it.
     Certs {
@@ -187,10 +191,10 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Dev { dir, nodes, base_port, topology } => {
+        Command::Dev { dir, nodes, base_port, topology, loopback } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             let outcome = match topology {
-                Some(t) => rt.block_on(crate::dev::run_topology(&dir, &t)),
+                Some(t) => rt.block_on(crate::dev::run_topology(&dir, &t, loopback)),
                 None => rt.block_on(crate::dev::run(&dir, nodes as usize, base_port)),
             };
             match outcome {

@@ -99,10 +99,17 @@ pub async fn run(dir: &Path, nodes: usize, base_port: u16) -> Result<(), DevErro
     outcome
 }
 
-/// Run every node of the topology in `file` with data under `dir` until SIGINT or SIGTERM.
-pub async fn run_topology(dir: &Path, file: &Path) -> Result<(), DevError> {
+/// Run every node of the topology in `file`, with data under `dir/<topology name>` (emptied
+/// first), until SIGINT or SIGTERM.
+pub async fn run_topology(dir: &Path, file: &Path, loopback: bool) -> Result<(), DevError> {
     let topology = crate::topology::Topology::load(file)?;
-    let opts = crate::geo::GeoOptions::new(std::env::current_exe()?, dir.to_path_buf());
+    // Relays take new ports on every run, and members' peer URLs with them: start afresh.
+    let dir = dir.join(&topology.name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    let mut opts = crate::geo::GeoOptions::new(std::env::current_exe()?, dir.clone());
+    opts.namespaces &= !loopback;
     println!(
         "starting {} ({} nodes in {} regions, {}) ...",
         topology.name,

@@ -2,10 +2,11 @@
 # Installs the Debian packages geolock needs to build and test, if they are missing:
 # libclang-dev (RocksDB's bindings), protobuf-compiler and libprotobuf-dev (protoc and the well-known
 # .proto files it imports, for the etcd-client crate's build),
-# etcd-client (etcdctl, the reference client) and etcd-server (etcd, for side-by-side tests).
+# etcd-client (etcdctl, the reference client), etcd-server (etcd, for side-by-side tests) and
+# iproute2 (`ip`, for the multi-region harness's network namespaces).
 set -euo pipefail
 need=()
-for p in libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server; do
+for p in libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server iproute2; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
