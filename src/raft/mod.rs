@@ -369,17 +369,17 @@ impl Node {
     }
 
     async fn hand_over_leadership(&self) {
+        if !self.is_leader() {
+            return;
+        }
+        // Never a witness: it would only hand leadership on again.
+        let (data_voters, _) = self.voters_by_kind();
         let target = {
-            let m = self.raft.metrics();
-            let m = m.borrow_watched();
-            if m.state != ServerState::Leader {
-                return;
-            }
-            let membership = m.membership_config.membership();
-            let holds_data = |v: &u64| membership.get_node(v).is_none_or(|n| n.role != Role::Witness);
-            let voters: Vec<u64> = membership.voter_ids().filter(|v| *v != self.id).filter(holds_data).collect();
-            let replication = m.replication.clone().unwrap_or_default();
-            voters.into_iter().max_by_key(|v| replication.get(v).cloned().flatten().map(|l| l.index))
+            let replication = self.raft.metrics().borrow_watched().replication.clone().unwrap_or_default();
+            data_voters
+                .into_iter()
+                .filter(|v| *v != self.id)
+                .max_by_key(|v| replication.get(v).cloned().flatten().map(|l| l.index))
         };
         let Some(to) = target else { return };
         match self.transfer_leadership(to).await {
