@@ -274,22 +274,27 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Resident memory of process `pid`, in bytes.
-fn rss_bytes(pid: u32) -> u64 {
+/// A line of `/proc/<pid>/status`, in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Resident memory of process `pid` that it allocated (anonymous), in bytes: its resident code,
+/// about 18 MiB in this debug build, is the program's, not state it holds.
+fn rss_bytes(pid: u32) -> u64 {
+    proc_status_bytes(pid, "RssAnon:")
+}
+
 /// What a witness may hold whatever the size of the key space: its data directory (the log
-/// tail, its WAL and memtable-sized files) and its resident memory.
-/// Measured: about 20 MiB of disk and 100 MiB resident (15 MiB of it this debug build's code)
-/// after a GiB, the same as after 300 MiB.
+/// tail, its WAL and memtable-sized files) and the memory it allocates. Measured: about 20 MiB
+/// of disk and 80 MiB of memory after a GiB, the same as after 300 MiB.
 const WITNESS_DISK_BYTES_BOUND: u64 = 48 * 1024 * 1024;
-const WITNESS_RSS_BYTES_BOUND: u64 = 128 * 1024 * 1024;
+const WITNESS_RSS_BYTES_BOUND: u64 = 96 * 1024 * 1024;
 
 #[test]
 fn a_witness_stays_small_after_a_gibibyte_of_writes() {
@@ -340,23 +345,24 @@ fn a_witness_stays_small_after_a_gibibyte_of_writes() {
     }
     let written = done.load(std::sync::atomic::Ordering::Relaxed) as u64 * value.len() as u64;
     std::thread::sleep(Duration::from_secs(3));
-    let (disk_after, rss_after) = (dir_bytes(&dir), rss_bytes(pid));
+    let (disk_after, rss_after, vm_rss) = (dir_bytes(&dir), rss_bytes(pid), proc_status_bytes(pid, "VmRSS:"));
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     eprintln!(
-        "{:.0} MiB written in {:.1} s; witness data directory: max {:.1} MiB, {:.1} MiB after; resident memory: max {:.1} MiB, \
-         {:.1} MiB after (bounds {:.0} MiB and {:.0} MiB)",
+        "{:.0} MiB written in {:.1} s; witness data directory: max {:.1} MiB, {:.1} MiB after; allocated resident memory: \
+         max {:.1} MiB, {:.1} MiB after ({:.1} MiB with its code) (bounds {:.0} MiB and {:.0} MiB)",
         mib(written),
         started.elapsed().as_secs_f64(),
         mib(disk_max),
         mib(disk_after),
         mib(rss_max),
         mib(rss_after),
+        mib(vm_rss),
         mib(WITNESS_DISK_BYTES_BOUND),
         mib(WITNESS_RSS_BYTES_BOUND)
     );
     assert!(written >= 1024 * 1024 * 1024 || std::env::var("GEO_PUTS").is_ok(), "only {written} bytes written");
     assert!(disk_max <= WITNESS_DISK_BYTES_BOUND, "the witness's data directory reached {:.1} MiB", mib(disk_max));
-    assert!(rss_max <= WITNESS_RSS_BYTES_BOUND, "the witness's resident memory reached {:.1} MiB", mib(rss_max));
+    assert!(rss_max <= WITNESS_RSS_BYTES_BOUND, "the witness's allocated resident memory reached {:.1} MiB", mib(rss_max));
     // A data voter holds the key space the witness does not.
     let voter_disk = dir_bytes(&g.c.node("node-3").data_dir);
     assert!(voter_disk > 32 * 1024 * 1024, "node-3 holds only {voter_disk} bytes: the writes did not reach the data voters");
