@@ -293,6 +293,14 @@ impl Node {
 
         let fresh = !raft.is_initialized().await.map_err(|e| NodeError::Internal(e.to_string()))?;
         if fresh && cfg.initial_cluster_state() == "new" {
+            if cfg.role == Role::Learner {
+                // Founders are voters: a learner listed among them would vote.
+                return Err(NodeError::Internal(format!(
+                    "a learner joins a running cluster: add it with `lockctl member add {} --learner --peer-urls URL` \
+                     and start it with --initial-cluster-state existing",
+                    cfg.name
+                )));
+            }
             // Every founder must propose the very same membership: each writes it as log entry 0
             // of its own log, and Raft takes entries with equal IDs to be equal. So it holds only
             // what the initial cluster says of everyone; each member then publishes the rest.
