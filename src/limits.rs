@@ -101,6 +101,13 @@ pub const MEMBERS_MAX: usize = 16;
 /// Largest configuration file read at start-up.
 pub const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
 
+/// WAL files together, in bytes, on a data-bearing member: past this RocksDB flushes the
+/// memtables still holding the oldest WAL so that it retires (and is reused).
+pub const WAL_BYTES_MAX: u64 = 64 * 1024 * 1024;
+
+/// Retired WAL files kept for reuse.
+pub const WAL_FILES_RECYCLED: usize = 4;
+
 /// A witness's RocksDB memtable, in bytes: its log is purged within seconds, so a small
 /// memtable bounds its memory and its WAL, whatever the size of the key space.
 pub const WITNESS_WRITE_BUFFER_BYTES: usize = 4 * 1024 * 1024;
