@@ -52,6 +52,9 @@ pub const LEASE_TTL_S_MAX: i64 = 9_000_000_000;
 /// Client write proposals waiting in the Raft pipeline of one node.
 pub const PROPOSALS_IN_FLIGHT_MAX: usize = 10_000;
 
+/// Encoded bytes of the newest log entries the log store keeps in memory to read them back.
+pub const LOG_TAIL_CACHE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
 /// Log entries handed to one RocksDB write batch by the log store.
 pub const LOG_APPEND_BATCH_ENTRIES_MAX: usize = 4_096;
 
