@@ -144,12 +144,14 @@ impl RocksEngine {
         // Reused WAL files are already allocated and as long as what is written to them, so the
         // group commit's fdatasync writes the data alone, not also the inode's new size (on
         // ext4, about a third of the sync). RocksDB reuses only WALs that have retired, so their
-        // total is bounded (a witness's more tightly, below): past the bound, the column
+        // total is bounded (a witness's more tightly): past the bound, the column
         // families still holding the oldest WAL are flushed.
         opts.set_recycle_log_file_num(crate::limits::WAL_FILES_RECYCLED);
-        opts.set_max_total_wal_size(crate::limits::WAL_BYTES_MAX);
+        opts.set_max_total_wal_size(match footprint {
+            Footprint::Data => crate::limits::WAL_BYTES_MAX,
+            Footprint::LogTail => crate::limits::WITNESS_WAL_BYTES_MAX,
+        });
         let witness_cache = (footprint == Footprint::LogTail).then(|| {
-            opts.set_max_total_wal_size(crate::limits::WITNESS_WAL_BYTES_MAX);
             opts.set_db_write_buffer_size(crate::limits::WITNESS_WRITE_BUFFER_BYTES * 2);
             rocksdb::Cache::new_lru_cache(crate::limits::WITNESS_BLOCK_CACHE_BYTES)
         });

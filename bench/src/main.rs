@@ -137,11 +137,8 @@ impl Group {
         loop {
             let mut leaders = Vec::new();
             for ep in &self.endpoints {
-                let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(1)).with_timeout(Duration::from_secs(2));
-                if let Ok(mut c) = Client::connect([ep.as_str()], Some(opts)).await {
-                    if let Ok(s) = c.status().await {
-                        leaders.push(s.leader());
-                    }
+                if let Some(s) = member_status(ep).await {
+                    leaders.push(s.leader());
                 }
             }
             if leaders.len() == self.endpoints.len() && leaders[0] != 0 && leaders.iter().all(|l| *l == leaders[0]) {
@@ -153,6 +150,12 @@ impl Group {
     }
 }
 
+/// Maintenance.Status of the member at `ep`, if it answers within a couple of seconds.
+async fn member_status(ep: &str) -> Option<etcd_client::StatusResponse> {
+    let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(1)).with_timeout(Duration::from_secs(2));
+    Client::connect([ep], Some(opts)).await.ok()?.status().await.ok()
+}
+
 /// Index of the member that leads.
 async fn group_leader(g: &Group) -> usize {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -161,9 +164,7 @@ async fn group_leader(g: &Group) -> usize {
             if g.children[i].is_none() {
                 continue;
             }
-            let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(1)).with_timeout(Duration::from_secs(2));
-            let Ok(mut c) = Client::connect([ep.as_str()], Some(opts)).await else { continue };
-            if let Ok(s) = c.status().await {
+            if let Some(s) = member_status(ep).await {
                 if s.leader() == s.header().map_or(0, |h| h.member_id()) {
                     return i;
                 }
