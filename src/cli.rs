@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node (flags named as etcd's where the two share a setting).
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Take a lock, print its key and fencing token, and hold it until interrupted, or run
     /// COMMAND while holding it (with LOCKCTL_LOCK_KEY and LOCKCTL_FENCING_TOKEN set).
     Lock {

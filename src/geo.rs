@@ -123,6 +123,8 @@ pub struct GeoCluster {
     namespaces: HashMap<String, Namespace>,
     /// Regions cut off, in loopback mode (the relays drop their datagrams).
     cut: Arc<Mutex<BTreeSet<String>>>,
+    /// Members whose peer traffic the relays drop, by address, in either mode.
+    isolated: Arc<Mutex<BTreeSet<IpAddr>>>,
     _relays: Vec<Relay>,
     _block: Block,
 }
@@ -199,6 +201,7 @@ impl GeoCluster {
             certs: opts.dir.join("certs"),
             namespaces: HashMap::new(),
             cut: Arc::new(Mutex::new(BTreeSet::new())),
+            isolated: Arc::new(Mutex::new(BTreeSet::new())),
             _relays: Vec::new(),
             _block: Block(block),
         };
@@ -247,7 +250,7 @@ impl GeoCluster {
             crate::certs::issue(&cluster.certs, &n.name, &[addr.to_string(), "127.0.0.1".to_string()])?;
             let peer = SocketAddr::new(*addr, port_of(&n.peer)?);
             let client = SocketAddr::new(*addr, port_of(&n.client)?);
-            let delay_for = delays(&topology, n, region_of.clone(), cluster.cut.clone());
+            let delay_for = delays(&topology, n, *addr, region_of.clone(), cluster.cut.clone(), cluster.isolated.clone());
             let relay = Relay::start(SocketAddr::new(root_ip(*r), 0), peer, delay_for).await?;
             let data_dir = opts.dir.join(&n.name);
             cluster.nodes.push(GeoNode {
@@ -315,14 +318,7 @@ impl GeoCluster {
     fn spawn(&mut self, i: usize) -> Result<(), GeoError> {
         let n = &self.nodes[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
-        let mut cmd = match self.namespaces.get(&n.region) {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns.name]).arg(&self.opts.lockctl);
-                c
-            }
-            None => Command::new(&self.opts.lockctl),
-        };
+        let mut cmd = self.launcher_in(&n.region)?.command(&self.opts.lockctl);
         cmd.args(&n.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         let child = cmd.spawn()?;
         self.nodes[i].proc = Some(child);
@@ -421,6 +417,42 @@ impl GeoCluster {
         }
     }
 
+    /// Cut member `name` off from every other member, its own region's too: the relays drop its
+    /// peer traffic both ways. Clients still reach it, so it goes on serving what it can.
+    pub fn isolate(&mut self, name: &str) -> Result<(), GeoError> {
+        let ip = self.nodes[self.index(name)?].peer.ip();
+        self.isolated.lock().unwrap().insert(ip);
+        Ok(())
+    }
+
+    /// Undo [`GeoCluster::isolate`].
+    pub fn rejoin(&mut self, name: &str) -> Result<(), GeoError> {
+        let ip = self.nodes[self.index(name)?].peer.ip();
+        self.isolated.lock().unwrap().remove(&ip);
+        Ok(())
+    }
+
+    /// Starts programs in region `region`: inside its network namespace, so that they reach
+    /// that region's members while the region is cut off (and only them then).
+    pub fn launcher_in(&self, region: &str) -> Result<RegionLauncher, GeoError> {
+        if !self.topology.regions.iter().any(|r| r.name == region) {
+            return Err(GeoError::Unknown(region.to_string()));
+        }
+        Ok(RegionLauncher { namespace: self.namespaces.get(region).map(|ns| ns.name.clone()) })
+    }
+
+    /// A runtime whose tasks run in region `region` (a thread of this process moved into the
+    /// region's namespace), for clients that must reach that region's members while it is cut
+    /// off. Tasks must be spawned onto it (`spawn`), not driven from another thread.
+    pub fn runtime_in(&self, region: &str) -> Result<RegionRuntime, GeoError> {
+        let ns = match self.namespaces.get(region) {
+            Some(ns) => Some(std::fs::File::open(format!("/run/netns/{}", ns.name))?),
+            None if self.topology.regions.iter().any(|r| r.name == region) => None,
+            None => return Err(GeoError::Unknown(region.to_string())),
+        };
+        RegionRuntime::start(ns)
+    }
+
     /// Lose region `region` whole: SIGKILL its nodes and cut it off.
     pub fn drop_region(&mut self, region: &str) -> Result<(), GeoError> {
         let names: Vec<String> = self.nodes.iter().filter(|n| n.region == region).map(|n| n.name.clone()).collect();
@@ -461,6 +493,88 @@ impl Drop for GeoCluster {
     }
 }
 
+/// Builds commands that run in one region (see [`GeoCluster::launcher_in`]).
+#[derive(Clone, Debug)]
+pub struct RegionLauncher {
+    namespace: Option<String>,
+}
+
+impl RegionLauncher {
+    /// A command that runs `program` in the region.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.namespace {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+}
+
+/// A current-thread tokio runtime on a thread of its own, optionally inside a network namespace;
+/// stopped when dropped.
+pub struct RegionRuntime {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RegionRuntime {
+    fn start(namespace: Option<std::fs::File>) -> Result<RegionRuntime, GeoError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            if let Some(ns) = namespace {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a namespace file this thread owns; it moves only this thread.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    let _ = ready_tx.send(Err(std::io::Error::last_os_error()));
+                    return;
+                }
+            }
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(rt.handle().clone()));
+            rt.block_on(async {
+                let _ = stopped.await;
+            });
+        });
+        let handle = ready_rx.recv().map_err(|_| GeoError::Io(std::io::Error::other("region runtime thread died")))??;
+        Ok(RegionRuntime { handle, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// The runtime's handle; tasks spawned on it run in the region.
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
+    /// Run `f` in the region; await the handle for its output.
+    pub fn spawn<F: std::future::Future + Send + 'static>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(f)
+    }
+}
+
+impl Drop for RegionRuntime {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn port_of(addr: &str) -> Result<u16, GeoError> {
     addr.rsplit(':')
         .next()
@@ -468,15 +582,27 @@ fn port_of(addr: &str) -> Result<u16, GeoError> {
         .ok_or_else(|| GeoError::Io(std::io::Error::other(format!("no port in address {addr}"))))
 }
 
-/// The relay in front of node `n`: a datagram from a sender in region R waits the one-way
-/// latency between R and `n`'s region; one from or to a cut region is dropped.
-fn delays(topology: &Topology, n: &TopologyNode, region_of: Arc<HashMap<IpAddr, String>>, cut: Arc<Mutex<BTreeSet<String>>>) -> DelayFor {
+/// The relay in front of node `n` (at `addr`): a datagram from a sender in region R waits the
+/// one-way latency between R and `n`'s region; one from or to a cut region, or from or to an
+/// isolated member, is dropped.
+fn delays(
+    topology: &Topology,
+    n: &TopologyNode,
+    addr: IpAddr,
+    region_of: Arc<HashMap<IpAddr, String>>,
+    cut: Arc<Mutex<BTreeSet<String>>>,
+    isolated: Arc<Mutex<BTreeSet<IpAddr>>>,
+) -> DelayFor {
     let topology = topology.clone();
     let here = n.region.clone();
     Arc::new(move |from: SocketAddr| {
         let there = region_of.get(&from.ip())?;
         let cut = cut.lock().unwrap();
         if cut.contains(there) || cut.contains(&here) {
+            return None;
+        }
+        let isolated = isolated.lock().unwrap();
+        if isolated.contains(&from.ip()) || isolated.contains(&addr) {
             return None;
         }
         Some(topology.one_way(there, &here))

@@ -170,10 +170,18 @@ impl Lessor {
     }
 
     /// A keep-alive on the leader: the lease gets its full TTL from now. Returns the TTL.
+    ///
+    /// A lease past its deadline is not renewed: its revocation may already be on its way
+    /// through the log, and a keep-alive acknowledged now would be followed by the lease's end
+    /// (etcd's lessor refuses to renew an expired lease for the same reason). It is reported as
+    /// gone, which a keep-alive answers with TTL 0.
     pub fn renew(&mut self, id: i64, now_ms: u64) -> Result<i64, LeaseError> {
         let leader = self.leader;
         let l = self.leases.get_mut(&id).ok_or(LeaseError::NotFound { lease: id })?;
         if leader {
+            if l.deadline_ms.is_some_and(|d| d <= now_ms) {
+                return Err(LeaseError::NotFound { lease: id });
+            }
             l.deadline_ms = Some(now_ms + l.ttl_s as u64 * 1000);
         }
         Ok(l.ttl_s)
@@ -207,11 +215,6 @@ impl Lessor {
         out
     }
 
-    /// Whether lease `id` is still past its deadline (an expiry proposal is applied only if so:
-    /// a keep-alive may have arrived while it was in flight).
-    pub fn is_expired(&self, id: i64, now_ms: u64) -> bool {
-        self.leases.get(&id).and_then(|l| l.deadline_ms).is_some_and(|d| d <= now_ms)
-    }
 }
 
 #[cfg(test)]
@@ -242,10 +245,27 @@ mod tests {
         assert_eq!(l.take_expired(12_000, 100, 10), vec![1]);
         assert!(l.take_expired(12_050, 100, 10).is_empty(), "in flight");
         assert_eq!(l.take_expired(12_100, 100, 10), vec![1], "retried");
-        l.renew(1, 12_100).unwrap();
-        assert!(!l.is_expired(1, 22_099));
-        assert!(l.is_expired(1, 22_100));
-        assert_eq!(l.remaining_s(1, 12_600), Ok(9));
+    }
+
+    #[test]
+    fn a_lease_past_its_deadline_is_not_renewed_while_its_revocation_may_be_in_flight() {
+        let mut l = Lessor::new();
+        let mut b = WriteBatch::default();
+        l.grant(1, 10, 0, &mut b).unwrap();
+        l.promote(0, 0);
+        assert_eq!(l.renew(1, 9_999), Ok(10));
+        assert_eq!(l.remaining_s(1, 10_500), Ok(9));
+        assert_eq!(l.take_expired(19_998, 100, 10), Vec::<i64>::new());
+        assert_eq!(l.take_expired(19_999, 100, 10), vec![1]);
+        // The revocation is proposed; a keep-alive now must not be acknowledged.
+        assert_eq!(l.renew(1, 20_000), Err(LeaseError::NotFound { lease: 1 }));
+        // A new leader (or this one, once a quorum acknowledges it again) gives it a full TTL
+        // plus the extension, and renewals are acknowledged again.
+        l.demote();
+        l.promote(30_000, 1_000);
+        assert_eq!(l.renew(1, 30_001), Ok(10));
+        assert!(l.take_expired(40_000, 100, 10).is_empty());
+        assert_eq!(l.take_expired(40_001, 100, 10), vec![1]);
     }
 
     #[test]

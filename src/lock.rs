@@ -72,6 +72,28 @@ pub fn holder(kv: &Mvcc, prefix: &[u8]) -> Option<crate::kv::KeyValue> {
     r.kvs.into_iter().min_by_key(|kv| kv.create_revision)
 }
 
+/// A lock (or election leadership) confirmed held: what a caller may be told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The create revision of the holder's key: the fencing token.
+    pub token: Rev,
+    /// A revision at which the key existed with that create revision as the oldest under its
+    /// prefix; the response header carries it.
+    pub revision: Rev,
+}
+
+/// Confirm that `key`, created at `rev`, holds at the state `kv` has applied: it still exists
+/// with that create revision. Being woken as the head of the queue is not enough: the entry
+/// applied right after the wake can delete the key (its lease expired while its holder was cut
+/// off, two leases expired in one tick), and a caller told it holds would then run beside the
+/// real holder with token 0. etcd's lock recipe re-reads the key after waiting for the same
+/// reason. The key that was oldest stays oldest while it exists (create revisions only grow),
+/// so existence at a later revision is holding at it.
+pub fn confirm(kv: &Mvcc, key: &[u8], rev: Rev) -> Option<Grant> {
+    let live = kv.get(key)?;
+    (live.create_revision == rev).then(|| Grant { token: rev, revision: kv.current_rev() })
+}
+
 impl LockQueues {
     /// No queues.
     pub fn new() -> Self {
@@ -246,6 +268,33 @@ mod tests {
         assert_eq!(q.on_events(&del(&mut kv, b"L/2")), Woken { holding: vec![], lost: vec![2] });
         assert_eq!(q.on_events(&del(&mut kv, b"L/1")), Woken { holding: vec![3], lost: vec![] });
         assert_eq!(q.wait(b"L/", r1, 1, &kv), Wait::Gone);
+    }
+
+    /// Fault 1 of issue 11: a waiter reaches the head of the queue in one entry, and the next
+    /// entry deletes its key (its lease was revoked during a catch-up). The wake alone must not
+    /// be taken for a grant: the confirmation at the later state refuses it, and the next
+    /// waiter is the one that holds, with a greater token.
+    #[test]
+    fn a_waiter_woken_at_the_head_whose_key_goes_in_the_next_entry_is_not_granted() {
+        let mut kv = Mvcc::new();
+        let mut q = LockQueues::new();
+        let (r1, _) = put(&mut kv, b"L/1");
+        let (r2, _) = put(&mut kv, b"L/2");
+        let (r3, _) = put(&mut kv, b"L/3");
+        assert_eq!(q.wait(b"L/", r2, 2, &kv), Wait::Queued);
+        assert_eq!(q.wait(b"L/", r3, 3, &kv), Wait::Queued);
+        // Entry N: the holder unlocks; waiter 2 is woken at the head, and holds at N.
+        assert_eq!(q.on_events(&del(&mut kv, b"L/1")), Woken { holding: vec![2], lost: vec![] });
+        assert_eq!(confirm(&kv, b"L/2", r2), Some(Grant { token: r2, revision: kv.current_rev() }));
+        // Entry N+1, applied before waiter 2's answer is sent: its lease ends.
+        assert_eq!(q.on_events(&del(&mut kv, b"L/2")), Woken { holding: vec![3], lost: vec![] });
+        assert_eq!(confirm(&kv, b"L/2", r2), None, "a key gone by the time of the answer grants nothing");
+        let grant = confirm(&kv, b"L/3", r3).expect("waiter 3 holds");
+        assert!(grant.token > r2 && grant.revision == kv.current_rev());
+        // A key of the same name created again is another holder, not the old one.
+        let (r2b, _) = put(&mut kv, b"L/2");
+        assert_eq!(confirm(&kv, b"L/2", r2), None);
+        assert!(r2b > r3 && r1 < r2);
     }
 
     #[test]

@@ -282,10 +282,13 @@ impl Engine for RocksEngine {
     }
 }
 
+/// Every column family's pairs, in key order.
+type Columns = BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>;
+
 /// The in-memory twin of [`RocksEngine`]: same contract, nothing durable.
 #[derive(Default)]
 pub struct MemEngine {
-    cfs: Mutex<BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>>,
+    cfs: Mutex<Columns>,
 }
 
 impl MemEngine {

@@ -2,18 +2,25 @@
 # Installs the Debian packages geolock needs to build and test, if they are missing:
 # libclang-dev (RocksDB's bindings), protobuf-compiler and libprotobuf-dev (protoc and the well-known
 # .proto files it imports, for the etcd-client crate's build),
-# etcd-client (etcdctl, the reference client), etcd-server (etcd, for side-by-side tests) and
-# iproute2 (`ip`, for the multi-region harness's network namespaces).
+# etcd-client (etcdctl, the reference client), etcd-server (etcd, for side-by-side tests),
+# iproute2 (`ip`, for the multi-region harness's network namespaces) and python3 (the programs
+# the partition tests' lock holders run).
 set -euo pipefail
 need=()
-for p in libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server iproute2; do
+for p in libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server iproute2 python3; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
+  # Debian starts etcd as a service on install; the tests run their own on free ports, and no
+  # service is wanted. policy-rc.d (Debian's invoke-rc.d policy hook) keeps packages from
+  # starting services while they install; one already there is left as it is.
+  policy=/usr/sbin/policy-rc.d
+  placed=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && placed=1
+  fi
+  trap '[ -n "$placed" ] && rm -f "$policy"' EXIT
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# Debian starts etcd as a service on install; our tests run their own on free ports.
-if command -v systemctl >/dev/null 2>&1; then systemctl stop etcd >/dev/null 2>&1 || true; fi
-pkill -x etcd >/dev/null 2>&1 || true

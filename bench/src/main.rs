@@ -570,7 +570,7 @@ async fn geo(lockctl: &std::path::Path, seconds: u64) {
     println!("2+2+1 on this machine ({regions}); round trips: us-east/us-west 60 ms, us-east/europe 100 ms, us-west/europe 140 ms");
     let endpoint = |name: &str| g.node(name).endpoint();
     // Lead from us-east.
-    let mut c = connect(&g.voter_endpoints().split(',').next().unwrap().to_string()).await;
+    let mut c = connect(g.voter_endpoints().split(',').next().unwrap()).await;
     c.move_leader(geolock::raft::member_id("node-1")).await.unwrap();
     let leader_ep = endpoint("node-1");
     println!("{:<44} {:>8} {:>9} {:>9}", "workload (leader node-1, us-east)", "ops/s", "p50 ms", "p99 ms");

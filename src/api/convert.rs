@@ -159,14 +159,14 @@ pub fn txn_out(t: kv::TxnResponse, header: &pb::ResponseHeader) -> pb::TxnRespon
         .into_iter()
         .map(|r| pb::ResponseOp {
             response: Some(match r {
-                kv::ResponseOp::Range(r) => S::ResponseRange(range_out(r, inner.clone())),
-                kv::ResponseOp::Put(p) => S::ResponsePut(put_out(p, inner.clone())),
-                kv::ResponseOp::DeleteRange(d) => S::ResponseDeleteRange(delete_out(d, inner.clone())),
+                kv::ResponseOp::Range(r) => S::ResponseRange(range_out(r, inner)),
+                kv::ResponseOp::Put(p) => S::ResponsePut(put_out(p, inner)),
+                kv::ResponseOp::DeleteRange(d) => S::ResponseDeleteRange(delete_out(d, inner)),
                 kv::ResponseOp::Txn(t) => S::ResponseTxn(txn_out(t, &inner)),
             }),
         })
         .collect();
-    pb::TxnResponse { header: Some(header.clone()), succeeded: t.succeeded, responses }
+    pb::TxnResponse { header: Some(*header), succeeded: t.succeeded, responses }
 }
 
 /// Whether a Txn only reads (and so may be served without going through the log).

@@ -69,16 +69,27 @@ impl Api {
         })
     }
 
-    /// Queue `key` (created at `rev`) under `name` and wait to hold. If the caller goes away
-    /// first, its key is deleted, as etcd's lock server deletes it.
-    async fn acquire(&self, name: &[u8], key: &[u8], rev: i64) -> Result<(), ApiError> {
+    /// Queue `key` (created at `rev`) under `name`, wait to hold, and confirm the hold at a
+    /// revision the cluster committed. If the caller goes away first, its key is deleted, as
+    /// etcd's lock server deletes it.
+    ///
+    /// Being woken at the head of the queue is only where holding starts on this member's
+    /// applied state, which may be behind (a follower catching up after a partition) or about
+    /// to delete the key (its lease's revocation applied next). So every grant, on every path,
+    /// is confirmed after a linearizable barrier: the key must still exist with create
+    /// revision `rev` once this member has applied everything committed before the barrier
+    /// ([`lock::confirm`]). The grant's revision is the one the answer's header carries.
+    async fn acquire(&self, name: &[u8], key: &[u8], rev: i64) -> Result<lock::Grant, ApiError> {
+        let lost = || ApiError::LockLost { key: String::from_utf8_lossy(key).into_owned() };
         let mut release = ReleaseOnDrop { api: Some(self.clone()), key: key.to_vec(), rev };
         let woken = self.node.wait_for_lock(&prefix_of(name), rev).await;
-        release.api = None;
-        match woken {
-            LockWake::Holding => Ok(()),
-            LockWake::Lost => Err(ApiError::LockLost { key: String::from_utf8_lossy(key).into_owned() }),
+        if woken == LockWake::Lost {
+            release.api = None;
+            return Err(lost());
         }
+        self.node.linearize().await?;
+        release.api = None;
+        self.node.read(|m| lock::confirm(&m.kv, key, rev)).ok_or_else(lost)
     }
 }
 
@@ -130,8 +141,12 @@ impl lpb::lock_server::Lock for Api {
         self.check_parent(&r.name, r.lease)?;
         let key = lock::key_of(&r.name, r.lease);
         let (rev, _) = self.create_or_get(&key, Vec::new(), r.lease).await?;
-        self.acquire(&r.name, &key, rev).await?;
-        Ok(Response::new(lpb::LockResponse { header: Some(self.header(self.node.current_rev())), key }))
+        let grant = self.acquire(&r.name, &key, rev).await?;
+        Ok(Response::new(lpb::LockResponse {
+            header: Some(self.header(grant.revision)),
+            key,
+            geolock_fencing_token: grant.token,
+        }))
     }
 
     async fn unlock(&self, req: Request<lpb::UnlockRequest>) -> Result<Response<lpb::UnlockResponse>, Status> {
@@ -157,10 +172,10 @@ impl epb::election_server::Election for Api {
             let put = RequestOp::Put(kv::PutRequest { key: key.clone(), value: r.value.clone(), lease: r.lease, ..Default::default() });
             self.if_created_at(&key, rev, put).await?;
         }
-        self.acquire(&r.name, &key, rev).await?;
+        let grant = self.acquire(&r.name, &key, rev).await?;
         Ok(Response::new(epb::CampaignResponse {
-            header: Some(self.header(self.node.current_rev())),
-            leader: Some(epb::LeaderKey { name: r.name, key, rev, lease: r.lease }),
+            header: Some(self.header(grant.revision)),
+            leader: Some(epb::LeaderKey { name: r.name, key, rev: grant.token, lease: r.lease }),
         }))
     }
 

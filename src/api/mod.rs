@@ -230,6 +230,11 @@ impl pb::lease_server::Lease for Api {
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let mut inbound = req.into_inner();
         let api = self.clone();
+        // The stream outlives leader changes: a keep-alive the cluster could not answer (no
+        // leader within three election timeouts, or this member cut off from it) gets no answer,
+        // so the client is not told its lease was renewed, and the next one is tried afresh.
+        // etcd's server retries a renewal through leader changes the same way; only a refusal
+        // that will not change (this member's role) ends the stream.
         let out = async_stream_from(move |tx| async move {
             while let Ok(Some(k)) = inbound.message().await {
                 let reply = match api.node.lease_keep_alive(k.id).await {
@@ -237,6 +242,10 @@ impl pb::lease_server::Lease for Api {
                     // etcd answers a keep-alive for a lease that is gone with TTL 0.
                     Err(NodeError::Apply(crate::machine::ApplyError::Lease(_))) => {
                         Ok(pb::LeaseKeepAliveResponse { header: Some(api.header(api.node.current_rev())), id: k.id, ttl: 0 })
+                    }
+                    Err(e) if e.is_transient() => {
+                        tracing::debug!("keep-alive of lease {:x} not answered: {e}", k.id);
+                        continue;
                     }
                     Err(e) => Err(Status::from(ApiError::from(e))),
                 };

@@ -227,7 +227,7 @@ impl RaftLogStorage<TC> for LogStore {
         let purged: Option<LogIdOf<TC>> = self.meta(PURGED)?;
         let last = match self.engine.last(Cf::Log).map_err(io_err)? {
             Some((_, v)) => Some(decode::<EntryOf<TC>>(&v)?.log_id),
-            None => purged.clone(),
+            None => purged,
         };
         Ok(LogState { last_purged_log_id: purged, last_log_id: last })
     }

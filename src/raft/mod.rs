@@ -6,6 +6,7 @@ mod lag;
 mod log_store;
 mod membership;
 mod network;
+mod quorum;
 mod state_machine;
 mod witness;
 
@@ -28,6 +29,7 @@ pub use state_machine::{LockWake, Shared, SmState, StateMachine};
 use crate::config::{Config, Role};
 use crate::transport::Transport;
 use network::{Kind, Peers, RemoteError, SnapshotInbox};
+use quorum::{Leadership, QuorumView};
 use crate::lease::{LeaseError, TtlBounds};
 use crate::limits::{LEASE_EXPIRIES_PER_PROPOSAL_MAX, PROPOSALS_IN_FLIGHT_MAX};
 use crate::machine::{ApplyError, Applied, Command, Machine};
@@ -114,6 +116,14 @@ pub enum NodeError {
     Internal(String),
 }
 
+impl NodeError {
+    /// Whether the same request may succeed later on this member without anything changing on
+    /// the caller's side: the cluster had no leader, or this member could not reach it in time.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, NodeError::NotLeader { .. } | NodeError::NoLeader | NodeError::Timeout | NodeError::Peer(_))
+    }
+}
+
 /// What every response header carries besides the revision.
 #[derive(Clone, Copy, Debug)]
 pub struct HeaderInfo {
@@ -167,8 +177,11 @@ pub struct Node {
     role: Role,
     /// While leading: when the log reached which index, for members' lag in time.
     lag: std::sync::Mutex<LagClock>,
-    /// When ([`now_ms`]) a leader's AppendEntries or heartbeat last arrived.
+    /// When ([`now_ms`]) an AppendEntries or heartbeat last arrived from a leader that held a
+    /// quorum when it sent it.
     leader_contact_ms: std::sync::atomic::AtomicU64,
+    /// Whether this member leads with a quorum's acknowledgement (CheckQuorum).
+    quorum: Arc<QuorumView>,
     cluster_id: u64,
     ttl_bounds: TtlBounds,
     election_timeout: Duration,
@@ -281,15 +294,19 @@ impl Node {
             None => None,
         };
         let peers = Peers::new(transport.clone());
+        // openraft's leader lease is election_timeout_max: a quorum's acknowledgement counts for
+        // as long as openraft itself lets the leader propose on it.
+        let quorum = Arc::new(QuorumView::new(id, Duration::from_millis(raft_cfg.election_timeout_max)));
         let raft = Raft::new(
             id,
             Arc::new(raft_cfg),
-            network::Network { peers: peers.clone(), role: cfg.role },
+            network::Network { peers: peers.clone(), role: cfg.role, quorum: quorum.clone() },
             LogStore::new(engine),
             StateMachine { shared: shared.clone() },
         )
         .await
         .map_err(|e| NodeError::Internal(format!("raft: {e}")))?;
+        quorum.attach(raft.clone());
 
         let fresh = !raft.is_initialized().await.map_err(|e| NodeError::Internal(e.to_string()))?;
         if fresh && cfg.initial_cluster_state() == "new" {
@@ -330,6 +347,7 @@ impl Node {
             role: cfg.role,
             lag: std::sync::Mutex::new(LagClock::default()),
             leader_contact_ms: std::sync::atomic::AtomicU64::new(0),
+            quorum,
             cluster_id,
             ttl_bounds: cfg.ttl_bounds(),
             election_timeout: cfg.raft.election_timeout,
@@ -445,12 +463,32 @@ impl Node {
     /// take effect twice.
     pub(super) async fn with_leader<T, F: std::future::Future<Output = Result<T, NodeError>>>(
         &self,
+        attempt: impl FnMut() -> F,
+    ) -> Result<T, NodeError> {
+        self.retry_until_led(attempt, |e| matches!(e, NodeError::NotLeader { .. } | NodeError::NoLeader)).await
+    }
+
+    /// As [`Node::with_leader`], for a request that may run twice (a read index, a keep-alive, a
+    /// time-to-live): also tried again when the leader could not be reached or did not answer in
+    /// time, which is how a leader change looks from a member that was talking to the old one.
+    /// etcd's server retries its lease renewals to the leader the same way.
+    async fn with_leader_idempotent<T, F: std::future::Future<Output = Result<T, NodeError>>>(
+        &self,
+        attempt: impl FnMut() -> F,
+    ) -> Result<T, NodeError> {
+        self.retry_until_led(attempt, NodeError::is_transient).await
+    }
+
+    async fn retry_until_led<T, F: std::future::Future<Output = Result<T, NodeError>>>(
+        &self,
         mut attempt: impl FnMut() -> F,
+        retry: impl Fn(&NodeError) -> bool,
     ) -> Result<T, NodeError> {
         let deadline = tokio::time::Instant::now() + self.election_timeout * 3;
         loop {
             match attempt().await {
-                Err(NodeError::NotLeader { .. } | NodeError::NoLeader) if tokio::time::Instant::now() < deadline => {
+                Err(e) if retry(&e) && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("waiting for a leader: {e}");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 other => return other,
@@ -488,13 +526,14 @@ impl Node {
         }
     }
 
-    /// The leader as this member knows it now: itself if it leads, another member only if that
-    /// one's AppendEntries or heartbeats arrived within an election timeout. openraft keeps a
-    /// dead leader as the current one until a new one is elected (which may take a witness's
-    /// help); etcd's members, like this, report no leader once they stop hearing from it.
+    /// The leader as this member knows it now: itself if it leads with a quorum (see
+    /// [`quorum`]), another member only if that one's AppendEntries or heartbeats, sent while it
+    /// held a quorum, arrived within an election timeout. openraft keeps a dead or cut-off
+    /// leader as the current one until a new one is elected (which may take a witness's help);
+    /// etcd's members, like this, report no leader once they stop hearing from a live one.
     fn live_leader(&self, m: &openraft::RaftMetrics<TypeConfig>) -> Option<u64> {
         match m.current_leader {
-            Some(l) if l == self.id => (m.state == ServerState::Leader).then_some(l),
+            Some(l) if l == self.id => (self.quorum.of(m) == Leadership::Leads).then_some(l),
             Some(l) => {
                 let heard = self.leader_contact_ms.load(std::sync::atomic::Ordering::Relaxed);
                 (now_ms().saturating_sub(heard) <= self.election_timeout.as_millis() as u64).then_some(l)
@@ -537,7 +576,7 @@ impl Node {
     /// a quorum (a read index, asked of the leader when this node follows): reads after this are
     /// linearizable.
     pub async fn linearize(&self) -> Result<(), NodeError> {
-        self.with_leader(|| self.linearize_once()).await
+        self.with_leader_idempotent(|| self.linearize_once()).await
     }
 
     async fn linearize_once(&self) -> Result<(), NodeError> {
@@ -545,7 +584,7 @@ impl Node {
             None => self.read_index_here().await.map(|_| ()),
             Some((leader, member)) => {
                 let call = self.peers.call::<_, Result<u64, RemoteError>>(leader, &member, Kind::ReadIndex, &());
-                let index = match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
+                let index = match tokio::time::timeout(self.election_timeout, call).await {
                     Err(_) => return Err(NodeError::Timeout),
                     Ok(Err(e)) => return Err(NodeError::Peer(e.to_string())),
                     Ok(Ok(r)) => r?,
@@ -606,7 +645,7 @@ impl Node {
     }
 
     fn lags_here(&self) -> BTreeMap<u64, Lag> {
-        if !self.is_leader() {
+        if !self.quorum.leads() {
             return BTreeMap::new();
         }
         let (replication, last) = {
@@ -625,6 +664,9 @@ impl Node {
             .collect()
     }
 
+    /// Whether openraft has this member as leader. Raft's own operations (membership changes,
+    /// hand-overs, the witness's purge point) go by this, and openraft gates them; answers given
+    /// outside the log go by [`QuorumView::leads`] instead.
     fn is_leader(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow_watched();
@@ -633,7 +675,7 @@ impl Node {
 
     /// A keep-alive: the leader restarts the lease's TTL (asked of it when this node follows).
     pub async fn lease_keep_alive(&self, id: i64) -> Result<i64, NodeError> {
-        self.with_leader(|| async {
+        self.with_leader_idempotent(|| async {
             match self.leader()? {
                 None => self.lease_keep_alive_here(id),
                 Some((leader, member)) => self.ask_leader::<_, i64>(leader, &member, Kind::LeaseKeepAlive, &id).await,
@@ -644,7 +686,7 @@ impl Node {
 
     fn lease_keep_alive_here(&self, id: i64) -> Result<i64, NodeError> {
         self.serves_clients_as_leader()?;
-        if !self.is_leader() {
+        if !self.quorum.leads() {
             return Err(self.not_leader());
         }
         let ttl = self.shared.lock().machine.leases.renew(id, now_ms()).map_err(ApplyError::from)?;
@@ -652,6 +694,8 @@ impl Node {
     }
 
     /// A lease request only the leader can answer, asked of it; lease errors come back as such.
+    /// An election timeout bounds the wait: a leader that does not answer within it has most
+    /// likely been replaced, and the caller asks again.
     async fn ask_leader<Req: Serialize, Rep: serde::de::DeserializeOwned>(
         &self,
         leader: u64,
@@ -660,7 +704,7 @@ impl Node {
         req: &Req,
     ) -> Result<Rep, NodeError> {
         let call = self.peers.call::<_, Result<Result<Rep, LeaseError>, RemoteError>>(leader, member, kind, req);
-        match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
+        match tokio::time::timeout(self.election_timeout, call).await {
             Err(_) => Err(NodeError::Timeout),
             Ok(Err(e)) => Err(NodeError::Peer(e.to_string())),
             Ok(Ok(Err(remote))) => Err(remote.into()),
@@ -671,7 +715,7 @@ impl Node {
 
     /// TTL left and keys of a lease, as the leader sees it (asked of it when this node follows).
     pub async fn lease_time_to_live(&self, id: i64, keys: bool) -> Result<LeaseInfo, NodeError> {
-        self.with_leader(|| async {
+        self.with_leader_idempotent(|| async {
             match self.leader()? {
                 None => self.lease_time_to_live_here(id, keys),
                 Some((leader, member)) => self.ask_leader(leader, &member, Kind::LeaseTimeToLive, &(id, keys)).await,
@@ -682,7 +726,7 @@ impl Node {
 
     fn lease_time_to_live_here(&self, id: i64, keys: bool) -> Result<LeaseInfo, NodeError> {
         self.serves_clients_as_leader()?;
-        if !self.is_leader() {
+        if !self.quorum.leads() {
             return Err(self.not_leader());
         }
         let st = self.shared.lock();
@@ -891,10 +935,12 @@ impl Node {
         use futures::StreamExt;
         let requests = futures::stream::unfold((frames, self.clone()), |(mut frames, me)| async move {
             match frames.read(crate::limits::PEER_MESSAGE_BYTES_MAX).await {
-                Ok(Some(bytes)) => match network::decode::<openraft::raft::AppendEntriesRequest<TypeConfig>>(&bytes) {
-                    Ok(req) => {
-                        me.leader_heard();
-                        Some((req, (frames, me)))
+                Ok(Some(bytes)) => match network::decode::<quorum::Replicate<openraft::raft::AppendEntriesRequest<TypeConfig>>>(&bytes) {
+                    Ok(frame) => {
+                        if frame.leads {
+                            me.leader_heard();
+                        }
+                        Some((frame.req, (frames, me)))
                     }
                     Err(e) => {
                         tracing::warn!("replication stream: {e}");
@@ -933,8 +979,11 @@ impl Node {
         }
         Ok(match kind {
             Kind::AppendEntries => {
-                self.leader_heard();
-                encode(&self.raft.append_entries(decode(body)?).await)
+                let frame: quorum::Replicate<openraft::raft::AppendEntriesRequest<TypeConfig>> = decode(body)?;
+                if frame.leads {
+                    self.leader_heard();
+                }
+                encode(&self.raft.append_entries(frame.req).await)
             }
             Kind::StreamAppend => return Err(crate::transport::TransportError::Stream("a replication stream sent as one request".into())),
             Kind::Vote => encode(&self.raft.vote(decode(body)?).await),
@@ -990,14 +1039,30 @@ impl Drop for WithdrawOnDrop<'_> {
 }
 
 /// Follows this node's leadership: a new leader takes over lease expiry (granting every lease a
-/// full TTL plus an election timeout), and while leading it revokes expired leases.
+/// full TTL plus an election timeout), and while leading it revokes expired leases. A leader
+/// that no quorum has acknowledged within the lease stops here too (see [`quorum`]): it hands
+/// expiry back, so that it neither expires leases nobody could renew while no side had a
+/// majority, nor keeps clocks the next leader will reset anyway.
 async fn leadership_loop(node: std::sync::Weak<Node>) {
     let tick = Duration::from_millis(50);
     let mut leading = false;
+    let mut was = Leadership::Follows;
     loop {
         tokio::time::sleep(tick).await;
         let Some(node) = node.upgrade() else { return };
-        let now_leader = node.is_leader();
+        let now = node.quorum.leadership();
+        match (was, now) {
+            (Leadership::Leads, Leadership::LostQuorum { since_ack }) => tracing::warn!(
+                "stepping down: no quorum acknowledged this leader within {:?} (last {:?} ago); it answers no \
+                 keep-alive, lease or status query as leader until one does or another member is elected",
+                node.quorum.lease(),
+                since_ack
+            ),
+            (Leadership::LostQuorum { .. }, Leadership::Leads) => tracing::info!("a quorum acknowledges this leader again"),
+            _ => {}
+        }
+        was = now;
+        let now_leader = now == Leadership::Leads;
         if now_leader != leading {
             leading = now_leader;
             node.lag.lock().unwrap().clear();

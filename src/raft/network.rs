@@ -19,6 +19,7 @@ use openraft::OptionalSend;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::quorum::{QuorumView, Replicate};
 use super::{Member, TypeConfig};
 use crate::config::Role;
 use crate::limits::{PEER_MESSAGE_BYTES_MAX, PEER_SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES};
@@ -239,6 +240,8 @@ pub struct Network {
     pub peers: Arc<Peers>,
     /// This node's own role.
     pub role: Role,
+    /// Whether this node leads with a quorum, told to followers on every AppendEntries.
+    pub quorum: Arc<QuorumView>,
 }
 
 /// openraft's client for one peer.
@@ -248,13 +251,14 @@ pub struct Peer {
     member: Member,
     /// This node's own role.
     role: Role,
+    quorum: Arc<QuorumView>,
 }
 
 impl RaftNetworkFactory<TC> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &Member) -> Self::Network {
-        Peer { peers: self.peers.clone(), target, member: node.clone(), role: self.role }
+        Peer { peers: self.peers.clone(), target, member: node.clone(), role: self.role, quorum: self.quorum.clone() }
     }
 }
 
@@ -321,10 +325,11 @@ impl RaftNetworkV2<TC> for Peer {
             let (mut frames, replies) = transport::open_duplex(&conn, Kind::StreamAppend as u8)
                 .await
                 .map_err(|e| RPCError::Unreachable(unreachable(e)))?;
+            let quorum = self.quorum.clone();
             let feed = tokio::spawn(async move {
                 let mut input = input;
                 while let Some(req) = futures::StreamExt::next(&mut input).await {
-                    if frames.write(&encode(&req)).await.is_err() {
+                    if frames.write(&encode(&Replicate { leads: quorum.leads(), req })).await.is_err() {
                         return;
                     }
                 }
@@ -356,7 +361,8 @@ impl RaftNetworkV2<TC> for Peer {
         rpc: AppendEntriesRequest<TC>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TC>, RPCError<TC>> {
-        self.rpc::<_, _, openraft::errors::RaftError<TC>>(Kind::AppendEntries, &rpc, &option).await
+        let frame = Replicate { leads: self.quorum.leads(), req: rpc };
+        self.rpc::<_, _, openraft::errors::RaftError<TC>>(Kind::AppendEntries, &frame, &option).await
     }
 
     async fn vote(&mut self, rpc: VoteRequest<TC>, option: RPCOption) -> Result<VoteResponse<TC>, RPCError<TC>> {
@@ -402,7 +408,7 @@ impl RaftNetworkV2<TC> for Peer {
             loop {
                 let end = (offset + SNAPSHOT_CHUNK_BYTES).min(total);
                 let chunk = SnapshotChunk {
-                    vote: vote.clone(),
+                    vote,
                     meta: meta.clone(),
                     offset: offset as u64,
                     total: total as u64,

@@ -52,7 +52,7 @@ impl Node {
 
     /// This member's last log id.
     pub(super) fn last_log_id(&self) -> Option<LogId> {
-        self.raft.data_metrics().borrow_watched().last_log.clone()
+        self.raft.data_metrics().borrow_watched().last_log
     }
 
     /// On a witness: keep only the log after `upto`, the index every data voter has confirmed.

@@ -12,5 +12,6 @@ mod linearizability;
 mod lock;
 mod maintenance;
 mod membership;
+mod partition;
 mod wan;
 mod watch;
