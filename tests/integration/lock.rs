@@ -277,3 +277,35 @@ fn a_lease_is_not_expired_early_across_a_restart() {
         }
     });
 }
+
+/// `lockctl lock` hands out the lock key's create revision as the fencing token, to its output
+/// and to COMMAND, from geolock (which sends the token with the grant) and from a real etcd
+/// (which does not: `lockctl` reads the key at the grant's revision) alike: at revision
+/// `token`, the key exists with that create revision.
+#[test]
+fn lockctl_hands_out_the_keys_create_revision_as_the_token_from_geolock_and_from_etcd() {
+    let geo = GeoNode::start();
+    let etcd = crate::common::Etcd::start();
+    for endpoint in [geo.endpoint(), etcd.endpoint()] {
+        crate::common::etcdctl_ok(&endpoint, &["put", "before", "x"]);
+        let (out, _) = crate::common::lockctl_ok(&[
+            "lock",
+            "--endpoints",
+            &endpoint,
+            "--ttl",
+            "10",
+            "tok",
+            "sh",
+            "-c",
+            "echo env $LOCKCTL_FENCING_TOKEN $ETCD_LOCK_REV",
+        ]);
+        let lines: Vec<&str> = out.lines().collect();
+        let key = lines[0];
+        let token: i64 = lines[1].strip_prefix("fencing token ").and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{out}"));
+        assert!(token > 0, "{endpoint}: token {token}");
+        assert_eq!(lines[2], format!("env {token} {token}"), "{endpoint}: {out}");
+        let json = crate::common::etcdctl_ok(&endpoint, &["get", key, &format!("--rev={token}"), "-w", "json"]);
+        let got: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(got["kvs"][0]["create_revision"].as_i64(), Some(token), "{endpoint}: {json}");
+    }
+}

@@ -376,7 +376,7 @@ fn writer(on: &tokio::runtime::Handle, endpoint: String, prefix: String, stop: A
 fn check_writes(rt: &tokio::runtime::Runtime, endpoint: &str, acked: &[String]) {
     let stored: BTreeSet<String> = rt.block_on(async {
         let mut c = client(endpoint).await;
-        let r = c.get("w/", Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
+        let r = c.get("writes/", Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
         r.kvs().iter().map(|kv| kv.key_str().unwrap().to_string()).collect()
     });
     let lost: Vec<&String> = acked.iter().filter(|k| !stored.contains(*k)).collect();
@@ -421,16 +421,97 @@ impl Setup {
         KeepAlives::start(&self.regions[region], endpoint, ttl, self.stop.clone())
     }
 
-    fn writer_in(&self, region: &str, endpoint: String) -> Arc<Mutex<Vec<String>>> {
-        writer(self.regions[region].handle(), endpoint, format!("w/{region}"), self.stop.clone())
-    }
-
     fn leader_id(&self) -> u64 {
         geolock::raft::member_id(&self.g.leader(&self.rt))
     }
 
+    /// The lines of every member's log that tell of leadership and quorum changes, for a
+    /// failure's message.
+    fn leadership_log(&self) -> String {
+        let mut out = String::new();
+        for n in &self.g.c.nodes {
+            for l in self.g.c.log(&n.name).lines().filter(|l| l.contains("stepping down") || l.contains("acknowledges this leader") || l.contains("leader")) {
+                out.push_str(&format!("{}: {l}\n", n.name));
+            }
+        }
+        out
+    }
+
     fn sleep(&self, d: Duration) {
         std::thread::sleep(d);
+    }
+}
+
+/// What every scenario watches besides its locks: every member's Status, keep-alives through
+/// members on the side that loses the majority, and writers on both sides.
+struct Observers {
+    leaders: Arc<Mutex<Vec<StatusSample>>>,
+    minority: Vec<(String, KeepAlives)>,
+    writes: Vec<Arc<Mutex<Vec<String>>>>,
+}
+
+/// What the shared checks measured.
+struct Figures {
+    /// Per member on the minority side: how long after the cut it still acknowledged keep-alives.
+    keepalives: Vec<(String, Duration)>,
+    two_leaders: Duration,
+    writes: usize,
+}
+
+impl std::fmt::Display for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let k: Vec<String> = self.keepalives.iter().map(|(m, d)| format!("via {m} {d:?}")).collect();
+        write!(
+            f,
+            "minority keep-alives acknowledged until [{}] after the cut; two leaders shown for at most {:?}; {} acknowledged writes all kept",
+            k.join(", "),
+            self.two_leaders,
+            self.writes
+        )
+    }
+}
+
+impl Setup {
+    /// Start the shared observers: keep-alives (TTL 5 s) through each of `minority`'s members
+    /// from inside their regions, and a writer through each of `writers`.
+    fn observe(&self, minority: &[&str], writers: &[&str]) -> Observers {
+        let leaders = watch_leaders(&self.g, &self.regions, self.stop.clone());
+        let minority = minority
+            .iter()
+            .map(|m| {
+                let n = self.g.c.node(m);
+                (m.to_string(), self.keep_alives(&n.region, n.endpoint(), 5))
+            })
+            .collect();
+        let writes = writers
+            .iter()
+            .map(|m| {
+                let n = self.g.c.node(m);
+                writer(self.regions[&n.region].handle(), n.endpoint(), format!("writes/{m}"), self.stop.clone())
+            })
+            .collect();
+        Observers { leaders, minority, writes }
+    }
+
+    /// The shared checks: keep-alives on the minority side acknowledged no later than an
+    /// election timeout after `cut` (half a second allowed for the answer's way back); never two
+    /// leaders named for longer than an election timeout; every acknowledged write readable.
+    fn check(&self, o: &Observers, cut: Option<Instant>) -> Figures {
+        let et = self.election_timeout;
+        let mut keepalives = Vec::new();
+        if let Some(cut) = cut {
+            for (m, k) in &o.minority {
+                let until = k.acknowledged_until(cut);
+                assert!(until <= et + Duration::from_millis(500), "{m} acknowledged keep-alives {until:?} after the cut");
+                keepalives.push((m.clone(), until));
+            }
+        }
+        let two_leaders = longest_two_leaders(&o.leaders.lock().unwrap());
+        assert!(two_leaders <= et, "two leaders shown for {two_leaders:?}");
+        let acked: Vec<String> = o.writes.iter().flat_map(|w| w.lock().unwrap().clone()).collect();
+        let leader = self.g.leader(&self.rt);
+        check_writes(&self.rt, &self.g.c.node(&leader).endpoint(), &acked);
+        Figures { keepalives, two_leaders, writes: acked.len() }
     }
 }
 
@@ -447,49 +528,30 @@ impl Drop for Setup {
 #[test]
 fn a_leader_cut_off_in_a_minority_region_stops_answering_for_the_cluster() {
     let mut s = Setup::start("node-1");
-    let et = s.election_timeout;
     let old = s.leader_id();
-    let leaders = watch_leaders(&s.g, &s.regions, s.stop.clone());
+    let o = s.observe(&["node-1", "node-2", "learner-us-east"], &["node-1", "node-3"]);
     let east = s.lock_loop("us-east", s.data_endpoints("us-east"), "job", 5, 1.0, "east");
     let west = s.lock_loop("us-west", s.data_endpoints("us-west"), "job", 5, 1.0, "west");
-    let via_leader = s.keep_alives("us-east", s.g.c.node("node-1").endpoint(), 5);
-    let via_follower = s.keep_alives("us-east", s.g.c.node("node-2").endpoint(), 5);
-    let east_writes = s.writer_in("us-east", s.voter("us-east"));
-    let west_writes = s.writer_in("us-west", s.voter("us-west"));
     s.sleep(Duration::from_secs(4));
-    let g = &mut s;
     let cut = Instant::now();
-    g.g.c.partition("us-east").unwrap();
-    g.sleep(Duration::from_secs(12));
-    g.g.c.heal("us-east").unwrap();
+    s.g.c.partition("us-east").unwrap();
+    s.sleep(Duration::from_secs(12));
+    s.g.c.heal("us-east").unwrap();
     let healed = Instant::now();
-    g.sleep(Duration::from_secs(6));
-    g.stop.store(true, Ordering::Relaxed);
+    s.sleep(Duration::from_secs(6));
+    s.stop.store(true, Ordering::Relaxed);
     let attempts: Vec<Attempt> = east.finish().into_iter().chain(west.finish()).collect();
-    let grants = check_locks(&attempts, &g.fence, &[]);
-    let east_during: Vec<&Attempt> = attempts.iter().filter(|a| a.who.starts_with("east") && a.granted.is_some_and(|t| t > cut && t < healed)).collect();
-    assert!(
-        east_during.is_empty(),
-        "a client on the cut-off side was granted the lock {:?} after the cut: {east_during:?}",
-        east_during.iter().map(|a| a.granted.unwrap().duration_since(cut)).collect::<Vec<_>>()
-    );
-    let leader_keepalives = via_leader.acknowledged_until(cut);
-    let follower_keepalives = via_follower.acknowledged_until(cut);
-    let slack = Duration::from_millis(500);
-    assert!(leader_keepalives <= et + slack, "the deposed leader acknowledged keep-alives {leader_keepalives:?} after the cut");
-    assert!(follower_keepalives <= et + slack, "its follower acknowledged keep-alives {follower_keepalives:?} after the cut");
-    let samples = leaders.lock().unwrap().clone();
-    let two = longest_two_leaders(&samples);
-    assert!(two <= et, "two leaders shown for {two:?}");
-    let elected = new_leader_at(&samples, cut, old).expect("no new leader elected").duration_since(cut);
-    let after = g.leader_id();
-    assert_ne!(after, old, "the cut-off leader still leads after the heal");
-    check_writes(&g.rt, &g.voter("us-west"), &[east_writes.lock().unwrap().clone(), west_writes.lock().unwrap().clone()].concat());
+    let grants = check_locks(&attempts, &s.fence, &[]);
+    let granted = |who: &str| attempts.iter().filter(|a| a.who.starts_with(who) && a.granted.is_some_and(|t| t > cut && t < healed)).count();
+    assert_eq!(granted("east"), 0, "a client on the cut-off side was granted the lock: {attempts:#?}");
+    assert!(granted("west") > 0, "the majority granted no lock while us-east was cut off");
+    let figures = s.check(&o, Some(cut));
+    let elected = new_leader_at(&o.leaders.lock().unwrap(), cut, old).expect("no new leader elected").duration_since(cut);
+    assert_ne!(s.leader_id(), old, "the cut-off leader still leads after the heal");
     eprintln!(
-        "scenario 1 (leader cut off with its region): keep-alives via the old leader acknowledged until {leader_keepalives:?} \
-         after the cut, via its follower {follower_keepalives:?}; new leader named {elected:?} after the cut; two leaders \
-         shown for at most {two:?}; {grants} lock grants checked ({} fenced writes)",
-        g.fence.writes().len()
+        "scenario 1 (the leader's region cut off): new leader named {elected:?} after the cut; {figures}; {grants} lock grants \
+         checked ({} fenced writes)",
+        s.fence.writes().len()
     );
 }
 
@@ -500,15 +562,11 @@ fn a_leader_cut_off_in_a_minority_region_stops_answering_for_the_cluster() {
 #[test]
 fn a_follower_region_cut_off_leaves_the_majority_working_and_catches_up() {
     let mut s = Setup::start("node-1");
-    let et = s.election_timeout;
     let old = s.leader_id();
-    let leaders = watch_leaders(&s.g, &s.regions, s.stop.clone());
+    let o = s.observe(&["node-3", "node-4", "learner-us-west"], &["node-2", "node-3"]);
     let east = s.lock_loop("us-east", s.data_endpoints("us-east"), "job", 5, 1.0, "east");
     let west = s.lock_loop("us-west", s.data_endpoints("us-west"), "job", 5, 1.0, "west");
-    let west_keepalives = s.keep_alives("us-west", s.g.c.node("node-3").endpoint(), 5);
     let east_keepalives = s.keep_alives("us-east", s.g.c.node("node-2").endpoint(), 5);
-    let east_writes = s.writer_in("us-east", s.voter("us-east"));
-    let west_writes = s.writer_in("us-west", s.voter("us-west"));
     s.sleep(Duration::from_secs(4));
     let cut = Instant::now();
     s.g.c.partition("us-west").unwrap();
@@ -520,15 +578,11 @@ fn a_follower_region_cut_off_leaves_the_majority_working_and_catches_up() {
     let attempts: Vec<Attempt> = east.finish().into_iter().chain(west.finish()).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
     let granted = |who: &str| attempts.iter().filter(|a| a.who.starts_with(who) && a.granted.is_some_and(|t| t > cut && t < healed)).count();
-    assert_eq!(granted("west"), 0, "the cut-off side was granted the lock");
+    assert_eq!(granted("west"), 0, "the cut-off side was granted the lock: {attempts:#?}");
     assert!(granted("east") > 0, "the majority granted no lock while us-west was cut off");
-    let minority = west_keepalives.acknowledged_until(cut);
-    assert!(minority <= et + Duration::from_millis(500), "us-west acknowledged keep-alives {minority:?} after the cut");
     let majority = east_keepalives.acknowledged_until(cut);
     assert!(majority >= Duration::from_secs(14), "the majority side's keep-alives stopped {majority:?} after the cut");
-    let samples = leaders.lock().unwrap().clone();
-    let two = longest_two_leaders(&samples);
-    assert!(two <= et, "two leaders shown for {two:?}");
+    let figures = s.check(&o, Some(cut));
     assert_eq!(s.leader_id(), old, "the leader with the majority lost its leadership");
     // us-west catches up: its voters reach the leader's revision.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -541,11 +595,10 @@ fn a_follower_region_cut_off_leaves_the_majority_working_and_catches_up() {
         assert!(Instant::now() < deadline, "node-3 at revision {west} has not caught up with {lead} 20 s after the heal");
         std::thread::sleep(Duration::from_millis(200));
     }
-    check_writes(&s.rt, &s.voter("us-east"), &[east_writes.lock().unwrap().clone(), west_writes.lock().unwrap().clone()].concat());
     eprintln!(
-        "scenario 2 (us-west cut off, the leader keeps a majority): us-west's keep-alives acknowledged until {minority:?} \
-         after the cut, us-east's throughout ({majority:?}); the leader did not change; two leaders shown for at most {two:?}; \
-         {grants} lock grants checked ({} during the cut, all on the majority side)",
+        "scenario 2 (us-west cut off, the leader keeps a majority): the leader did not change; {figures}; us-east's \
+         keep-alives acknowledged throughout ({majority:?}); {grants} lock grants checked ({} during the cut, all on the \
+         majority side)",
         granted("east")
     );
 }
@@ -559,16 +612,11 @@ fn a_follower_region_cut_off_leaves_the_majority_working_and_catches_up() {
 fn with_no_majority_anywhere_nobody_answers_for_the_cluster_and_leases_outlive_the_cut() {
     let mut s = Setup::start("node-1");
     let et = s.election_timeout;
-    let leaders = watch_leaders(&s.g, &s.regions, s.stop.clone());
+    // Keep-alives (TTL 5 s, shorter than the cut: the old leader's clock would have expired
+    // them) on every side, every side being a minority.
+    let o = s.observe(&["node-1", "node-4", "learner-europe"], &["node-1", "node-3"]);
     let east = s.lock_loop("us-east", s.data_endpoints("us-east"), "job", 5, 1.0, "east");
     let west = s.lock_loop("us-west", s.data_endpoints("us-west"), "job", 5, 1.0, "west");
-    // A TTL shorter than the cut: the old leader's clock would have expired them.
-    let keepalives = [
-        ("us-east via the leader", s.keep_alives("us-east", s.g.c.node("node-1").endpoint(), 5)),
-        ("us-west", s.keep_alives("us-west", s.g.c.node("node-4").endpoint(), 5)),
-        ("europe", s.keep_alives("europe", s.g.c.node("learner-europe").endpoint(), 5)),
-    ];
-    let east_writes = s.writer_in("us-east", s.voter("us-east"));
     s.sleep(Duration::from_secs(4));
     let cut = Instant::now();
     for r in ["us-east", "us-west", "europe"] {
@@ -580,37 +628,38 @@ fn with_no_majority_anywhere_nobody_answers_for_the_cluster_and_leases_outlive_t
     }
     let healed = Instant::now();
     s.sleep(Duration::from_secs(6));
-    let mut report = Vec::new();
-    for (side, k) in &keepalives {
+    // Every lease outlived the cut, and its keep-alives go on.
+    for (m, k) in &o.minority {
         let until = k.acknowledged_until(cut);
-        assert!(until >= Duration::from_secs(13), "{side}: lease {:x} lost: keep-alives acknowledged only until {until:?}", k.id());
-        let during = k.acks.lock().unwrap().iter().filter(|t| **t > cut + et + Duration::from_millis(500) && **t < healed).count();
-        assert_eq!(during, 0, "{side}: {during} keep-alives acknowledged while no side had a majority");
-        let first_gap = k.acks.lock().unwrap().iter().filter(|t| **t > cut && **t < healed).max().map_or(Duration::ZERO, |t| t.duration_since(cut));
-        report.push(format!("{side} {first_gap:?}"));
-        let ttl = s.rt.block_on(async {
-            let mut c = client(&s.voter("us-east")).await;
-            c.lease_time_to_live(k.id(), None).await.unwrap().ttl()
-        });
-        assert!(ttl > 0, "{side}: lease {:x} revoked after the heal (TTL {ttl})", k.id());
+        assert!(until >= Duration::from_secs(13), "via {m}: lease {:x} lost: keep-alives acknowledged only until {until:?}", k.id());
+        let ttl = s.rt.block_on(async { client(&s.voter("us-east")).await.lease_time_to_live(k.id(), None).await.unwrap().ttl() });
+        assert!(ttl > 0, "via {m}: lease {:x} revoked after the heal (TTL {ttl})", k.id());
     }
     s.stop.store(true, Ordering::Relaxed);
     let attempts: Vec<Attempt> = east.finish().into_iter().chain(west.finish()).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
-    let samples = leaders.lock().unwrap().clone();
+    let granted = attempts.iter().filter(|a| a.granted.is_some_and(|t| t > cut && t < healed)).count();
+    assert_eq!(granted, 0, "a lock was granted while no side had a majority: {attempts:#?}");
     // The old leader stops naming itself half an election timeout after its last quorum, its
     // followers an election timeout after its last heartbeat sent with a quorum.
+    let samples = o.leaders.lock().unwrap().clone();
     let quiet_from = cut + et * 3 / 2 + Duration::from_millis(500);
     let named: Vec<&StatusSample> = samples.iter().filter(|x| x.at > quiet_from && x.at < healed && x.leader != 0).collect();
     assert!(named.is_empty(), "a leader was named while no side had a majority: {:?}", &named[..named.len().min(5)]);
     let last_named = samples.iter().filter(|x| x.at > cut && x.at < healed && x.leader != 0).map(|x| x.at.duration_since(cut)).max();
-    let two = longest_two_leaders(&samples);
-    assert!(two <= et, "two leaders shown for {two:?}");
-    check_writes(&s.rt, &s.voter("us-east"), &east_writes.lock().unwrap());
+    // Only keep-alives sent before the heal are held to the cut's deadline.
+    let during: Vec<(String, Duration)> = o
+        .minority
+        .iter()
+        .map(|(m, k)| (m.clone(), k.acks.lock().unwrap().iter().filter(|t| **t > cut && **t < healed).max().map_or(Duration::ZERO, |t| t.duration_since(cut))))
+        .collect();
+    for (m, until) in &during {
+        assert!(*until <= et + Duration::from_millis(500), "via {m}: keep-alives acknowledged {until:?} after the cut");
+    }
+    let figures = s.check(&Observers { minority: Vec::new(), ..o }, None);
     eprintln!(
-        "scenario 3 (no majority anywhere, 8 s): keep-alives acknowledged until {} after the cut; a leader last named \
-         {last_named:?} after the cut; every lease (TTL 5 s) kept after the heal; {grants} lock grants checked",
-        report.join(", ")
+        "scenario 3 (no majority anywhere for 8 s): keep-alives acknowledged until {during:?} after the cut; a leader last \
+         named {last_named:?} after the cut; every lease (TTL 5 s) kept after the heal; {figures}; {grants} lock grants checked"
     );
 }
 
@@ -643,12 +692,11 @@ fn last_write(fence: &Fence, who: &str) -> Option<Instant> {
 #[test]
 fn the_specs_lease_expiry_timeline_tells_the_cut_off_holder_and_fences_it() {
     let mut s = Setup::start("node-3");
-    let et = s.election_timeout;
     let ttl = 5u32;
     // T0: A takes the lock from us-east, to hold it as long as it can.
     let a = LockLoop::start(s.g.c.launcher_in("us-east").unwrap(), s.data_endpoints("us-east"), "timeline", ttl, 300.0, "A", &s.fence.path, true);
     let token_a = wait_holding(&s.fence, "A", Duration::from_secs(30));
-    let a_keepalives = s.keep_alives("us-east", s.g.c.node("node-1").endpoint(), ttl as i64);
+    let o = s.observe(&["node-1", "node-2"], &["node-1", "node-3"]);
     s.sleep(Duration::from_secs(2));
     // T5: the partition isolates A's region; B, in the leader's region, asks for the lock.
     let cut = Instant::now();
@@ -669,16 +717,16 @@ fn the_specs_lease_expiry_timeline_tells_the_cut_off_holder_and_fences_it() {
     assert!(a_last < b_at, "A wrote {:?} after B's first write", a_last.duration_since(b_at));
     assert!(token_b > token_a, "B's token {token_b} is not greater than A's {token_a}");
     assert_eq!(b_attempts[0].code, Some(0), "B: {b_attempts:?}");
-    let minority = a_keepalives.acknowledged_until(cut);
-    assert!(minority <= et + Duration::from_millis(500), "A's side acknowledged keep-alives {minority:?} after the cut");
     let told = a_told.duration_since(cut);
     assert!(told <= Duration::from_secs(ttl as u64) + Duration::from_millis(1500), "A was told only {told:?} after the cut");
     let attempts: Vec<Attempt> = a_attempts.into_iter().chain(b_attempts).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
+    s.stop.store(true, Ordering::Relaxed);
+    let figures = s.check(&o, Some(cut));
     eprintln!(
-        "lease expiry timeline (TTL {ttl} s): A's side acknowledged keep-alives until {minority:?} after the cut; A told the lock \
-         was gone {told:?} after the cut, its last write {:?} before B's first; B granted (first write) {:?} after the cut with \
-         token {token_b} > {token_a}; A's stale write rejected; {grants} grants checked",
+        "lease expiry timeline (TTL {ttl} s): {figures}; A told the lock was gone {told:?} after the cut, its last write {:?} \
+         before B's first; B granted (first write) {:?} after the cut with token {token_b} > {token_a}; A's stale write \
+         rejected; {grants} grants checked",
         b_at.duration_since(a_last),
         b_at.duration_since(cut)
     );
@@ -737,6 +785,7 @@ fn a_waiter_cut_off_past_its_lease_is_not_granted_when_the_partition_heals() {
     let h = LockLoop::start(s.g.c.launcher_in("us-west").unwrap(), s.data_endpoints("us-west"), "w", 10, 5.0, "H", &s.fence.path, true);
     let token_h = wait_holding(&s.fence, "H", Duration::from_secs(30));
     let held_at = first_write(&s.fence, "H").unwrap();
+    let o = s.observe(&["node-1", "node-2"], &["node-2", "node-4"]);
     let node1 = s.g.c.node("node-1").endpoint();
     let waiter = s.regions["us-east"].spawn(async move { raw_lock(node1, "w", 8, None).await });
     // Its key queued behind H's, Q queues behind it from us-west.
@@ -751,7 +800,12 @@ fn a_waiter_cut_off_past_its_lease_is_not_granted_when_the_partition_heals() {
     s.g.c.partition("us-east").unwrap();
     // H releases about 5 s after it got the lock; the waiter's 8 s lease then ends on the
     // cluster, and Q gets the lock.
-    let token_q = wait_holding(&s.fence, "Q", Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first_write(&s.fence, "Q").is_none() {
+        assert!(Instant::now() < deadline, "Q did not get the lock within 30 s; leadership:\n{}", s.leadership_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let token_q = wait_holding(&s.fence, "Q", Duration::from_secs(1));
     let h_released = last_write(&s.fence, "H").unwrap();
     assert!(h_released < held_at + Duration::from_secs(7), "H held past the waiter's lease: the race is not set up");
     s.sleep(Duration::from_secs(1));
@@ -766,9 +820,11 @@ fn a_waiter_cut_off_past_its_lease_is_not_granted_when_the_partition_heals() {
     assert!(token_q > token_h);
     let attempts: Vec<Attempt> = h_attempts.into_iter().chain(q_attempts).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
+    s.stop.store(true, Ordering::Relaxed);
+    let figures = s.check(&o, Some(cut));
     eprintln!(
         "waiter cut off past its lease: refused after the heal ({}); Q granted {:?} after the cut with token {token_q} > {token_h}; \
-         {grants} grants checked",
+         {figures}; {grants} grants checked",
         outcome.unwrap_err().message(),
         first_write(&s.fence, "Q").unwrap().duration_since(cut)
     );
@@ -787,6 +843,7 @@ fn a_follower_catching_up_grants_queued_locks_only_as_the_cluster_committed_them
     // lock moves on: no waiter can be granted before the cut.
     let holder = s.lock_loop("us-west", via.clone(), "q", 10, 5.0, "H");
     wait_holding(&s.fence, "H", Duration::from_secs(30));
+    let o = s.observe(&["node-2"], &["node-2", "node-4"]);
     let node2 = s.g.c.node("node-2").endpoint();
     // Each waiter, once granted, uses the lock and releases it for the next, whatever order
     // their keys queued in.
@@ -812,6 +869,7 @@ fn a_follower_catching_up_grants_queued_locks_only_as_the_cluster_committed_them
         assert!(Instant::now() < deadline, "the waiters' keys did not all queue within 4 s");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let cut = Instant::now();
     s.g.c.isolate("node-2").unwrap();
     s.sleep(Duration::from_secs(12));
     s.g.c.rejoin("node-2").unwrap();
@@ -836,7 +894,9 @@ fn a_follower_catching_up_grants_queued_locks_only_as_the_cluster_committed_them
     s.sleep(Duration::from_secs(2));
     let attempts = holder.finish();
     let grants = check_locks(&attempts, &s.fence, &raw_tokens);
-    eprintln!("queued locks on a follower catching up: {}; {grants} grants checked", report.join(", "));
+    s.stop.store(true, Ordering::Relaxed);
+    let figures = s.check(&o, Some(cut));
+    eprintln!("queued locks on a follower catching up: {}; {figures}; {grants} grants checked", report.join(", "));
 }
 
 /// Holders keep their locks through leadership transfers and a SIGKILLed leader: the
@@ -858,6 +918,7 @@ fn holders_keep_their_locks_and_leases_through_leader_changes() {
     for h in ["H1", "H2", "H3"] {
         wait_holding(&s.fence, h, Duration::from_secs(30));
     }
+    let o = s.observe(&[], &["node-3", "node-4"]);
     let waiters = [
         LockLoop::start(root.clone(), ep(&["node-4", "node-2"]), "h1", TTL_S, 0.5, "W1", &s.fence.path, false),
         LockLoop::start(root.clone(), ep(&["node-1", "node-3"]), "h2", TTL_S, 0.5, "W2", &s.fence.path, false),
@@ -896,5 +957,7 @@ fn holders_keep_their_locks_and_leases_through_leader_changes() {
     }
     let attempts: Vec<Attempt> = holder_attempts.into_iter().chain(waiters.into_iter().flat_map(LockLoop::finish)).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
-    eprintln!("{changes} leader changes (2 transfers, a SIGKILLed leader, a transfer back) under 3 holders: every holder kept its lock and lease; {grants} grants checked");
+    s.stop.store(true, Ordering::Relaxed);
+    let figures = s.check(&o, None);
+    eprintln!("{figures}; {changes} leader changes (2 transfers, a SIGKILLed leader, a transfer back) under 3 holders: every holder kept its lock and lease; {grants} grants checked");
 }
