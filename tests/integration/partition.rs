@@ -216,6 +216,11 @@ impl Drop for LockLoop {
     }
 }
 
+/// How many of `attempts` by `who` were granted between `from` and `to`.
+fn granted_between(attempts: &[Attempt], who: &str, from: Instant, to: Instant) -> usize {
+    attempts.iter().filter(|a| a.who.starts_with(who) && a.granted.is_some_and(|t| t > from && t < to)).count()
+}
+
 /// The lock checks every scenario makes; returns the number of grants checked.
 fn check_locks(attempts: &[Attempt], fence: &Fence, other_grants: &[i64]) -> usize {
     let mut tokens: Vec<i64> = other_grants.to_vec();
@@ -425,6 +430,28 @@ impl Setup {
         geolock::raft::member_id(&self.g.leader(&self.rt))
     }
 
+    /// `lockctl lock` loops on lock "job" from each data region, through its own members.
+    fn both_sides(&self) -> [LockLoop; 2] {
+        ["us-east", "us-west"].map(|r| self.lock_loop(r, self.data_endpoints(r), "job", 5, 1.0, &r.replace("us-", "")))
+    }
+
+    /// After 4 s of traffic, cut `regions` off (each from every other) for `cut_for`, heal, and
+    /// let traffic go on for 6 s. Returns when the cut began and when it healed.
+    fn cut_regions(&mut self, regions: &[&str], cut_for: Duration) -> (Instant, Instant) {
+        self.sleep(Duration::from_secs(4));
+        let cut = Instant::now();
+        for r in regions {
+            self.g.c.partition(r).unwrap();
+        }
+        self.sleep(cut_for);
+        for r in regions {
+            self.g.c.heal(r).unwrap();
+        }
+        let healed = Instant::now();
+        self.sleep(Duration::from_secs(6));
+        (cut, healed)
+    }
+
     /// The lines of every member's log that tell of leadership and quorum changes, for a
     /// failure's message.
     fn leadership_log(&self) -> String {
@@ -530,21 +557,13 @@ fn a_leader_cut_off_in_a_minority_region_stops_answering_for_the_cluster() {
     let mut s = Setup::start("node-1");
     let old = s.leader_id();
     let o = s.observe(&["node-1", "node-2", "learner-us-east"], &["node-1", "node-3"]);
-    let east = s.lock_loop("us-east", s.data_endpoints("us-east"), "job", 5, 1.0, "east");
-    let west = s.lock_loop("us-west", s.data_endpoints("us-west"), "job", 5, 1.0, "west");
-    s.sleep(Duration::from_secs(4));
-    let cut = Instant::now();
-    s.g.c.partition("us-east").unwrap();
-    s.sleep(Duration::from_secs(12));
-    s.g.c.heal("us-east").unwrap();
-    let healed = Instant::now();
-    s.sleep(Duration::from_secs(6));
+    let sides = s.both_sides();
+    let (cut, healed) = s.cut_regions(&["us-east"], Duration::from_secs(12));
     s.stop.store(true, Ordering::Relaxed);
-    let attempts: Vec<Attempt> = east.finish().into_iter().chain(west.finish()).collect();
+    let attempts: Vec<Attempt> = sides.into_iter().flat_map(LockLoop::finish).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
-    let granted = |who: &str| attempts.iter().filter(|a| a.who.starts_with(who) && a.granted.is_some_and(|t| t > cut && t < healed)).count();
-    assert_eq!(granted("east"), 0, "a client on the cut-off side was granted the lock: {attempts:#?}");
-    assert!(granted("west") > 0, "the majority granted no lock while us-east was cut off");
+    assert_eq!(granted_between(&attempts, "east", cut, healed), 0, "a client on the cut-off side was granted the lock: {attempts:#?}");
+    assert!(granted_between(&attempts, "west", cut, healed) > 0, "the majority granted no lock while us-east was cut off");
     let figures = s.check(&o, Some(cut));
     let elected = new_leader_at(&o.leaders.lock().unwrap(), cut, old).expect("no new leader elected").duration_since(cut);
     assert_ne!(s.leader_id(), old, "the cut-off leader still leads after the heal");
@@ -564,22 +583,15 @@ fn a_follower_region_cut_off_leaves_the_majority_working_and_catches_up() {
     let mut s = Setup::start("node-1");
     let old = s.leader_id();
     let o = s.observe(&["node-3", "node-4", "learner-us-west"], &["node-2", "node-3"]);
-    let east = s.lock_loop("us-east", s.data_endpoints("us-east"), "job", 5, 1.0, "east");
-    let west = s.lock_loop("us-west", s.data_endpoints("us-west"), "job", 5, 1.0, "west");
+    let sides = s.both_sides();
     let east_keepalives = s.keep_alives("us-east", s.g.c.node("node-2").endpoint(), 5);
-    s.sleep(Duration::from_secs(4));
-    let cut = Instant::now();
-    s.g.c.partition("us-west").unwrap();
-    s.sleep(Duration::from_secs(10));
-    s.g.c.heal("us-west").unwrap();
-    let healed = Instant::now();
-    s.sleep(Duration::from_secs(6));
+    let (cut, healed) = s.cut_regions(&["us-west"], Duration::from_secs(10));
     s.stop.store(true, Ordering::Relaxed);
-    let attempts: Vec<Attempt> = east.finish().into_iter().chain(west.finish()).collect();
+    let attempts: Vec<Attempt> = sides.into_iter().flat_map(LockLoop::finish).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
-    let granted = |who: &str| attempts.iter().filter(|a| a.who.starts_with(who) && a.granted.is_some_and(|t| t > cut && t < healed)).count();
-    assert_eq!(granted("west"), 0, "the cut-off side was granted the lock: {attempts:#?}");
-    assert!(granted("east") > 0, "the majority granted no lock while us-west was cut off");
+    assert_eq!(granted_between(&attempts, "west", cut, healed), 0, "the cut-off side was granted the lock: {attempts:#?}");
+    let during = granted_between(&attempts, "east", cut, healed);
+    assert!(during > 0, "the majority granted no lock while us-west was cut off");
     let majority = east_keepalives.acknowledged_until(cut);
     assert!(majority >= Duration::from_secs(14), "the majority side's keep-alives stopped {majority:?} after the cut");
     let figures = s.check(&o, Some(cut));
@@ -599,7 +611,7 @@ fn a_follower_region_cut_off_leaves_the_majority_working_and_catches_up() {
         "scenario 2 (us-west cut off, the leader keeps a majority): the leader did not change; {figures}; us-east's \
          keep-alives acknowledged throughout ({majority:?}); {grants} lock grants checked ({} during the cut, all on the \
          majority side)",
-        granted("east")
+        during
     );
 }
 
@@ -615,19 +627,8 @@ fn with_no_majority_anywhere_nobody_answers_for_the_cluster_and_leases_outlive_t
     // Keep-alives (TTL 5 s, shorter than the cut: the old leader's clock would have expired
     // them) on every side, every side being a minority.
     let o = s.observe(&["node-1", "node-4", "learner-europe"], &["node-1", "node-3"]);
-    let east = s.lock_loop("us-east", s.data_endpoints("us-east"), "job", 5, 1.0, "east");
-    let west = s.lock_loop("us-west", s.data_endpoints("us-west"), "job", 5, 1.0, "west");
-    s.sleep(Duration::from_secs(4));
-    let cut = Instant::now();
-    for r in ["us-east", "us-west", "europe"] {
-        s.g.c.partition(r).unwrap();
-    }
-    s.sleep(Duration::from_secs(8));
-    for r in ["us-east", "us-west", "europe"] {
-        s.g.c.heal(r).unwrap();
-    }
-    let healed = Instant::now();
-    s.sleep(Duration::from_secs(6));
+    let sides = s.both_sides();
+    let (cut, healed) = s.cut_regions(&["us-east", "us-west", "europe"], Duration::from_secs(8));
     // Every lease outlived the cut, and its keep-alives go on.
     for (m, k) in &o.minority {
         let until = k.acknowledged_until(cut);
@@ -636,10 +637,9 @@ fn with_no_majority_anywhere_nobody_answers_for_the_cluster_and_leases_outlive_t
         assert!(ttl > 0, "via {m}: lease {:x} revoked after the heal (TTL {ttl})", k.id());
     }
     s.stop.store(true, Ordering::Relaxed);
-    let attempts: Vec<Attempt> = east.finish().into_iter().chain(west.finish()).collect();
+    let attempts: Vec<Attempt> = sides.into_iter().flat_map(LockLoop::finish).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
-    let granted = attempts.iter().filter(|a| a.granted.is_some_and(|t| t > cut && t < healed)).count();
-    assert_eq!(granted, 0, "a lock was granted while no side had a majority: {attempts:#?}");
+    assert_eq!(granted_between(&attempts, "", cut, healed), 0, "a lock was granted while no side had a majority: {attempts:#?}");
     // The old leader stops naming itself half an election timeout after its last quorum, its
     // followers an election timeout after its last heartbeat sent with a quorum.
     let samples = o.leaders.lock().unwrap().clone();
