@@ -49,7 +49,8 @@ async fn connect_from(endpoints: &str, start: usize) -> Result<(Channel, usize),
 /// How long one endpoint gets to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long the client goes on retrying an Unlock or Resign through leader changes.
+/// How long the client goes on retrying a lease grant, an Unlock or a Resign through leader
+/// changes.
 const RELEASE_RETRY: Duration = Duration::from_secs(10);
 
 /// How long it tries to revoke its lease once done with it.
@@ -84,10 +85,14 @@ struct Session {
 }
 
 impl Session {
+    /// Grant the lease, through leader changes: a grant whose answer was lost leaves a lease
+    /// nobody keeps alive, which ends at its TTL.
     async fn grant(endpoints: &str, ttl: i64) -> Result<Session, ClientError> {
-        let ch = connect(endpoints).await?;
         let sent = tokio::time::Instant::now();
-        let granted = pb::lease_client::LeaseClient::new(ch).lease_grant(pb::LeaseGrantRequest { ttl, id: 0 }).await?.into_inner();
+        let granted = retry_for(RELEASE_RETRY, endpoints, |ch| async move {
+            pb::lease_client::LeaseClient::new(ch).lease_grant(pb::LeaseGrantRequest { ttl, id: 0 }).await
+        })
+        .await?;
         let (id, ttl) = (granted.id, granted.ttl);
         let (lost_tx, lost) = tokio::sync::oneshot::channel();
         let keepalive = tokio::spawn(keep_alive(endpoints.to_string(), id, ttl, sent + secs(ttl), lost_tx));

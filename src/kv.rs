@@ -412,7 +412,8 @@ impl Mvcc {
     /// Check that a read at `rev` (0 = latest) is possible.
     pub fn check_rev(&self, rev: Rev) -> Result<Rev, KvError> {
         let cur = self.read_rev();
-        if rev == 0 {
+        // etcd reads at the current revision for any revision <= 0, negative ones included.
+        if rev <= 0 {
             return Ok(cur);
         }
         if rev > cur {

@@ -49,12 +49,6 @@ pub fn range_in(r: pb::RangeRequest) -> Result<kv::RangeRequest, ApiError> {
     if r.key.is_empty() {
         return Err(kv::KvError::EmptyKey.into());
     }
-    if r.limit < 0 {
-        return Err(ApiError::InvalidArgument(format!("negative limit {}", r.limit)));
-    }
-    if r.revision < 0 {
-        return Err(ApiError::InvalidArgument(format!("negative revision {}", r.revision)));
-    }
     Ok(kv::RangeRequest {
         key: r.key,
         range_end: r.range_end,

@@ -1,7 +1,9 @@
 //! The one table that maps geolock's errors to gRPC statuses. Codes and messages are etcd's
 //! (its `rpctypes`), because client libraries match on them: a compacted revision must read
 //! "etcdserver: mvcc: required revision has been compacted" for a Go client to see
-//! `rpctypes.ErrCompacted`. Where a limit was broken, the message also names the limit.
+//! `rpctypes.ErrCompacted`. Where geolock says more than etcd's text (the limit that was
+//! broken), the status message is etcd's text to the byte and the whole story goes into the
+//! [`DETAIL_METADATA`] entry of the status's metadata.
 
 use tonic::{Code, Status};
 
@@ -69,6 +71,34 @@ fn lease_code(e: &LeaseError) -> Code {
     }
 }
 
+/// The gRPC metadata key that carries geolock's account of an error whose message is etcd's
+/// fixed text (for instance which limit a request broke, and by how much).
+pub const DETAIL_METADATA: &str = "geolock-detail";
+
+/// etcd's exact text for an error that geolock describes in more detail, from etcd's
+/// `rpctypes` table; `None` where geolock's own message is the status message.
+fn etcd_text(e: &ApiError) -> Option<&'static str> {
+    let kv = |k: &KvError| match k {
+        KvError::TooManyOps { .. } => Some("etcdserver: too many operations in txn request"),
+        KvError::NoSpace { .. } => Some("etcdserver: mvcc: database space exceeded"),
+        _ => None,
+    };
+    let lease = |l: &LeaseError| match l {
+        LeaseError::TtlTooLarge { .. } => Some("etcdserver: too large lease TTL"),
+        _ => None,
+    };
+    match e {
+        ApiError::Kv(k) | ApiError::Node(NodeError::Apply(ApplyError::Kv(k))) => kv(k),
+        ApiError::Lease(l) | ApiError::Node(NodeError::Apply(ApplyError::Lease(l))) => lease(l),
+        ApiError::RequestTooLarge { .. } => Some("etcdserver: request is too large"),
+        ApiError::Node(NodeError::TooManyProposals { .. }) => Some("etcdserver: too many requests"),
+        ApiError::Node(NodeError::Member(MemberError::LastVoter)) => {
+            Some("etcdserver: re-configuration failed due to not enough started members")
+        }
+        _ => None,
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let code = match &e {
@@ -81,8 +111,9 @@ impl From<ApiError> for Status {
                 | NodeError::NoLeader
                 | NodeError::Stopped
                 | NodeError::Timeout
-                | NodeError::TooManyProposals { .. }
+                | NodeError::LeaderChanged
                 | NodeError::Peer(_) => Code::Unavailable,
+                NodeError::TooManyProposals { .. } => Code::ResourceExhausted,
                 NodeError::Role { .. } => Code::FailedPrecondition,
                 NodeError::Member(MemberError::NotFound) => Code::NotFound,
                 NodeError::Member(MemberError::InProgress | MemberError::TransferTimeout { .. }) => Code::Unavailable,
@@ -94,7 +125,17 @@ impl From<ApiError> for Status {
             ApiError::ParentNotHeld { .. } | ApiError::ElectionNotLeader => Code::FailedPrecondition,
             ApiError::LockLost { .. } | ApiError::ElectionNoLeader => Code::NotFound,
         };
-        Status::new(code, e.to_string())
+        let detail = e.to_string();
+        match etcd_text(&e) {
+            None => Status::new(code, detail),
+            Some(text) => {
+                let mut md = tonic::metadata::MetadataMap::new();
+                if let Ok(v) = detail.parse() {
+                    md.insert(DETAIL_METADATA, v);
+                }
+                Status::with_metadata(code, text, md)
+            }
+        }
     }
 }
 
@@ -108,8 +149,11 @@ mod tests {
         assert_eq!((s.code(), s.message()), (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"));
         let s: Status = ApiError::Node(NodeError::Apply(ApplyError::Lease(LeaseError::NotFound { lease: 1 }))).into();
         assert_eq!((s.code(), s.message()), (Code::NotFound, "etcdserver: requested lease not found"));
+        // etcd's text alone in the message; the limit in the metadata.
         let s: Status = ApiError::Kv(KvError::TooManyOps { ops: 200, max: 128 }).into();
-        assert_eq!(s.code(), Code::InvalidArgument);
-        assert!(s.message().contains("txn_ops_max 128"));
+        assert_eq!((s.code(), s.message()), (Code::InvalidArgument, "etcdserver: too many operations in txn request"));
+        assert!(s.metadata().get(DETAIL_METADATA).unwrap().to_str().unwrap().contains("txn_ops_max 128"));
+        let s: Status = ApiError::Node(NodeError::TooManyProposals { max: 4 }).into();
+        assert_eq!((s.code(), s.message()), (Code::ResourceExhausted, "etcdserver: too many requests"));
     }
 }

@@ -486,8 +486,14 @@ impl pb::cluster_server::Cluster for Api {
 
     async fn member_list(
         &self,
-        _r: Request<pb::MemberListRequest>,
+        r: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
+        // A linearizable list (etcd 3.5's field, which lockctl sets) is answered only by a
+        // member that reaches the leader; a cut-off member would list a stale membership with
+        // lags it cannot know.
+        if r.into_inner().linearizable {
+            self.node.linearize().await.map_err(ApiError::from)?;
+        }
         Ok(Response::new(pb::MemberListResponse {
             header: Some(self.header(self.node.current_rev())),
             members: self.members().await,

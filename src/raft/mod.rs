@@ -102,6 +102,11 @@ pub enum NodeError {
     Stopped,
     #[error("etcdserver: request timed out")]
     Timeout,
+    /// The proposal's entry was discarded when another leader took over: it may or may not
+    /// commit. Not tried again on the caller's behalf (it is not known to be safe to repeat);
+    /// etcd reports this as "leader changed", which its clients take as unknown outcome.
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
     #[error("etcdserver: too many requests (proposals_in_flight_max {max})")]
     TooManyProposals { max: usize },
     #[error("geolock: this member is a {role}: it holds no key space and does not serve {what}; use a voter or learner endpoint")]
@@ -202,6 +207,7 @@ impl From<&NodeError> for RemoteError {
             NodeError::NoLeader => RemoteError::NoLeader,
             NodeError::Timeout => RemoteError::Timeout,
             NodeError::Stopped => RemoteError::Stopped,
+            NodeError::LeaderChanged => RemoteError::LeaderChanged,
             other => RemoteError::Other(other.to_string()),
         }
     }
@@ -214,6 +220,7 @@ impl From<RemoteError> for NodeError {
             RemoteError::NoLeader => NodeError::NoLeader,
             RemoteError::Timeout => NodeError::Timeout,
             RemoteError::Stopped => NodeError::Stopped,
+            RemoteError::LeaderChanged => NodeError::LeaderChanged,
             RemoteError::Other(m) => NodeError::Internal(m),
         }
     }
@@ -557,6 +564,7 @@ impl Node {
                 Some(l) => Err(NodeError::NotLeader { leader: Some(l) }),
                 None => Err(NodeError::NoLeader),
             },
+            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => Err(NodeError::LeaderChanged),
             Ok(Err(RaftError::APIError(e))) => Err(NodeError::Internal(e.to_string())),
             Ok(Err(RaftError::Fatal(_))) => Err(NodeError::Stopped),
         }

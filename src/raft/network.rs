@@ -142,6 +142,8 @@ pub enum RemoteError {
     Stopped,
     #[error("{0}")]
     Other(String),
+    #[error("leader changed")]
+    LeaderChanged,
 }
 
 /// Encode a message for a peer.
