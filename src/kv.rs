@@ -5,7 +5,7 @@
 //! in-memory index and written into a [`WriteBatch`] the caller commits; [`Mvcc::load`] rebuilds
 //! the index from what was committed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -794,52 +794,83 @@ fn decode_i64(v: &[u8]) -> Result<i64, StorageError> {
 /// Count the operations of a Txn, nested ones included, and check the bounds and etcd's rule
 /// that one branch may not write the same key twice. Run before the request reaches Raft.
 pub fn validate_txn(t: &TxnRequest) -> Result<(), KvError> {
-    let ops = count_ops(t, 1)?;
-    if ops > crate::limits::TXN_OPS_MAX {
+    check_ops(t, crate::limits::TXN_OPS_MAX, 1)?;
+    for branch in [&t.success, &t.failure] {
+        branch_writes(branch)?;
+    }
+    Ok(())
+}
+
+/// etcd's operation count (its `checkTxnRequest`): each Txn may hold as many operations as the
+/// largest of its compares, then-branch and else-branch, and a nested Txn gets what its parent
+/// left of the budget. Sibling Txns are not summed: only one branch of each runs.
+fn check_ops(t: &TxnRequest, budget: usize, depth: usize) -> Result<(), KvError> {
+    if depth > crate::limits::TXN_DEPTH_MAX {
+        return Err(KvError::TxnTooDeep { max: crate::limits::TXN_DEPTH_MAX });
+    }
+    let ops = t.compare.len().max(t.success.len()).max(t.failure.len());
+    if ops > budget {
         return Err(KvError::TooManyOps { ops, max: crate::limits::TXN_OPS_MAX });
     }
-    for branch in [&t.success, &t.failure] {
-        let mut puts: Vec<&[u8]> = Vec::new();
-        let mut dels: Vec<(&[u8], &[u8])> = Vec::new();
-        collect_writes(branch, &mut puts, &mut dels);
-        puts.sort();
-        if puts.windows(2).any(|w| w[0] == w[1]) {
-            return Err(KvError::DuplicateKey);
-        }
-        if puts.iter().any(|p| dels.iter().any(|(k, e)| in_range(p, k, e))) {
-            return Err(KvError::DuplicateKey);
+    for op in t.success.iter().chain(&t.failure) {
+        if let RequestOp::Txn(inner) = op {
+            check_ops(inner, budget - ops, depth + 1)?;
         }
     }
     Ok(())
 }
 
-fn count_ops(t: &TxnRequest, depth: usize) -> Result<usize, KvError> {
-    if depth > crate::limits::TXN_DEPTH_MAX {
-        return Err(KvError::TxnTooDeep { max: crate::limits::TXN_DEPTH_MAX });
+/// A delete's keys as etcd's `checkIntervals` sees them: one key without a range end, else
+/// `[key, range_end)` compared as plain bytes (so a range end of `\0`, "to the end" elsewhere,
+/// covers nothing here, as in etcd).
+fn deletes(d: &DeleteRangeRequest, key: &[u8]) -> bool {
+    if d.range_end.is_empty() {
+        key == d.key.as_slice()
+    } else {
+        key >= d.key.as_slice() && key < d.range_end.as_slice()
     }
-    let mut n = t.compare.len().max(t.success.len()).max(t.failure.len());
-    for op in t.success.iter().chain(&t.failure) {
-        if let RequestOp::Txn(inner) = op {
-            n += count_ops(inner, depth + 1)?;
-        }
-    }
-    Ok(n)
 }
 
-fn collect_writes<'a>(ops: &'a [RequestOp], puts: &mut Vec<&'a [u8]>, dels: &mut Vec<(&'a [u8], &'a [u8])>) {
+/// etcd's duplicate-key rule for one branch (its `checkIntervals`): no key put twice, and no
+/// key both put and deleted, where a nested Txn's then- and else-branches may put the same key
+/// (only one runs). Returns the keys the branch puts and its deletes, for the level above.
+fn branch_writes(ops: &[RequestOp]) -> Result<(BTreeSet<Vec<u8>>, Vec<&DeleteRangeRequest>), KvError> {
+    let mut dels: Vec<&DeleteRangeRequest> = ops
+        .iter()
+        .filter_map(|op| match op {
+            RequestOp::DeleteRange(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    let deleted = |dels: &[&DeleteRangeRequest], k: &[u8]| dels.iter().any(|d| deletes(d, k));
+    let mut puts: BTreeSet<Vec<u8>> = BTreeSet::new();
     for op in ops {
-        match op {
-            RequestOp::Put(p) => puts.push(&p.key),
-            RequestOp::DeleteRange(d) => dels.push((&d.key, &d.range_end)),
-            RequestOp::Txn(t) => {
-                // Only one branch of a nested Txn runs, so each is checked against the outer
-                // writes separately by taking the larger set of both.
-                collect_writes(&t.success, puts, dels);
-                collect_writes(&t.failure, puts, dels);
+        let RequestOp::Txn(t) = op else { continue };
+        let (puts_then, dels_then) = branch_writes(&t.success)?;
+        let (puts_else, dels_else) = branch_writes(&t.failure)?;
+        for k in &puts_then {
+            if puts.contains(k) || deleted(&dels, k) {
+                return Err(KvError::DuplicateKey);
             }
-            RequestOp::Range(_) => {}
+            puts.insert(k.clone());
         }
+        for k in &puts_else {
+            if (puts.contains(k) && !puts_then.contains(k)) || deleted(&dels, k) {
+                return Err(KvError::DuplicateKey);
+            }
+            puts.insert(k.clone());
+        }
+        dels.extend(dels_then);
+        dels.extend(dels_else);
     }
+    for op in ops {
+        let RequestOp::Put(p) = op else { continue };
+        if puts.contains(&p.key) || deleted(&dels, &p.key) {
+            return Err(KvError::DuplicateKey);
+        }
+        puts.insert(p.key.clone());
+    }
+    Ok((puts, dels))
 }
 
 #[cfg(test)]

@@ -146,3 +146,46 @@ fn etcdctl_sees_the_same_answers_and_error_texts_from_geolock_and_etcd() {
         assert_eq!(show(&g), show(&e), "{what}: geolock (left) and etcd (right) differ");
     }
 }
+
+/// Txn validation follows etcd's rules, checked against a real etcd 3.4 in the same run:
+/// operations are counted per level, a nested Txn getting what its parent left of the 128
+/// (siblings are not summed), and the duplicate-key rule lets a nested Txn's then- and
+/// else-branches put the same key (only one runs) but refuses a key put twice, or put and
+/// deleted, in what may run together.
+#[test]
+fn txn_validation_follows_etcds_rules() {
+    use etcd_client::DeleteOptions;
+    let geo = GeoNode::start();
+    let etcd = crate::common::Etcd::start();
+    let puts = |prefix: &str, n: usize| (0..n).map(|i| TxnOp::put(format!("{prefix}{i}"), "v", None)).collect::<Vec<_>>();
+    let when = || [Compare::version("ok", CompareOp::Greater, 0)];
+    let cases: Vec<(&str, Txn)> = vec![
+        ("then and else of a nested txn put one key", Txn::new().and_then([TxnOp::txn(Txn::new().when(when()).and_then([TxnOp::put("a", "1", None)]).or_else([TxnOp::put("a", "2", None)]))])),
+        ("64 puts in each branch of nested txns", Txn::new().and_then([TxnOp::txn(Txn::new().and_then(puts("p", 64)))]).or_else([TxnOp::txn(Txn::new().and_then(puts("q", 64)))])),
+        ("a nested txn over what its parent left", Txn::new().and_then([puts("r", 100), vec![TxnOp::txn(Txn::new().and_then(puts("s", 29)))]].concat())),
+        ("a nested txn within what its parent left", Txn::new().and_then([puts("r", 100), vec![TxnOp::txn(Txn::new().and_then(puts("s", 27)))]].concat())),
+        ("a key put by a branch and by its nested txn", Txn::new().and_then([TxnOp::put("b", "1", None), TxnOp::txn(Txn::new().and_then([TxnOp::put("b", "2", None)]))])),
+        ("a key put by two nested txns", Txn::new().and_then([TxnOp::txn(Txn::new().and_then([TxnOp::put("c", "1", None)])), TxnOp::txn(Txn::new().and_then([TxnOp::put("c", "2", None)]))])),
+        ("a range deleted and a key in it put by a nested txn", Txn::new().and_then([TxnOp::delete("d", Some(DeleteOptions::new().with_range("f"))), TxnOp::txn(Txn::new().and_then([TxnOp::put("e", "1", None)]))])),
+        ("a delete to the end and a put after it", Txn::new().and_then([TxnOp::delete("g", Some(DeleteOptions::new().with_from_key())), TxnOp::put("h", "1", None)])),
+        ("one key put twice in a branch", Txn::new().and_then([TxnOp::put("i", "1", None), TxnOp::put("i", "2", None)])),
+        ("one key in then and in else", Txn::new().when(when()).and_then([TxnOp::put("j", "1", None)]).or_else([TxnOp::put("j", "2", None)])),
+    ];
+    rt().block_on(async {
+        let mut g = client(&geo.endpoint()).await;
+        let mut e = client(&etcd.endpoint()).await;
+        for c in [&mut g, &mut e] {
+            c.put("ok", "yes", None).await.unwrap();
+        }
+        for (what, txn) in cases {
+            let outcome = |r: Result<etcd_client::TxnResponse, etcd_client::Error>| match r {
+                Ok(t) => format!("ok, succeeded {}", t.succeeded()),
+                Err(etcd_client::Error::GRpcStatus(s)) => format!("{:?}: {}", s.code(), s.message()),
+                Err(other) => other.to_string(),
+            };
+            let from_geo = outcome(g.txn(txn.clone()).await);
+            let from_etcd = outcome(e.txn(txn).await);
+            assert_eq!(from_geo, from_etcd, "{what}: geolock (left) and etcd (right) differ");
+        }
+    });
+}
