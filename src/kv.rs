@@ -372,7 +372,7 @@ impl Mvcc {
                     lease: sv.lease,
                     value: sv.value.map(Arc::from),
                 });
-                if rev > m.compact_rev {
+                if rev >= m.compact_rev {
                     m.changes.insert((rev, sub), key);
                 }
             }
@@ -724,7 +724,16 @@ impl Mvcc {
         for k in emptied {
             self.index.remove(&k);
         }
+        // History from the compact revision on stays readable, as in etcd: the changes made at
+        // `rev` itself are kept where their version was (a put; a tombstone at `rev` is gone).
+        let kept_at_rev: Vec<_> = self
+            .changes
+            .range((rev, 0)..=(rev, u32::MAX))
+            .filter(|((r, s), k)| self.index.get(&**k).is_some_and(|vs| vs.iter().any(|v| v.rev == *r && v.sub == *s)))
+            .map(|(at, k)| (*at, k.clone()))
+            .collect();
         self.changes = self.changes.split_off(&(rev + 1, 0));
+        self.changes.extend(kept_at_rev);
         self.compact_rev = rev;
         batch.put(Cf::SmMeta, META_COMPACT_REV, rev.to_be_bytes().to_vec());
         Ok(())
@@ -958,6 +967,30 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h[1].prev_kv.as_ref().unwrap().value, b"1");
         assert_eq!(h[1].kv.mod_revision, 4);
+    }
+
+    /// etcd keeps a compacted revision's own puts readable (compaction removes revisions below
+    /// it and tombstones at it): a watch from exactly the compact revision sees them.
+    #[test]
+    fn history_from_the_compact_revision_keeps_its_puts_and_drops_its_tombstones() {
+        let engine = MemEngine::new();
+        let mut m = Mvcc::new();
+        let mut b = WriteBatch::default();
+        put(&mut m, &mut b, "k", "a");
+        let r = put(&mut m, &mut b, "k", "b");
+        m.compact(r, &mut b).unwrap();
+        let h = m.history(b"k", b"", r, m.current_rev(), 10);
+        assert_eq!(h.len(), 1);
+        assert_eq!((h[0].kind, h[0].kv.value.as_slice(), h[0].kv.mod_revision), (EventKind::Put, &b"b"[..], r));
+        put(&mut m, &mut b, "d", "1");
+        let mut fx = WriteEffects::default();
+        m.delete_range(&DeleteRangeRequest { key: b"d".to_vec(), ..Default::default() }, &mut b, &mut fx);
+        let del = m.finish(&mut b);
+        m.compact(del, &mut b).unwrap();
+        assert!(m.history(b"d", b"", del, m.current_rev(), 10).is_empty(), "a tombstone at the compact revision is gone");
+        engine.write(b, false).unwrap();
+        let l = Mvcc::load(&*engine).unwrap();
+        assert_eq!(l.changes, m.changes, "a restart reads the same history");
     }
 
     #[test]
