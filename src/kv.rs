@@ -310,7 +310,9 @@ pub struct WriteEffects {
     pub lease_moves: Vec<LeaseMove>,
 }
 
-fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+/// Whether `key` is in the range etcd's `key`/`range_end` pair names: `key` alone when
+/// `range_end` is empty, everything from `start` on when it is `\0`, else `[start, end)`.
+pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
     if end.is_empty() {
         key == start
     } else if end == [0] {

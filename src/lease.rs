@@ -34,6 +34,9 @@ pub enum LeaseError {
     TtlTooLarge { ttl_s: i64, max_ttl_s: i64 },
     #[error("etcdserver: too many leases (leases_max {max})")]
     TooMany { max: usize },
+    /// A grant no API path proposes (the API bounds IDs and TTLs first), refused at apply.
+    #[error("geolock: invalid lease grant (ID {lease}, TTL {ttl_s} s)")]
+    Invalid { lease: i64, ttl_s: i64 },
 }
 
 /// One lease.
@@ -116,6 +119,9 @@ impl Lessor {
 
     /// Create a lease with an already-bounded TTL.
     pub fn grant(&mut self, id: i64, ttl_s: i64, now_ms: u64, batch: &mut WriteBatch) -> Result<(), LeaseError> {
+        if id <= 0 || ttl_s <= 0 || ttl_s > crate::limits::LEASE_TTL_S_MAX {
+            return Err(LeaseError::Invalid { lease: id, ttl_s });
+        }
         if self.leases.contains_key(&id) {
             return Err(LeaseError::Exists { lease: id });
         }

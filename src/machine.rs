@@ -112,6 +112,12 @@ impl Machine {
         batch: &mut WriteBatch,
         events: &mut Vec<Event>,
     ) -> Result<Response, ApplyError> {
+        // Apply is total: a command that reached the log without passing the API's validation
+        // (forwarded by a peer, written by an older or buggy member) is refused here, the same
+        // on every replica, rather than trusted. The checks below it rely on what this rules
+        // out (a Txn that deletes a key and then puts it with ignore_value would otherwise fail
+        // half-way, on every replica).
+        validate(cmd)?;
         match cmd {
             Command::Put(p) => {
                 self.check_put(p)?;
@@ -128,7 +134,7 @@ impl Machine {
             }
             Command::Txn(t) => {
                 let path = self.txn_path(t);
-                self.check_txn(t, &path, &mut 0)?;
+                self.check_txn(t, &path, &mut 0, &mut Vec::new())?;
                 let mut fx = WriteEffects::default();
                 let r = self.run_txn(t, &path, &mut 0, batch, &mut fx);
                 self.absorb(fx, events);
@@ -211,7 +217,18 @@ impl Machine {
         }
     }
 
-    fn check_txn(&self, t: &TxnRequest, path: &[bool], at: &mut usize) -> Result<(), ApplyError> {
+    /// Check every operation the Txn will run, in the order it runs them, so that the run
+    /// cannot fail half-way. `deleted` holds the ranges deleted earlier in the Txn: a put with
+    /// `ignore_value` or `ignore_lease` after a delete of its key (which etcd's duplicate-key rule
+    /// lets through when the delete runs to the end, `range_end` `\0`) finds no key. etcd's own
+    /// apply panics there; here the whole Txn is refused.
+    fn check_txn<'t>(
+        &self,
+        t: &'t TxnRequest,
+        path: &[bool],
+        at: &mut usize,
+        deleted: &mut Vec<&'t DeleteRangeRequest>,
+    ) -> Result<(), ApplyError> {
         let ok = path[*at];
         *at += 1;
         for op in if ok { &t.success } else { &t.failure } {
@@ -219,9 +236,15 @@ impl Machine {
                 RequestOp::Range(r) => {
                     self.kv.check_rev(r.revision)?;
                 }
-                RequestOp::Put(p) => self.check_put(p)?,
-                RequestOp::DeleteRange(_) => {}
-                RequestOp::Txn(inner) => self.check_txn(inner, path, at)?,
+                RequestOp::Put(p) => {
+                    self.check_put(p)?;
+                    let gone = deleted.iter().any(|d| kv::in_range(&p.key, &d.key, &d.range_end));
+                    if (p.ignore_value || p.ignore_lease) && gone {
+                        return Err(KvError::KeyNotFound.into());
+                    }
+                }
+                RequestOp::DeleteRange(d) => deleted.push(d),
+                RequestOp::Txn(inner) => self.check_txn(inner, path, at, deleted)?,
             }
         }
         Ok(())
@@ -377,6 +400,55 @@ mod tests {
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].kind, EventKind::Delete);
         assert!(m.kv.get(b"a").is_none() && m.kv.get(b"b").is_some());
+    }
+
+    /// Issue 12, fault 8: a Txn that deletes a key and then puts it with ignore_value passes
+    /// every check made against the state before it, and would fail half-way; reaching apply
+    /// without the API's validation, it is refused and changes nothing.
+    #[test]
+    fn an_unvalidated_txn_that_would_fail_half_way_is_refused_whole() {
+        let mut m = Machine::new();
+        apply(&mut m, Command::Put(put("k", "1")));
+        let t = TxnRequest {
+            compare: vec![],
+            success: vec![
+                RequestOp::DeleteRange(DeleteRangeRequest { key: b"k".to_vec(), ..Default::default() }),
+                RequestOp::Put(PutRequest { ignore_value: true, ..put("k", "") }),
+            ],
+            failure: vec![],
+        };
+        let (a, ev) = apply(&mut m, Command::Txn(t));
+        assert_eq!(a.result, Err(ApplyError::Kv(KvError::DuplicateKey)));
+        assert_eq!((a.revision, ev.len()), (2, 0));
+        assert_eq!(m.kv.get(b"k").unwrap().value, b"1");
+    }
+
+    /// The same kind through the door etcd's duplicate-key rule leaves open: a delete to the
+    /// end (`range_end` `\0`) does not conflict with a later put there, so validation passes,
+    /// and the put with ignore_value finds its key gone. etcd's apply panics on it.
+    #[test]
+    fn a_put_with_ignore_value_after_a_delete_to_the_end_is_refused_whole() {
+        let mut m = Machine::new();
+        apply(&mut m, Command::Put(put("k", "1")));
+        let t = TxnRequest {
+            compare: vec![],
+            success: vec![
+                RequestOp::Txn(TxnRequest {
+                    success: vec![RequestOp::DeleteRange(DeleteRangeRequest { key: b"a".to_vec(), range_end: vec![0], ..Default::default() })],
+                    ..Default::default()
+                }),
+                RequestOp::Txn(TxnRequest {
+                    success: vec![RequestOp::Put(PutRequest { ignore_value: true, ..put("k", "") })],
+                    ..Default::default()
+                }),
+            ],
+            failure: vec![],
+        };
+        assert_eq!(validate(&Command::Txn(t.clone())), Ok(()));
+        let (a, ev) = apply(&mut m, Command::Txn(t));
+        assert_eq!(a.result, Err(ApplyError::Kv(KvError::KeyNotFound)));
+        assert_eq!((a.revision, ev.len()), (2, 0));
+        assert_eq!(m.kv.get(b"k").unwrap().value, b"1");
     }
 
     #[test]

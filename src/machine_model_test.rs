@@ -361,3 +361,65 @@ proptest! {
         }
     }
 }
+
+/// Any key, the empty one included.
+fn any_key() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![4 => key(), 1 => Just(vec![])]
+}
+
+/// Puts as a buggy or hostile peer could log them: every flag, any key.
+fn any_put() -> impl Strategy<Value = PutRequest> {
+    (any_key(), "[xyz]{0,2}", lease(), any::<bool>(), any::<bool>()).prop_map(|(key, v, lease, ignore_value, ignore_lease)| {
+        PutRequest { key, value: v.into_bytes(), lease, ignore_value, ignore_lease, ..Default::default() }
+    })
+}
+
+fn any_txn() -> impl Strategy<Value = TxnRequest> {
+    let op = prop_oneof![
+        any_put().prop_map(RequestOp::Put),
+        delete().prop_map(RequestOp::DeleteRange),
+        range().prop_map(RequestOp::Range)
+    ];
+    let leaf = (prop::collection::vec(compare(), 0..3), prop::collection::vec(op.clone(), 0..4), prop::collection::vec(op.clone(), 0..4))
+        .prop_map(|(compare, success, failure)| TxnRequest { compare, success, failure });
+    leaf.prop_recursive(3, 24, 3, move |inner| {
+        (prop::collection::vec(compare(), 0..2), prop::collection::vec(inner.clone().prop_map(RequestOp::Txn), 0..3), prop::collection::vec(op.clone(), 0..3))
+            .prop_map(|(compare, nested, mut ops)| {
+                ops.extend(nested);
+                TxnRequest { compare, success: ops.clone(), failure: ops }
+            })
+    })
+}
+
+fn any_command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        3 => any_put().prop_map(Command::Put),
+        1 => delete().prop_map(Command::DeleteRange),
+        3 => any_txn().prop_map(Command::Txn),
+        1 => (-2i64..14).prop_map(|revision| Command::Compact { revision }),
+        1 => (-1i64..3, -1i64..20).prop_map(|(id, ttl_s)| Command::LeaseGrant { id, ttl_s }),
+        1 => (-1i64..3).prop_map(|id| Command::LeaseRevoke { id }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Issue 12, fault 8: apply is total. Any command, valid or not, applied straight to the
+    /// machine either applies or yields an error; an invalid one changes nothing.
+    #[test]
+    fn no_command_panics_the_machine_and_an_invalid_one_changes_nothing(cmds in prop::collection::vec(any_command(), 1..40)) {
+        let mut m = Machine::new();
+        for cmd in &cmds {
+            let before = m.kv.current_rev();
+            let mut b = WriteBatch::default();
+            let mut ev = vec![];
+            let got = m.apply(cmd, 0, &mut b, &mut ev);
+            if validate(cmd).is_err() {
+                prop_assert!(got.result.is_err(), "{:?} applied", cmd);
+                prop_assert_eq!(got.revision, before);
+                prop_assert!(ev.is_empty());
+            }
+        }
+    }
+}

@@ -68,6 +68,7 @@ fn lease_code(e: &LeaseError) -> Code {
         LeaseError::Exists { .. } => Code::FailedPrecondition,
         LeaseError::TtlTooLarge { .. } => Code::OutOfRange,
         LeaseError::TooMany { .. } => Code::ResourceExhausted,
+        LeaseError::Invalid { .. } => Code::InvalidArgument,
     }
 }
 
