@@ -162,6 +162,9 @@ pub enum CompareResult {
     Greater,
     Less,
     NotEqual,
+    /// A result value etcd's proto does not define: the compare holds (etcd's `compareKV`
+    /// falls through to true).
+    Undefined,
 }
 
 /// The field a compare looks at, with the value to compare against.
@@ -172,6 +175,9 @@ pub enum CompareTarget {
     Mod(Rev),
     Value(#[serde(with = "serde_bytes")] Vec<u8>),
     Lease(i64),
+    /// A target value etcd's proto does not define: every key compares as equal to it (etcd's
+    /// `compareKV` leaves its result at zero).
+    Undefined,
 }
 
 /// One guard of a Txn.
@@ -329,13 +335,16 @@ fn compare_ord<T: Ord + ?Sized>(a: &T, b: &T, r: CompareResult) -> bool {
         CompareResult::NotEqual => o.is_ne(),
         CompareResult::Greater => o.is_gt(),
         CompareResult::Less => o.is_lt(),
+        CompareResult::Undefined => true,
     }
 }
 
 impl Mvcc {
-    /// An empty key space at revision 1, as etcd starts: the first write is revision 2.
+    /// An empty key space at revision 1, as etcd starts: the first write is revision 2. Nothing
+    /// is compacted, which etcd marks as compact revision -1, so that a first compaction to
+    /// revision 0 is accepted and a second one refused.
     pub fn new() -> Self {
-        Mvcc { current_rev: 1, ..Default::default() }
+        Mvcc { current_rev: 1, compact_rev: -1, ..Default::default() }
     }
 
     /// Rebuild from what earlier batches committed.
@@ -387,7 +396,7 @@ impl Mvcc {
         self.current_rev
     }
 
-    /// The revision of the last compaction (0 if none).
+    /// The revision of the last compaction (-1 if none, as etcd reports it).
     pub fn compact_rev(&self) -> Rev {
         self.compact_rev
     }
@@ -576,6 +585,7 @@ impl Mvcc {
             CompareTarget::Mod(x) => compare_ord(&kv.mod_revision, x, c.result),
             CompareTarget::Value(x) => compare_ord(&kv.value[..], &x[..], c.result),
             CompareTarget::Lease(x) => compare_ord(&kv.lease, x, c.result),
+            CompareTarget::Undefined => compare_ord(&0, &0, c.result),
         }
     }
 
@@ -693,6 +703,22 @@ impl Mvcc {
         }
     }
 
+    /// etcd's check of a Range inside a Txn (its applier's `checkRange`), stricter than a lone
+    /// Range's: 0 reads the current revision, a revision above it is in the future, and one
+    /// below the compact revision (-1 before any compaction) is compacted, negative ones
+    /// included. A lone Range reads any negative revision as the current one.
+    pub fn check_txn_range_rev(&self, rev: Rev) -> Result<(), KvError> {
+        if rev == 0 {
+            Ok(())
+        } else if rev > self.current_rev {
+            Err(KvError::FutureRev { requested: rev, current: self.current_rev })
+        } else if rev < self.compact_rev {
+            Err(KvError::Compacted { requested: rev, compact_revision: self.compact_rev })
+        } else {
+            Ok(())
+        }
+    }
+
     /// Check that a compaction to `rev` is possible.
     pub fn check_compact(&self, rev: Rev) -> Result<(), KvError> {
         if rev <= self.compact_rev {
@@ -802,8 +828,35 @@ fn decode_i64(v: &[u8]) -> Result<i64, StorageError> {
         .map_err(|_| StorageError(format!("kv: bad i64 of {} bytes", v.len())))
 }
 
-/// Count the operations of a Txn, nested ones included, and check the bounds and etcd's rule
-/// that one branch may not write the same key twice. Run before the request reaches Raft.
+/// etcd's check of a key in a request (its `checkRangeRequest` and `checkDeleteRequest`), and
+/// geolock's bound on its length.
+pub fn check_key(key: &[u8]) -> Result<(), KvError> {
+    if key.is_empty() {
+        Err(KvError::EmptyKey)
+    } else if key.len() > crate::limits::KEY_BYTES_MAX {
+        Err(KvError::KeyTooLarge { len: key.len(), max: crate::limits::KEY_BYTES_MAX })
+    } else {
+        Ok(())
+    }
+}
+
+/// etcd's `checkPutRequest`: the key, then no value with `ignore_value`, no lease with
+/// `ignore_lease`.
+pub fn check_put(p: &PutRequest) -> Result<(), KvError> {
+    check_key(&p.key)?;
+    if p.ignore_value && !p.value.is_empty() {
+        return Err(KvError::ValueProvided);
+    }
+    if p.ignore_lease && p.lease != 0 {
+        return Err(KvError::LeaseProvided);
+    }
+    Ok(())
+}
+
+/// Check a Txn as etcd's Txn handler does, in its order: first its `checkTxnRequest` over the
+/// whole tree ([`check_ops`]), then its duplicate-key rule on each branch ([`branch_writes`]).
+/// The first broken rule is the error, as in etcd. Run before the request reaches Raft, and
+/// again at apply.
 pub fn validate_txn(t: &TxnRequest) -> Result<(), KvError> {
     check_ops(t, crate::limits::TXN_OPS_MAX, 1)?;
     for branch in [&t.success, &t.failure] {
@@ -812,9 +865,11 @@ pub fn validate_txn(t: &TxnRequest) -> Result<(), KvError> {
     Ok(())
 }
 
-/// etcd's operation count (its `checkTxnRequest`): each Txn may hold as many operations as the
-/// largest of its compares, then-branch and else-branch, and a nested Txn gets what its parent
-/// left of the budget. Sibling Txns are not summed: only one branch of each runs.
+/// etcd's `checkTxnRequest`: each Txn may hold as many operations as the largest of its
+/// compares, then-branch and else-branch, and a nested Txn gets what its parent left of the
+/// budget (sibling Txns are not summed: only one branch of each runs); then the compares' keys,
+/// then each operation of the then- and else-branches in turn, a nested Txn as a whole before
+/// the operation after it.
 fn check_ops(t: &TxnRequest, budget: usize, depth: usize) -> Result<(), KvError> {
     if depth > crate::limits::TXN_DEPTH_MAX {
         return Err(KvError::TxnTooDeep { max: crate::limits::TXN_DEPTH_MAX });
@@ -823,9 +878,15 @@ fn check_ops(t: &TxnRequest, budget: usize, depth: usize) -> Result<(), KvError>
     if ops > budget {
         return Err(KvError::TooManyOps { ops, max: crate::limits::TXN_OPS_MAX });
     }
+    for c in &t.compare {
+        check_key(&c.key)?;
+    }
     for op in t.success.iter().chain(&t.failure) {
-        if let RequestOp::Txn(inner) = op {
-            check_ops(inner, budget - ops, depth + 1)?;
+        match op {
+            RequestOp::Range(r) => check_key(&r.key)?,
+            RequestOp::Put(p) => check_put(p)?,
+            RequestOp::DeleteRange(d) => check_key(&d.key)?,
+            RequestOp::Txn(inner) => check_ops(inner, budget - ops, depth + 1)?,
         }
     }
     Ok(())

@@ -119,7 +119,7 @@ impl Lessor {
 
     /// Create a lease with an already-bounded TTL.
     pub fn grant(&mut self, id: i64, ttl_s: i64, now_ms: u64, batch: &mut WriteBatch) -> Result<(), LeaseError> {
-        if id <= 0 || ttl_s <= 0 || ttl_s > crate::limits::LEASE_TTL_S_MAX {
+        if id == 0 || ttl_s <= 0 || ttl_s > crate::limits::LEASE_TTL_S_MAX {
             return Err(LeaseError::Invalid { lease: id, ttl_s });
         }
         if self.leases.contains_key(&id) {

@@ -120,7 +120,7 @@ impl Machine {
         validate(cmd)?;
         match cmd {
             Command::Put(p) => {
-                self.check_put(p)?;
+                self.check_put(p, false)?;
                 let mut fx = WriteEffects::default();
                 let r = self.kv.put(p, batch, &mut fx)?;
                 self.absorb(fx, events);
@@ -167,7 +167,10 @@ impl Machine {
         let mut responses = Vec::new();
         for op in if ok { &t.success } else { &t.failure } {
             responses.push(match op {
-                RequestOp::Range(r) => ResponseOp::Range(self.kv.range(r)?),
+                RequestOp::Range(r) => {
+                    self.kv.check_txn_range_rev(r.revision)?;
+                    ResponseOp::Range(self.kv.range(r)?)
+                }
                 RequestOp::Txn(inner) => ResponseOp::Txn(self.read_only_txn(inner)?),
                 RequestOp::Put(_) | RequestOp::DeleteRange(_) => {
                     unreachable!("read_only_txn is called only for Txns that do not write")
@@ -184,12 +187,24 @@ impl Machine {
         events.append(&mut fx.events);
     }
 
-    fn check_put(&self, p: &PutRequest) -> Result<(), ApplyError> {
+    /// The checks of a Put that need the state, in etcd's order: a lone Put's lease first, then
+    /// the key `ignore_value`/`ignore_lease` need (etcd's `Put`); in a Txn the key first, then
+    /// the lease (etcd's `checkPut`).
+    fn check_put(&self, p: &PutRequest, in_txn: bool) -> Result<(), ApplyError> {
+        let lease = || {
+            if p.lease != 0 && !self.leases.contains(p.lease) {
+                return Err(KvError::LeaseNotFound { lease: p.lease });
+            }
+            Ok(())
+        };
+        if !in_txn {
+            lease()?;
+        }
         if (p.ignore_value || p.ignore_lease) && self.kv.get(&p.key).is_none() {
             return Err(KvError::KeyNotFound.into());
         }
-        if p.lease != 0 && !self.leases.contains(p.lease) {
-            return Err(KvError::LeaseNotFound { lease: p.lease }.into());
+        if in_txn {
+            lease()?;
         }
         let max = crate::limits::KEYSPACE_BYTES_MAX;
         let bytes = self.kv.bytes() + (p.key.len() + p.value.len()) as u64;
@@ -234,10 +249,10 @@ impl Machine {
         for op in if ok { &t.success } else { &t.failure } {
             match op {
                 RequestOp::Range(r) => {
-                    self.kv.check_rev(r.revision)?;
+                    self.kv.check_txn_range_rev(r.revision)?;
                 }
                 RequestOp::Put(p) => {
-                    self.check_put(p)?;
+                    self.check_put(p, true)?;
                     let gone = deleted.iter().any(|d| kv::in_range(&p.key, &d.key, &d.range_end));
                     if (p.ignore_value || p.ignore_lease) && gone {
                         return Err(KvError::KeyNotFound.into());
@@ -273,52 +288,12 @@ impl Machine {
     }
 }
 
-/// Validate a command before it is proposed: the checks that need no state.
+/// Validate a command before it is proposed: the checks that need no state, etcd's.
 pub fn validate(cmd: &Command) -> Result<(), KvError> {
-    let check_key = |k: &[u8]| {
-        if k.is_empty() {
-            Err(KvError::EmptyKey)
-        } else if k.len() > crate::limits::KEY_BYTES_MAX {
-            Err(KvError::KeyTooLarge { len: k.len(), max: crate::limits::KEY_BYTES_MAX })
-        } else {
-            Ok(())
-        }
-    };
-    let check_put = |p: &PutRequest| {
-        check_key(&p.key)?;
-        if p.ignore_value && !p.value.is_empty() {
-            return Err(KvError::ValueProvided);
-        }
-        if p.ignore_lease && p.lease != 0 {
-            return Err(KvError::LeaseProvided);
-        }
-        Ok(())
-    };
-    fn walk(
-        t: &TxnRequest,
-        check_key: &dyn Fn(&[u8]) -> Result<(), KvError>,
-        check_put: &dyn Fn(&PutRequest) -> Result<(), KvError>,
-    ) -> Result<(), KvError> {
-        for c in &t.compare {
-            check_key(&c.key)?;
-        }
-        for op in t.success.iter().chain(&t.failure) {
-            match op {
-                RequestOp::Range(r) => check_key(&r.key)?,
-                RequestOp::Put(p) => check_put(p)?,
-                RequestOp::DeleteRange(d) => check_key(&d.key)?,
-                RequestOp::Txn(inner) => walk(inner, check_key, check_put)?,
-            }
-        }
-        Ok(())
-    }
     match cmd {
-        Command::Put(p) => check_put(p),
-        Command::DeleteRange(d) => check_key(&d.key),
-        Command::Txn(t) => {
-            kv::validate_txn(t)?;
-            walk(t, &check_key, &check_put)
-        }
+        Command::Put(p) => kv::check_put(p),
+        Command::DeleteRange(d) => kv::check_key(&d.key),
+        Command::Txn(t) => kv::validate_txn(t),
         Command::Compact { .. } | Command::LeaseGrant { .. } | Command::LeaseRevoke { .. } => Ok(()),
     }
 }

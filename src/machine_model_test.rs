@@ -33,7 +33,8 @@ fn in_range(k: &[u8], key: &[u8], end: &[u8]) -> bool {
 
 impl Model {
     fn new() -> Self {
-        Model { history: vec![(1, State::new())], ..Default::default() }
+        // etcd's compact revision before any compaction is -1.
+        Model { history: vec![(1, State::new())], compacted: -1, ..Default::default() }
     }
     fn rev(&self) -> Rev {
         self.history.last().unwrap().0
@@ -79,12 +80,14 @@ impl Model {
                 CompareTarget::Mod(x) => kv.mod_revision.cmp(x),
                 CompareTarget::Value(x) => kv.value.cmp(x),
                 CompareTarget::Lease(x) => kv.lease.cmp(x),
+                CompareTarget::Undefined => std::cmp::Ordering::Equal,
             };
             match c.result {
                 CompareResult::Equal => o.is_eq(),
                 CompareResult::NotEqual => o.is_ne(),
                 CompareResult::Greater => o.is_gt(),
                 CompareResult::Less => o.is_lt(),
+                CompareResult::Undefined => true,
             }
         };
         if hits.is_empty() {
@@ -281,7 +284,8 @@ fn compare() -> impl Strategy<Value = Compare> {
         Just(CompareResult::Equal),
         Just(CompareResult::Greater),
         Just(CompareResult::Less),
-        Just(CompareResult::NotEqual)
+        Just(CompareResult::NotEqual),
+        Just(CompareResult::Undefined)
     ];
     let target = prop_oneof![
         (0i64..3).prop_map(CompareTarget::Version),
@@ -289,6 +293,7 @@ fn compare() -> impl Strategy<Value = Compare> {
         (0i64..8).prop_map(CompareTarget::Mod),
         "[xyz]{0,2}".prop_map(|v| CompareTarget::Value(v.into_bytes())),
         lease().prop_map(CompareTarget::Lease),
+        Just(CompareTarget::Undefined),
     ];
     (result, target, key(), prop_oneof![3 => Just(vec![]), 1 => Just(b"b0".to_vec())])
         .prop_map(|(result, target, key, range_end)| Compare { result, target, key, range_end })

@@ -130,6 +130,12 @@ impl Hub {
             stream,
             reply: Reply::Canceled { watch_id: NO_WATCH_ID, reason, compact_revision: 0, created: true },
         };
+        // etcd's check: a range that ends at or before its key watches nothing and is refused
+        // (the empty key is etcd's "\0", the smallest; a range end of "\0" is "to the end").
+        let end = &spec.range_end;
+        if !end.is_empty() && end.as_slice() != [0] && spec.key.as_slice().max(&[0][..]) >= end.as_slice() {
+            return refuse("mvcc: watcher range is empty".to_string());
+        }
         let count = self.stream_watchers(stream).count();
         if count >= WATCHERS_PER_STREAM_MAX {
             return refuse(format!(
@@ -148,7 +154,11 @@ impl Hub {
         } else {
             spec.watch_id
         };
-        let next_rev = if spec.start_revision == 0 { revision + 1 } else { spec.start_revision };
+        // 0 is "from now". A negative start revision reads no history either, as in etcd (its
+        // history scan encodes the revision unsigned, so it finds nothing), unless it is below
+        // the compact revision (-1 before any compaction): then it is canceled as compacted.
+        let from_now = spec.start_revision == 0 || (spec.start_revision < 0 && spec.start_revision >= kv.compact_rev());
+        let next_rev = if from_now { revision + 1 } else { spec.start_revision };
         self.watchers.insert((stream, watch_id), Watcher { spec, next_rev, synced: false });
         Output { stream, reply: Reply::Created { watch_id, revision } }
     }
@@ -216,7 +226,9 @@ impl Hub {
                     stream,
                     reply: Reply::Canceled {
                         watch_id: *watch_id,
-                        reason: "mvcc: required revision has been compacted".to_string(),
+                        // etcd 3.4 says it with the compact revision alone (its clients
+                        // look at that), and no reason.
+                        reason: String::new(),
                         compact_revision: kv.compact_rev(),
                         created: false,
                     },

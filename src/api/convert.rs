@@ -1,5 +1,5 @@
-//! Conversions between the wire messages and the state machine's own types. Enum values outside
-//! etcd's ranges are refused here, before anything reaches Raft.
+//! Conversions between the wire messages and the state machine's own types, with etcd's meaning
+//! for every value the wire can carry (checked against etcd 3.4 by the differential test).
 
 use super::errors::ApiError;
 use super::proto::etcdserverpb as pb;
@@ -28,27 +28,31 @@ pub fn event_out(e: kv::Event) -> mvccpb::Event {
     }
 }
 
-fn bad(what: &str, v: i32) -> ApiError {
-    ApiError::InvalidArgument(format!("invalid {what} {v}"))
-}
-
+/// A Range request with etcd's meaning for its sort fields (its key is checked with the rest of
+/// the request, by [`kv::check_key`] or [`kv::validate_txn`]). A `sort_order` etcd does not
+/// define means no sorting at all, whatever the target (etcd's apply sorts only for ascend and
+/// descend). A `sort_target` it does not define, with a defined order, is refused with etcd's
+/// "invalid sort option" (etcd 3.5's check; 3.4's apply sorts with no sorter and the member
+/// panics).
 pub fn range_in(r: pb::RangeRequest) -> Result<kv::RangeRequest, ApiError> {
-    let sort_order = match pb::range_request::SortOrder::try_from(r.sort_order).map_err(|_| bad("sort_order", r.sort_order))? {
-        pb::range_request::SortOrder::None => kv::SortOrder::None,
-        pb::range_request::SortOrder::Ascend => kv::SortOrder::Ascend,
-        pb::range_request::SortOrder::Descend => kv::SortOrder::Descend,
+    use pb::range_request::{SortOrder, SortTarget};
+    let (sort_order, sort_target) = match SortOrder::try_from(r.sort_order) {
+        Err(_) => (kv::SortOrder::None, kv::SortTarget::Key),
+        Ok(order) => (
+            match order {
+                SortOrder::None => kv::SortOrder::None,
+                SortOrder::Ascend => kv::SortOrder::Ascend,
+                SortOrder::Descend => kv::SortOrder::Descend,
+            },
+            match SortTarget::try_from(r.sort_target).map_err(|_| ApiError::InvalidSortOption)? {
+                SortTarget::Key => kv::SortTarget::Key,
+                SortTarget::Version => kv::SortTarget::Version,
+                SortTarget::Create => kv::SortTarget::Create,
+                SortTarget::Mod => kv::SortTarget::Mod,
+                SortTarget::Value => kv::SortTarget::Value,
+            },
+        ),
     };
-    let sort_target =
-        match pb::range_request::SortTarget::try_from(r.sort_target).map_err(|_| bad("sort_target", r.sort_target))? {
-            pb::range_request::SortTarget::Key => kv::SortTarget::Key,
-            pb::range_request::SortTarget::Version => kv::SortTarget::Version,
-            pb::range_request::SortTarget::Create => kv::SortTarget::Create,
-            pb::range_request::SortTarget::Mod => kv::SortTarget::Mod,
-            pb::range_request::SortTarget::Value => kv::SortTarget::Value,
-        };
-    if r.key.is_empty() {
-        return Err(kv::KvError::EmptyKey.into());
-    }
     Ok(kv::RangeRequest {
         key: r.key,
         range_end: r.range_end,
@@ -93,32 +97,33 @@ pub fn delete_out(d: kv::DeleteRangeResponse, header: pb::ResponseHeader) -> pb:
     pb::DeleteRangeResponse { header: Some(header), deleted: d.deleted, prev_kvs: d.prev_kvs.into_iter().map(kv_out).collect() }
 }
 
-fn compare_in(c: pb::Compare) -> Result<kv::Compare, ApiError> {
+/// A Txn guard with etcd's meaning for every value the wire can carry: a union field that does
+/// not match the target (or none) compares against zero or the empty value, and a target or
+/// result etcd's proto does not define is kept as undefined (see [`kv::CompareTarget`]), as
+/// etcd's `compareKV` treats them.
+fn compare_in(c: pb::Compare) -> kv::Compare {
     use pb::compare::{CompareResult as R, CompareTarget as T, TargetUnion as U};
-    let result = match R::try_from(c.result).map_err(|_| bad("compare result", c.result))? {
-        R::Equal => kv::CompareResult::Equal,
-        R::Greater => kv::CompareResult::Greater,
-        R::Less => kv::CompareResult::Less,
-        R::NotEqual => kv::CompareResult::NotEqual,
+    let result = match R::try_from(c.result) {
+        Ok(R::Equal) => kv::CompareResult::Equal,
+        Ok(R::Greater) => kv::CompareResult::Greater,
+        Ok(R::Less) => kv::CompareResult::Less,
+        Ok(R::NotEqual) => kv::CompareResult::NotEqual,
+        Err(_) => kv::CompareResult::Undefined,
     };
-    let t = T::try_from(c.target).map_err(|_| bad("compare target", c.target))?;
-    // A target whose union field is absent compares against zero / empty, as in etcd.
-    let target = match (t, c.target_union) {
-        (T::Version, Some(U::Version(v))) => kv::CompareTarget::Version(v),
-        (T::Version, None) => kv::CompareTarget::Version(0),
-        (T::Create, Some(U::CreateRevision(v))) => kv::CompareTarget::Create(v),
-        (T::Create, None) => kv::CompareTarget::Create(0),
-        (T::Mod, Some(U::ModRevision(v))) => kv::CompareTarget::Mod(v),
-        (T::Mod, None) => kv::CompareTarget::Mod(0),
-        (T::Value, Some(U::Value(v))) => kv::CompareTarget::Value(v),
-        (T::Value, None) => kv::CompareTarget::Value(Vec::new()),
-        (T::Lease, Some(U::Lease(v))) => kv::CompareTarget::Lease(v),
-        (T::Lease, None) => kv::CompareTarget::Lease(0),
-        (t, Some(_)) => {
-            return Err(ApiError::InvalidArgument(format!("compare target {t:?} does not match the value given")))
-        }
+    let target = match (T::try_from(c.target), c.target_union) {
+        (Ok(T::Version), Some(U::Version(v))) => kv::CompareTarget::Version(v),
+        (Ok(T::Version), _) => kv::CompareTarget::Version(0),
+        (Ok(T::Create), Some(U::CreateRevision(v))) => kv::CompareTarget::Create(v),
+        (Ok(T::Create), _) => kv::CompareTarget::Create(0),
+        (Ok(T::Mod), Some(U::ModRevision(v))) => kv::CompareTarget::Mod(v),
+        (Ok(T::Mod), _) => kv::CompareTarget::Mod(0),
+        (Ok(T::Value), Some(U::Value(v))) => kv::CompareTarget::Value(v),
+        (Ok(T::Value), _) => kv::CompareTarget::Value(Vec::new()),
+        (Ok(T::Lease), Some(U::Lease(v))) => kv::CompareTarget::Lease(v),
+        (Ok(T::Lease), _) => kv::CompareTarget::Lease(0),
+        (Err(_), _) => kv::CompareTarget::Undefined,
     };
-    Ok(kv::Compare { result, target, key: c.key, range_end: c.range_end })
+    kv::Compare { result, target, key: c.key, range_end: c.range_end }
 }
 
 pub fn txn_in(t: pb::TxnRequest) -> Result<kv::TxnRequest, ApiError> {
@@ -137,30 +142,53 @@ pub fn txn_in(t: pb::TxnRequest) -> Result<kv::TxnRequest, ApiError> {
             .collect()
     };
     Ok(kv::TxnRequest {
-        compare: t.compare.into_iter().map(compare_in).collect::<Result<_, _>>()?,
+        compare: t.compare.into_iter().map(compare_in).collect(),
         success: ops(t.success)?,
         failure: ops(t.failure)?,
     })
 }
 
-/// A Txn response. As in etcd, only the outer header is complete; the headers of the inner
-/// responses carry just the revision.
+/// A Txn response with etcd's headers (its applier's `newTxnResp` and `applyTxn`): the outer
+/// header is complete; a nested Txn's is empty (revision 0); the others carry only a revision:
+/// a Range's is the revision it read at (the Txn's start revision, plus one once the Txn has
+/// written), a Put's the Txn's write revision, a DeleteRange's the write revision if it deleted
+/// something or the Txn had already written, else the start revision.
 pub fn txn_out(t: kv::TxnResponse, header: &pb::ResponseHeader) -> pb::TxnResponse {
-    use pb::response_op::Response as S;
-    let inner = pb::ResponseHeader { revision: header.revision, ..Default::default() };
-    let responses = t
-        .responses
-        .into_iter()
-        .map(|r| pb::ResponseOp {
-            response: Some(match r {
-                kv::ResponseOp::Range(r) => S::ResponseRange(range_out(r, inner)),
-                kv::ResponseOp::Put(p) => S::ResponsePut(put_out(p, inner)),
-                kv::ResponseOp::DeleteRange(d) => S::ResponseDeleteRange(delete_out(d, inner)),
-                kv::ResponseOp::Txn(t) => S::ResponseTxn(txn_out(t, &inner)),
-            }),
+    fn writes(t: &kv::TxnResponse) -> bool {
+        t.responses.iter().any(|r| match r {
+            kv::ResponseOp::Range(_) => false,
+            kv::ResponseOp::Put(_) => true,
+            kv::ResponseOp::DeleteRange(d) => d.deleted > 0,
+            kv::ResponseOp::Txn(t) => writes(t),
         })
-        .collect();
-    pb::TxnResponse { header: Some(*header), succeeded: t.succeeded, responses }
+    }
+    fn inner(responses: Vec<kv::ResponseOp>, start: i64, written: &mut bool) -> Vec<pb::ResponseOp> {
+        use pb::response_op::Response as S;
+        let at = |revision| pb::ResponseHeader { revision, ..Default::default() };
+        responses
+            .into_iter()
+            .map(|r| pb::ResponseOp {
+                response: Some(match r {
+                    kv::ResponseOp::Range(r) => S::ResponseRange(range_out(r, at(start + i64::from(*written)))),
+                    kv::ResponseOp::Put(p) => {
+                        *written = true;
+                        S::ResponsePut(put_out(p, at(start + 1)))
+                    }
+                    kv::ResponseOp::DeleteRange(d) => {
+                        *written |= d.deleted > 0;
+                        S::ResponseDeleteRange(delete_out(d, at(start + i64::from(*written))))
+                    }
+                    kv::ResponseOp::Txn(t) => S::ResponseTxn(pb::TxnResponse {
+                        header: Some(at(0)),
+                        succeeded: t.succeeded,
+                        responses: inner(t.responses, start, written),
+                    }),
+                }),
+            })
+            .collect()
+    }
+    let start = if writes(&t) { header.revision - 1 } else { header.revision };
+    pb::TxnResponse { header: Some(*header), succeeded: t.succeeded, responses: inner(t.responses, start, &mut false) }
 }
 
 /// Whether a Txn only reads (and so may be served without going through the log).

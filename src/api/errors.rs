@@ -25,6 +25,8 @@ pub enum ApiError {
     RequestTooLarge { len: usize, max: usize },
     #[error("etcdserver: {0}")]
     InvalidArgument(String),
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
     #[error("etcdserver: {0} is not supported by geolock yet")]
     Unimplemented(&'static str),
     #[error("geolock: lock {name} needs its parent lock {parent} held by lease {lease:x}")]
@@ -96,6 +98,12 @@ fn etcd_text(e: &ApiError) -> Option<&'static str> {
         ApiError::Node(NodeError::Member(MemberError::LastVoter)) => {
             Some("etcdserver: re-configuration failed due to not enough started members")
         }
+        // A member that cannot reach the leader: etcd's text for a proposal that timed out
+        // while its member had lost the leader's connection.
+        ApiError::Node(NodeError::Peer(_)) => Some("etcdserver: request timed out, possibly due to connection lost"),
+        ApiError::Node(NodeError::Member(MemberError::TransferTimeout { .. })) => {
+            Some("etcdserver: request timed out, leader transfer took too long")
+        }
         _ => None,
     }
 }
@@ -117,11 +125,15 @@ impl From<ApiError> for Status {
                 NodeError::TooManyProposals { .. } => Code::ResourceExhausted,
                 NodeError::Role { .. } => Code::FailedPrecondition,
                 NodeError::Member(MemberError::NotFound) => Code::NotFound,
-                NodeError::Member(MemberError::InProgress | MemberError::TransferTimeout { .. }) => Code::Unavailable,
+                NodeError::Member(MemberError::InProgress) => Code::Unavailable,
+                // etcd has no gRPC status for it: its table leaves it Unknown.
+                NodeError::Member(MemberError::TransferTimeout { .. }) => Code::Unknown,
                 NodeError::Member(_) => Code::FailedPrecondition,
                 NodeError::Storage(_) | NodeError::Internal(_) => Code::Internal,
             },
-            ApiError::RequestTooLarge { .. } | ApiError::InvalidArgument(_) => Code::InvalidArgument,
+            ApiError::RequestTooLarge { .. } | ApiError::InvalidArgument(_) | ApiError::InvalidSortOption => {
+                Code::InvalidArgument
+            }
             ApiError::Unimplemented(_) => Code::Unimplemented,
             ApiError::ParentNotHeld { .. } | ApiError::ElectionNotLeader => Code::FailedPrecondition,
             ApiError::LockLost { .. } | ApiError::ElectionNoLeader => Code::NotFound,
@@ -156,5 +168,10 @@ mod tests {
         assert!(s.metadata().get(DETAIL_METADATA).unwrap().to_str().unwrap().contains("txn_ops_max 128"));
         let s: Status = ApiError::Node(NodeError::TooManyProposals { max: 4 }).into();
         assert_eq!((s.code(), s.message()), (Code::ResourceExhausted, "etcdserver: too many requests"));
+        let s: Status = ApiError::Node(NodeError::Peer("connection refused".into())).into();
+        assert_eq!((s.code(), s.message()), (Code::Unavailable, "etcdserver: request timed out, possibly due to connection lost"));
+        assert!(s.metadata().get(DETAIL_METADATA).unwrap().to_str().unwrap().contains("connection refused"));
+        let s: Status = ApiError::Node(NodeError::Member(MemberError::TransferTimeout { to: 2, waited_ms: 5000 })).into();
+        assert_eq!((s.code(), s.message()), (Code::Unknown, "etcdserver: request timed out, leader transfer took too long"));
     }
 }

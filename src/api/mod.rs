@@ -132,6 +132,7 @@ impl pb::kv_server::Kv for Api {
     async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
         let r = req.into_inner();
         check_size(&r)?;
+        crate::kv::check_key(&r.key).map_err(ApiError::from)?;
         let r = convert::range_in(r)?;
         let (resp, rev) = self.read(r.serializable, |m| m.range(&r)).await?;
         Ok(Response::new(convert::range_out(resp, self.header(rev))))
@@ -196,9 +197,7 @@ impl pb::lease_server::Lease for Api {
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         let g = req.into_inner();
         let ttl_s = Lessor::effective_ttl(&self.node.ttl_bounds(), g.ttl).map_err(ApiError::from)?;
-        if g.id < 0 {
-            return Err(ApiError::InvalidArgument(format!("negative lease ID {}", g.id)).into());
-        }
+        // Any ID but 0 ("choose one") is the client's to pick, negative ones too, as in etcd.
         let id = if g.id == 0 { self.node.new_lease_id() } else { g.id };
         match self.propose(Command::LeaseGrant { id, ttl_s }).await? {
             (Done::LeaseGrant { id, ttl_s }, rev) => Ok(Response::new(pb::LeaseGrantResponse {

@@ -228,6 +228,11 @@ pub struct Etcd {
 
 impl Etcd {
     pub fn start() -> Etcd {
+        Etcd::start_with(&[])
+    }
+
+    /// Start a member with extra flags.
+    pub fn start_with(extra: &[&str]) -> Etcd {
         let tmp = tempfile::tempdir().unwrap();
         let (cp, pp) = (free_port(), free_port());
         let client = format!("http://127.0.0.1:{cp}");
@@ -237,7 +242,8 @@ impl Etcd {
             .arg(tmp.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .arg(format!("--initial-cluster=n1={peer}"));
+            .arg(format!("--initial-cluster=n1={peer}"))
+            .args(extra);
         let mut proc = spawn_logged(cmd, &tmp.path().join("etcd.log"));
         wait_ready(&format!("127.0.0.1:{cp}"), &mut proc);
         Etcd { _proc: proc, client_port: cp, peer_port: pp, _tmp: tmp }

@@ -5,6 +5,7 @@ mod bad_input;
 mod cluster;
 mod common;
 mod crash;
+mod differential;
 mod geo;
 mod kv;
 mod lease;
