@@ -150,6 +150,9 @@ struct StartArgs {
     /// Applied entries between snapshots (etcd's flag).
     #[arg(long)]
     snapshot_count: Option<u64>,
+    /// Bytes of keys and values past which writes are refused (etcd's flag; 0 = 2 GiB).
+    #[arg(long)]
+    quota_backend_bytes: Option<u64>,
 }
 
 impl StartArgs {
@@ -176,6 +179,7 @@ impl StartArgs {
         add("raft.election_timeout", &self.election_timeout.map(|ms| format!("{ms}ms")));
         add("raft.heartbeat_interval", &self.heartbeat_interval.map(|ms| format!("{ms}ms")));
         add("raft.snapshot_count", &self.snapshot_count.map(|n| n.to_string()));
+        add("quota_backend_bytes", &self.quota_backend_bytes.map(|n| n.to_string()));
         o
     }
 }

@@ -156,6 +156,10 @@ pub struct Config {
     pub peer_key_file: String,
     pub role: Role,
     pub region: String,
+    /// Bytes of keys and values, every kept revision counted, past which this member refuses
+    /// writes with etcd's "database space exceeded" (etcd's `--quota-backend-bytes`). 0 means
+    /// the default, [`crate::limits::KEYSPACE_BYTES_MAX`], which is also the most.
+    pub quota_backend_bytes: u64,
     pub cluster: ClusterSection,
     pub nodes: Vec<NodeEntry>,
     pub raft: RaftSection,
@@ -180,6 +184,7 @@ impl Default for Config {
             peer_key_file: String::new(),
             role: Role::Voter,
             region: String::new(),
+            quota_backend_bytes: 0,
             cluster: ClusterSection::default(),
             nodes: Vec::new(),
             raft: RaftSection::default(),
@@ -233,6 +238,13 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "lease: TTLs must be between 1s and {}s",
                 crate::limits::LEASE_TTL_S_MAX
+            )));
+        }
+        if self.quota_backend_bytes > crate::limits::KEYSPACE_BYTES_MAX {
+            return Err(ConfigError::Invalid(format!(
+                "quota_backend_bytes {} is over keyspace_bytes_max ({})",
+                self.quota_backend_bytes,
+                crate::limits::KEYSPACE_BYTES_MAX
             )));
         }
         let r = &self.raft;
@@ -331,6 +343,14 @@ impl Config {
             _ => Err(ConfigError::Invalid(
                 "peer TLS needs all of peer_trusted_ca_file, peer_cert_file and peer_key_file".into(),
             )),
+        }
+    }
+
+    /// The space quota in bytes, the default filled in.
+    pub fn quota_bytes(&self) -> u64 {
+        match self.quota_backend_bytes {
+            0 => crate::limits::KEYSPACE_BYTES_MAX,
+            q => q,
         }
     }
 
@@ -476,6 +496,10 @@ lease:
     fn bad_settings_are_refused_with_the_reason() {
         let err = Config::load(None, &[("lease.min_ttl", "2h".into())]).unwrap_err().to_string();
         assert!(err.contains("min_ttl <= default_ttl"), "{err}");
+        let err = Config::load(None, &[("quota-backend-bytes", "3000000000".into())]).unwrap_err().to_string();
+        assert!(err.contains("over keyspace_bytes_max"), "{err}");
+        let quota = Config::load(None, &[("quota-backend-bytes", "1048576".into())]).unwrap();
+        assert_eq!((quota.quota_bytes(), Config::default().quota_bytes()), (1_048_576, crate::limits::KEYSPACE_BYTES_MAX));
         let err = Config::load(None, &[("initial-cluster", "nourl".into())]).unwrap_err().to_string();
         assert!(err.contains("name=url"), "{err}");
     }

@@ -249,7 +249,7 @@ pub enum KvError {
     LeaseProvided,
     #[error("etcdserver: txn nested too deep (txn_depth_max {max})")]
     TxnTooDeep { max: usize },
-    #[error("etcdserver: mvcc: database space exceeded (keyspace_bytes_max {max})")]
+    #[error("etcdserver: mvcc: database space exceeded ({bytes} bytes of keys and values, quota {max})")]
     NoSpace { bytes: u64, max: u64 },
 }
 

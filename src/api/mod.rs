@@ -103,8 +103,41 @@ impl Api {
         pb::ResponseHeader { cluster_id: h.cluster_id, member_id: h.member_id, revision, raft_term: h.raft_term }
     }
 
+    /// etcd's space quota, checked before anything else about a write (its quota interceptor
+    /// runs before the request is looked at): the bytes of keys and values held here plus what
+    /// the write adds (for a Txn, its costlier branch) must fit this member's quota. The state
+    /// machine refuses past [`crate::limits::KEYSPACE_BYTES_MAX`] on every member alike.
+    fn check_quota(&self, cmd: &Command) -> Result<(), ApiError> {
+        fn txn_adds(t: &crate::kv::TxnRequest) -> u64 {
+            let branch = |ops: &[crate::kv::RequestOp]| -> u64 {
+                ops.iter()
+                    .map(|op| match op {
+                        crate::kv::RequestOp::Put(p) => (p.key.len() + p.value.len()) as u64,
+                        crate::kv::RequestOp::Txn(inner) => txn_adds(inner),
+                        crate::kv::RequestOp::Range(_) | crate::kv::RequestOp::DeleteRange(_) => 0,
+                    })
+                    .sum()
+            };
+            branch(&t.success).max(branch(&t.failure))
+        }
+        let adds = match cmd {
+            Command::Put(p) => (p.key.len() + p.value.len()) as u64,
+            Command::Txn(t) => txn_adds(t),
+            _ => 0,
+        };
+        if adds == 0 {
+            return Ok(());
+        }
+        let (bytes, max) = (self.node.read(|m| m.kv.bytes()) + adds, self.node.quota_bytes());
+        if bytes > max {
+            return Err(crate::kv::KvError::NoSpace { bytes, max }.into());
+        }
+        Ok(())
+    }
+
     /// Propose a validated command and wait for it to be applied.
     async fn propose(&self, cmd: Command) -> Result<(Done, i64), ApiError> {
+        self.check_quota(&cmd)?;
         crate::machine::validate(&cmd)?;
         let applied = self.node.propose(cmd).await?;
         let done = applied.result.map_err(ApiError::from)?;

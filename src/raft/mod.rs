@@ -189,6 +189,7 @@ pub struct Node {
     quorum: Arc<QuorumView>,
     cluster_id: u64,
     ttl_bounds: TtlBounds,
+    quota_bytes: u64,
     election_timeout: Duration,
     proposals: Semaphore,
     next_stream: std::sync::atomic::AtomicU64,
@@ -357,6 +358,7 @@ impl Node {
             quorum,
             cluster_id,
             ttl_bounds: cfg.ttl_bounds(),
+            quota_bytes: cfg.quota_bytes(),
             election_timeout: cfg.raft.election_timeout,
             proposals: Semaphore::new(PROPOSALS_IN_FLIGHT_MAX),
             next_stream: std::sync::atomic::AtomicU64::new(1),
@@ -436,6 +438,11 @@ impl Node {
     /// Lease TTL bounds.
     pub fn ttl_bounds(&self) -> TtlBounds {
         self.ttl_bounds
+    }
+
+    /// This member's space quota in bytes ([`crate::config::Config::quota_bytes`]).
+    pub fn quota_bytes(&self) -> u64 {
+        self.quota_bytes
     }
 
     /// A fresh lease ID, positive, not in use now.

@@ -189,3 +189,46 @@ fn txn_validation_follows_etcds_rules() {
         }
     });
 }
+
+/// A member over its space quota refuses writes with etcd's code and text, byte for byte, to
+/// etcd's client and to etcdctl, each server started with etcd's `--quota-backend-bytes`. What
+/// counts against the quota differs (etcd's database file, geolock's keys and values), so the
+/// two refuse at different puts: the test fills each to its first refusal.
+#[test]
+fn database_space_exceeded_reads_as_etcds() {
+    use crate::common::{etcdctl, Etcd};
+    let quota = "--quota-backend-bytes=1048576";
+    let geo = GeoNode::start_with(&[quota]);
+    let etcd = Etcd::start_with(&[quota]);
+    let value = "v".repeat(64 * 1024);
+    rt().block_on(async {
+        let (mut refusals, mut refused_after) = (Vec::new(), Vec::new());
+        for endpoint in [geo.endpoint(), etcd.endpoint()] {
+            let mut c = client(&endpoint).await;
+            let mut refusal = None;
+            for i in 0..200 {
+                if let Err(e) = c.put(format!("k{i}"), value.as_str(), None).await {
+                    refusal = Some((i, e));
+                    break;
+                }
+            }
+            let (puts, e) = refusal.unwrap_or_else(|| panic!("{endpoint}: 200 puts of 64 KiB fit a 1 MiB quota"));
+            // geolock's count is exact: 15 keys and values of 65,538 bytes fit 1 MiB, the 16th
+            // does not. etcd measures its database as of its last commit, which runs behind
+            // by up to its 100 ms batch: it refused after 15 to 73 puts in runs here.
+            refused_after.push(puts);
+            let etcd_client::Error::GRpcStatus(s) = e else { panic!("{endpoint}: {e}") };
+            refusals.push(format!("{:?}: {}", s.code(), s.message()));
+        }
+        assert_eq!(refusals[0], refusals[1], "geolock (left) and etcd (right) differ");
+        assert_eq!(refused_after[0], 15, "geolock refused after {} puts of 64 KiB", refused_after[0]);
+        assert!(refused_after[1] >= 8, "etcd refused after {} puts of 64 KiB", refused_after[1]);
+    });
+    let [g, e] = [geo.endpoint(), etcd.endpoint()].map(|ep| etcdctl(&ep, &["put", "one-more", &value], None));
+    let show = |o: &std::process::Output| {
+        let stderr: Vec<String> =
+            String::from_utf8_lossy(&o.stderr).lines().filter(|l| !l.starts_with("{\"level\"")).map(str::to_string).collect();
+        format!("status {:?}, stdout {:?}, stderr {stderr:?}", o.status.code(), String::from_utf8_lossy(&o.stdout))
+    };
+    assert_eq!(show(&g), show(&e), "etcdctl put over the quota: geolock (left) and etcd (right) differ");
+}
