@@ -143,10 +143,11 @@ fn etcdctl_check_perf_runs_to_a_verdict() {
         .collect();
     for run in runs {
         let (out, ep) = run.join().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
-        let verdict: Vec<&str> = stdout.lines().filter(|l| l.starts_with("PASS") || l.starts_with("FAIL")).collect();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        // The verdict follows the progress bar on the same line at times: look for it anywhere.
+        let verdict: Vec<&str> = stdout.match_indices("PASS").chain(stdout.match_indices("FAIL")).map(|(at, _)| &stdout[at..]).map(|v| v.lines().next().unwrap_or_default()).collect();
         println!("check perf against {ep}: {verdict:?}");
-        assert!(verdict.iter().any(|l| l.contains("Throughput is")), "{ep}: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("Throughput is"), "{ep}: {stdout} {}", String::from_utf8_lossy(&out.stderr));
         assert!(!String::from_utf8_lossy(&out.stderr).contains("rpc error"), "{ep}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
