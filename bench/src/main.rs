@@ -560,9 +560,9 @@ fn main() {
 
 /// The `geo` workloads; see [`What::Geo`].
 async fn geo(lockctl: &std::path::Path, seconds: u64) {
-    use geolock::geo::{GeoCluster, GeoOptions};
+    use geolock_testkit::geo::{GeoCluster, GeoOptions};
     let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../regions/2-2-1.yaml");
-    let topology = geolock::topology::Topology::load(&file).unwrap();
+    let topology = geolock_testkit::topology::Topology::load(&file).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let opts = GeoOptions::new(lockctl.to_path_buf(), dir.path().to_path_buf());
     let regions = if opts.namespaces { "a network namespace per region" } else { "loopback addresses per region" };
@@ -571,7 +571,7 @@ async fn geo(lockctl: &std::path::Path, seconds: u64) {
     let endpoint = |name: &str| g.node(name).endpoint();
     // Lead from us-east.
     let mut c = connect(g.voter_endpoints().split(',').next().unwrap()).await;
-    c.move_leader(geolock::raft::member_id("node-1")).await.unwrap();
+    c.move_leader(geolock_core::member::member_id("node-1")).await.unwrap();
     let leader_ep = endpoint("node-1");
     println!("{:<44} {:>8} {:>9} {:>9}", "workload (leader node-1, us-east)", "ops/s", "p50 ms", "p99 ms");
     for clients in [1, 16] {

@@ -387,7 +387,7 @@ impl Cluster {
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &advertised])
             .arg(format!("--initial-cluster={initial}"))
             .arg(format!("--initial-cluster-state={state}"))
-            .args(geolock::certs::peer_tls_flags(certs, name))
+            .args(geolock_testkit::certs::peer_tls_flags(certs, name))
             .args(&self.extra);
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = self.tmp.path().join(format!("{name}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));

@@ -20,7 +20,7 @@ fn every_acknowledged_put_survives_sigkill_on_a_reused_wal() {
     let mut geo = GeoNode::start();
     let value = vec![b'w'; 64 * 1024];
     // Each put is written to the WAL twice: as a log entry and as the applied key.
-    let puts = 3 * geolock::limits::WAL_BYTES_MAX as usize / value.len() / 2;
+    let puts = 3 * geolock_core::limits::WAL_BYTES_MAX as usize / value.len() / 2;
     rt().block_on(async {
         let tasks: Vec<_> = (0..8)
             .map(|w| {

@@ -22,8 +22,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use geolock::api::proto::etcdserverpb as pb;
-use geolock::api::proto::mvccpb;
+use geolock_proto::etcdserverpb as pb;
+use geolock_proto::mvccpb;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
@@ -360,7 +360,7 @@ fn intended_difference(op: &Op, side: &Side) -> Option<usize> {
                     // The prefix of an all-0xff key is "from the key on" too.
                     seen.deletes_to_end |= matches!(d.end, End::FromKey)
                         || (matches!(d.end, End::Prefix)
-                            && geolock::lock::prefix_end(KEYS[d.key]) == [0])
+                            && geolock_core::lock::prefix_end(KEYS[d.key]) == [0])
                 }
                 TxnOp::Range(r) => seen.undefined_sort_target |= undefined_sort_target(r),
                 TxnOp::Txn(t) => {
@@ -458,7 +458,7 @@ impl Side {
             End::None => Vec::new(),
             End::Key(k) => KEYS[*k].to_vec(),
             End::FromKey => vec![0],
-            End::Prefix => geolock::lock::prefix_end(KEYS[key]),
+            End::Prefix => geolock_core::lock::prefix_end(KEYS[key]),
         }
     }
 

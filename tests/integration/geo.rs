@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{GetOptions, WatchOptions};
-use geolock::geo::{GeoCluster, GeoOptions};
-use geolock::topology::Topology;
+use geolock_testkit::geo::{GeoCluster, GeoOptions};
+use geolock_testkit::topology::Topology;
 
 use crate::common::{client, lockctl_ok, rt};
 
@@ -39,9 +39,9 @@ impl Geo {
     pub fn leader(&self, rt: &tokio::runtime::Runtime) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            for n in self.c.nodes.iter().filter(|n| n.running() && n.role == geolock::config::Role::Voter) {
-                if let Ok(s) = rt.block_on(geolock::geo::status(&n.endpoint())) {
-                    if let Some(l) = self.c.nodes.iter().find(|m| geolock::raft::member_id(&m.name) == s.leader) {
+            for n in self.c.nodes.iter().filter(|n| n.running() && n.role == geolock_testkit::topology::Role::Voter) {
+                if let Ok(s) = rt.block_on(geolock_testkit::geo::status(&n.endpoint())) {
+                    if let Some(l) = self.c.nodes.iter().find(|m| geolock_core::member::member_id(&m.name) == s.leader) {
                         if s.leader != 0 {
                             return l.name.clone();
                         }
@@ -63,7 +63,7 @@ impl Geo {
 }
 
 pub fn two_two_one() -> Topology {
-    Topology::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("regions/2-2-1.yaml")).unwrap()
+    Topology::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../regions/2-2-1.yaml")).unwrap()
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -301,7 +301,7 @@ fn a_witness_stays_small_after_a_gibibyte_of_writes() {
     let rt = rt();
     // The 2+2+1 voters without latency or learners: the witness's footprint depends on neither.
     let mut t = two_two_one();
-    t.nodes.retain(|n| n.role != geolock::config::Role::Learner);
+    t.nodes.retain(|n| n.role != geolock_testkit::topology::Role::Learner);
     t.latency_ms.same_region = 0.0;
     t.latency_ms.between.iter_mut().for_each(|l| l.one_way = 0.0);
     t.raft = Default::default();

@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use geolock::api::proto::etcdserverpb as pb;
-use geolock::api::proto::v3lockpb as lpb;
-use geolock::config::Role;
-use geolock::geo::{RegionLauncher, RegionRuntime};
+use geolock_proto::etcdserverpb as pb;
+use geolock_proto::v3lockpb as lpb;
+use geolock_testkit::topology::Role;
+use geolock_testkit::geo::{RegionLauncher, RegionRuntime};
 
 use crate::common::{client, rt};
 use crate::geo::{two_two_one, Geo};
@@ -267,7 +267,7 @@ fn watch_leaders(g: &Geo, regions: &BTreeMap<String, RegionRuntime>, stop: Arc<A
         let (name, endpoint, samples, stop) = (n.name.clone(), n.endpoint(), samples.clone(), stop.clone());
         regions[&n.region].spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), geolock::geo::status(&endpoint)).await {
+                if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), geolock_testkit::geo::status(&endpoint)).await {
                     samples.lock().unwrap().push(StatusSample { at: Instant::now(), member: name.clone(), leader: s.leader });
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -427,7 +427,7 @@ impl Setup {
     }
 
     fn leader_id(&self) -> u64 {
-        geolock::raft::member_id(&self.g.leader(&self.rt))
+        geolock_core::member::member_id(&self.g.leader(&self.rt))
     }
 
     /// `lockctl lock` loops on lock "job" from each data region, through its own members.
@@ -563,7 +563,11 @@ fn a_leader_cut_off_in_a_minority_region_stops_answering_for_the_cluster() {
     let attempts: Vec<Attempt> = sides.into_iter().flat_map(LockLoop::finish).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
     assert_eq!(granted_between(&attempts, "east", cut, healed), 0, "a client on the cut-off side was granted the lock: {attempts:#?}");
-    assert!(granted_between(&attempts, "west", cut, healed) > 0, "the majority granted no lock while us-east was cut off");
+    assert!(
+        granted_between(&attempts, "west", cut, healed) > 0,
+        "the majority granted no lock while us-east was cut off: {attempts:#?}\n{}",
+        s.leadership_log()
+    );
     let figures = s.check(&o, Some(cut));
     let elected = new_leader_at(&o.leaders.lock().unwrap(), cut, old).expect("no new leader elected").duration_since(cut);
     assert_ne!(s.leader_id(), old, "the cut-off leader still leads after the heal");
@@ -591,7 +595,7 @@ fn a_follower_region_cut_off_leaves_the_majority_working_and_catches_up() {
     let grants = check_locks(&attempts, &s.fence, &[]);
     assert_eq!(granted_between(&attempts, "west", cut, healed), 0, "the cut-off side was granted the lock: {attempts:#?}");
     let during = granted_between(&attempts, "east", cut, healed);
-    assert!(during > 0, "the majority granted no lock while us-west was cut off");
+    assert!(during > 0, "the majority granted no lock while us-west was cut off: {attempts:#?}\n{}", s.leadership_log());
     let majority = east_keepalives.acknowledged_until(cut);
     assert!(majority >= Duration::from_secs(14), "the majority side's keep-alives stopped {majority:?} after the cut");
     let figures = s.check(&o, Some(cut));
@@ -599,7 +603,7 @@ fn a_follower_region_cut_off_leaves_the_majority_working_and_catches_up() {
     // us-west catches up: its voters reach the leader's revision.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let rev = |n: &str| s.rt.block_on(geolock::geo::status(&s.g.c.node(n).endpoint())).map(|r| r.header.unwrap().revision).unwrap_or(0);
+        let rev = |n: &str| s.rt.block_on(geolock_testkit::geo::status(&s.g.c.node(n).endpoint())).map(|r| r.header.unwrap().revision).unwrap_or(0);
         let (lead, west) = (rev("node-1"), rev("node-3"));
         if west >= lead && lead > 0 {
             break;

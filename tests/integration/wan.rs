@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use geolock::relay::{DelayFor, Relay};
+use geolock_testkit::relay::{DelayFor, Relay};
 
 use crate::common::{client, free_port, lockctl_ok, rt, Cluster};
 

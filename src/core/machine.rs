@@ -1,0 +1,462 @@
+//! The replicated state machine: what one committed command does to the key space and the
+//! leases. Deterministic and pure (time is an argument, storage writes go into a batch), so every
+//! replica that applies the same log reaches the same state, and the model-based tests can drive
+//! it without Raft, disks or clocks.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kv::{
+    self, DeleteRangeRequest, DeleteRangeResponse, Event, KvError, Mvcc, PutRequest, PutResponse, RangeRequest,
+    RangeResponse, RequestOp, ResponseOp, Rev, TxnRequest, TxnResponse, WriteEffects,
+};
+use crate::lease::{LeaseError, Lessor};
+use crate::storage::{Engine, StorageError, WriteBatch};
+
+/// A command carried by a Raft log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Put(PutRequest),
+    DeleteRange(DeleteRangeRequest),
+    Txn(TxnRequest),
+    Compact { revision: Rev },
+    /// Create a lease; the ID and the bounded TTL were chosen before proposing.
+    LeaseGrant { id: i64, ttl_s: i64 },
+    /// Remove a lease and delete its keys, on request or because the leader saw it expire.
+    LeaseRevoke { id: i64 },
+}
+
+impl std::fmt::Display for Command {
+    /// A short description for logs (openraft's entries show their command so).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Put(p) => write!(f, "put {} bytes", p.key.len() + p.value.len()),
+            Command::DeleteRange(_) => f.write_str("delete-range"),
+            Command::Txn(t) => write!(f, "txn {}+{} ops", t.success.len(), t.failure.len()),
+            Command::Compact { revision } => write!(f, "compact {revision}"),
+            Command::LeaseGrant { id, ttl_s } => write!(f, "lease-grant {id:x} {ttl_s}s"),
+            Command::LeaseRevoke { id } => write!(f, "lease-revoke {id:x}"),
+        }
+    }
+}
+
+/// What a command produced, besides its events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compact,
+    LeaseGrant { id: i64, ttl_s: i64 },
+    LeaseRevoke,
+    /// A log entry that carried no command (blank or membership).
+    Nothing,
+}
+
+/// Why a command changed nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+}
+
+/// The result of applying one command: the revision after it and its response or error.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub revision: Rev,
+    pub result: Result<Response, ApplyError>,
+}
+
+/// Key space plus leases.
+#[derive(Clone, Debug, Default)]
+pub struct Machine {
+    pub kv: Mvcc,
+    pub leases: Lessor,
+}
+
+impl Machine {
+    /// An empty machine.
+    pub fn new() -> Self {
+        Machine { kv: Mvcc::new(), leases: Lessor::new() }
+    }
+
+    /// Rebuild from storage, re-attaching every live key to its lease.
+    pub fn load(engine: &dyn Engine) -> Result<Self, StorageError> {
+        let kv = Mvcc::load(engine)?;
+        let mut leases = Lessor::load(engine)?;
+        let all = RangeRequest { key: vec![0], range_end: vec![0], limit: 0, ..Default::default() };
+        let mut from = vec![0];
+        // Page through the keys; RANGE_KEYS_MAX bounds each page.
+        loop {
+            let page = kv.range(&RangeRequest { key: from.clone(), keys_only: true, ..all.clone() })
+                .map_err(|e| StorageError(format!("machine: {e}")))?;
+            for item in &page.kvs {
+                if item.lease != 0 {
+                    leases.move_key(&item.key, 0, item.lease);
+                }
+            }
+            match (page.more, page.kvs.last()) {
+                (true, Some(last)) => {
+                    from = last.key.clone();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(Machine { kv, leases })
+    }
+
+    /// Serve a read at the state as applied so far.
+    pub fn range(&self, r: &RangeRequest) -> Result<RangeResponse, KvError> {
+        self.kv.range(r)
+    }
+
+    /// Apply one committed command. `now_ms` only feeds the leader's volatile lease deadlines.
+    pub fn apply(&mut self, cmd: &Command, now_ms: u64, batch: &mut WriteBatch, events: &mut Vec<Event>) -> Applied {
+        let result = self.apply_inner(cmd, now_ms, batch, events);
+        let revision = self.kv.finish(batch);
+        Applied { revision, result }
+    }
+
+    fn apply_inner(
+        &mut self,
+        cmd: &Command,
+        now_ms: u64,
+        batch: &mut WriteBatch,
+        events: &mut Vec<Event>,
+    ) -> Result<Response, ApplyError> {
+        // Apply is total: a command that reached the log without passing the API's validation
+        // (forwarded by a peer, written by an older or buggy member) is refused here, the same
+        // on every replica, rather than trusted. The checks below it rely on what this rules
+        // out (a Txn that deletes a key and then puts it with ignore_value would otherwise fail
+        // half-way, on every replica).
+        validate(cmd)?;
+        match cmd {
+            Command::Put(p) => {
+                self.check_put(p, false)?;
+                let mut fx = WriteEffects::default();
+                let r = self.kv.put(p, batch, &mut fx)?;
+                self.absorb(fx, events);
+                Ok(Response::Put(r))
+            }
+            Command::DeleteRange(d) => {
+                let mut fx = WriteEffects::default();
+                let r = self.kv.delete_range(d, batch, &mut fx);
+                self.absorb(fx, events);
+                Ok(Response::DeleteRange(r))
+            }
+            Command::Txn(t) => {
+                let path = self.txn_path(t);
+                self.check_txn(t, &path, &mut 0, &mut Vec::new())?;
+                let mut fx = WriteEffects::default();
+                let r = self.run_txn(t, &path, &mut 0, batch, &mut fx);
+                self.absorb(fx, events);
+                Ok(Response::Txn(r))
+            }
+            Command::Compact { revision } => {
+                self.kv.compact(*revision, batch)?;
+                Ok(Response::Compact)
+            }
+            Command::LeaseGrant { id, ttl_s } => {
+                self.leases.grant(*id, *ttl_s, now_ms, batch)?;
+                Ok(Response::LeaseGrant { id: *id, ttl_s: *ttl_s })
+            }
+            Command::LeaseRevoke { id } => {
+                let keys = self.leases.revoke(*id, batch)?;
+                let mut fx = WriteEffects::default();
+                for key in keys {
+                    self.kv.delete_range(&DeleteRangeRequest { key, ..Default::default() }, batch, &mut fx);
+                }
+                // The lease is gone already; its keys' moves need no mirroring.
+                events.append(&mut fx.events);
+                Ok(Response::LeaseRevoke)
+            }
+        }
+    }
+
+    /// Run a Txn that only reads, without a log entry.
+    pub fn read_only_txn(&self, t: &TxnRequest) -> Result<TxnResponse, KvError> {
+        let ok = t.compare.iter().all(|c| self.kv.compare(c));
+        let mut responses = Vec::new();
+        for op in if ok { &t.success } else { &t.failure } {
+            responses.push(match op {
+                RequestOp::Range(r) => {
+                    self.kv.check_txn_range_rev(r.revision)?;
+                    ResponseOp::Range(self.kv.range(r)?)
+                }
+                RequestOp::Txn(inner) => ResponseOp::Txn(self.read_only_txn(inner)?),
+                RequestOp::Put(_) | RequestOp::DeleteRange(_) => {
+                    unreachable!("read_only_txn is called only for Txns that do not write")
+                }
+            });
+        }
+        Ok(TxnResponse { succeeded: ok, responses })
+    }
+
+    fn absorb(&mut self, mut fx: WriteEffects, events: &mut Vec<Event>) {
+        for m in &fx.lease_moves {
+            self.leases.move_key(&m.key, m.from, m.to);
+        }
+        events.append(&mut fx.events);
+    }
+
+    /// The checks of a Put that need the state, in etcd's order: a lone Put's lease first, then
+    /// the key `ignore_value`/`ignore_lease` need (etcd's `Put`); in a Txn the key first, then
+    /// the lease (etcd's `checkPut`).
+    fn check_put(&self, p: &PutRequest, in_txn: bool) -> Result<(), ApplyError> {
+        let lease = || {
+            if p.lease != 0 && !self.leases.contains(p.lease) {
+                return Err(KvError::LeaseNotFound { lease: p.lease });
+            }
+            Ok(())
+        };
+        if !in_txn {
+            lease()?;
+        }
+        if (p.ignore_value || p.ignore_lease) && self.kv.get(&p.key).is_none() {
+            return Err(KvError::KeyNotFound.into());
+        }
+        if in_txn {
+            lease()?;
+        }
+        let max = crate::limits::KEYSPACE_BYTES_MAX;
+        let bytes = self.kv.bytes() + (p.key.len() + p.value.len()) as u64;
+        if bytes > max {
+            return Err(KvError::NoSpace { bytes, max }.into());
+        }
+        Ok(())
+    }
+
+    /// Which branch every Txn (nested ones too) takes, decided on the state before any of its
+    /// operations runs, as etcd decides it. Pre-order: the outer Txn first.
+    fn txn_path(&self, t: &TxnRequest) -> Vec<bool> {
+        let mut path = Vec::new();
+        self.walk_path(t, &mut path);
+        path
+    }
+
+    fn walk_path(&self, t: &TxnRequest, path: &mut Vec<bool>) {
+        let ok = t.compare.iter().all(|c| self.kv.compare(c));
+        path.push(ok);
+        for op in if ok { &t.success } else { &t.failure } {
+            if let RequestOp::Txn(inner) = op {
+                self.walk_path(inner, path);
+            }
+        }
+    }
+
+    /// Check every operation the Txn will run, in the order it runs them, so that the run
+    /// cannot fail half-way. `deleted` holds the ranges deleted earlier in the Txn: a put with
+    /// `ignore_value` or `ignore_lease` after a delete of its key (which etcd's duplicate-key rule
+    /// lets through when the delete runs to the end, `range_end` `\0`) finds no key. etcd's own
+    /// apply panics there; here the whole Txn is refused.
+    fn check_txn<'t>(
+        &self,
+        t: &'t TxnRequest,
+        path: &[bool],
+        at: &mut usize,
+        deleted: &mut Vec<&'t DeleteRangeRequest>,
+    ) -> Result<(), ApplyError> {
+        let ok = path[*at];
+        *at += 1;
+        for op in if ok { &t.success } else { &t.failure } {
+            match op {
+                RequestOp::Range(r) => {
+                    self.kv.check_txn_range_rev(r.revision)?;
+                }
+                RequestOp::Put(p) => {
+                    self.check_put(p, true)?;
+                    let gone = deleted.iter().any(|d| kv::in_range(&p.key, &d.key, &d.range_end));
+                    if (p.ignore_value || p.ignore_lease) && gone {
+                        return Err(KvError::KeyNotFound.into());
+                    }
+                }
+                RequestOp::DeleteRange(d) => deleted.push(d),
+                RequestOp::Txn(inner) => self.check_txn(inner, path, at, deleted)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn run_txn(
+        &mut self,
+        t: &TxnRequest,
+        path: &[bool],
+        at: &mut usize,
+        batch: &mut WriteBatch,
+        fx: &mut WriteEffects,
+    ) -> TxnResponse {
+        let ok = path[*at];
+        *at += 1;
+        let mut responses = Vec::new();
+        for op in if ok { &t.success } else { &t.failure } {
+            responses.push(match op {
+                RequestOp::Range(r) => ResponseOp::Range(self.kv.range(r).expect("revision checked before the txn ran")),
+                RequestOp::Put(p) => ResponseOp::Put(self.kv.put(p, batch, fx).expect("put checked before the txn ran")),
+                RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.kv.delete_range(d, batch, fx)),
+                RequestOp::Txn(inner) => ResponseOp::Txn(self.run_txn(inner, path, at, batch, fx)),
+            });
+        }
+        TxnResponse { succeeded: ok, responses }
+    }
+}
+
+/// Validate a command before it is proposed: the checks that need no state, etcd's.
+pub fn validate(cmd: &Command) -> Result<(), KvError> {
+    match cmd {
+        Command::Put(p) => kv::check_put(p),
+        Command::DeleteRange(d) => kv::check_key(&d.key),
+        Command::Txn(t) => kv::validate_txn(t),
+        Command::Compact { .. } | Command::LeaseGrant { .. } | Command::LeaseRevoke { .. } => Ok(()),
+    }
+}
+
+#[cfg(test)]
+#[path = "machine_model_test.rs"]
+mod model_test;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{Compare, CompareResult, CompareTarget, EventKind};
+
+    fn put(k: &str, v: &str) -> PutRequest {
+        PutRequest { key: k.into(), value: v.into(), ..Default::default() }
+    }
+
+    fn apply(m: &mut Machine, cmd: Command) -> (Applied, Vec<Event>) {
+        let mut b = WriteBatch::default();
+        let mut ev = Vec::new();
+        let a = m.apply(&cmd, 0, &mut b, &mut ev);
+        (a, ev)
+    }
+
+    #[test]
+    fn txn_branches_on_compares_taken_before_it_runs() {
+        let mut m = Machine::new();
+        apply(&mut m, Command::Put(put("a", "1")));
+        let guard = |v: &str| Compare {
+            result: CompareResult::Equal,
+            target: CompareTarget::Value(v.into()),
+            key: b"a".to_vec(),
+            range_end: vec![],
+        };
+        // The nested compare sees "a" = "1" although the outer branch overwrote it first.
+        let t = TxnRequest {
+            compare: vec![guard("1")],
+            success: vec![
+                RequestOp::Put(put("a", "2")),
+                RequestOp::Txn(TxnRequest { compare: vec![guard("1")], success: vec![RequestOp::Put(put("b", "x"))], failure: vec![] }),
+                RequestOp::Range(RangeRequest { key: b"a".to_vec(), ..Default::default() }),
+            ],
+            failure: vec![],
+        };
+        let (a, ev) = apply(&mut m, Command::Txn(t));
+        let Ok(Response::Txn(r)) = a.result else { panic!("{a:?}") };
+        assert!(r.succeeded);
+        assert_eq!(a.revision, 3);
+        assert_eq!(ev.len(), 2);
+        assert!(ev.iter().all(|e| e.kv.mod_revision == 3 && e.kind == EventKind::Put));
+        let ResponseOp::Range(read) = &r.responses[2] else { panic!() };
+        assert_eq!(read.kvs[0].value, b"2", "a txn reads its own writes");
+    }
+
+    #[test]
+    fn a_failing_txn_changes_nothing() {
+        let mut m = Machine::new();
+        let t = TxnRequest {
+            compare: vec![],
+            success: vec![RequestOp::Put(put("a", "1")), RequestOp::Put(PutRequest { lease: 99, ..put("b", "1") })],
+            failure: vec![],
+        };
+        let (a, ev) = apply(&mut m, Command::Txn(t));
+        assert_eq!(a.result, Err(ApplyError::Kv(KvError::LeaseNotFound { lease: 99 })));
+        assert_eq!(a.revision, 1);
+        assert!(ev.is_empty());
+        assert!(m.kv.get(b"a").is_none());
+    }
+
+    #[test]
+    fn revoke_deletes_attached_keys_in_one_revision() {
+        let mut m = Machine::new();
+        apply(&mut m, Command::LeaseGrant { id: 5, ttl_s: 10 });
+        apply(&mut m, Command::Put(PutRequest { lease: 5, ..put("a", "1") }));
+        apply(&mut m, Command::Put(PutRequest { lease: 5, ..put("b", "1") }));
+        apply(&mut m, Command::Put(put("b", "2"))); // detached again
+        let (a, ev) = apply(&mut m, Command::LeaseRevoke { id: 5 });
+        assert_eq!(a.result, Ok(Response::LeaseRevoke));
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].kind, EventKind::Delete);
+        assert!(m.kv.get(b"a").is_none() && m.kv.get(b"b").is_some());
+    }
+
+    /// Issue 12, fault 8: a Txn that deletes a key and then puts it with ignore_value passes
+    /// every check made against the state before it, and would fail half-way; reaching apply
+    /// without the API's validation, it is refused and changes nothing.
+    #[test]
+    fn an_unvalidated_txn_that_would_fail_half_way_is_refused_whole() {
+        let mut m = Machine::new();
+        apply(&mut m, Command::Put(put("k", "1")));
+        let t = TxnRequest {
+            compare: vec![],
+            success: vec![
+                RequestOp::DeleteRange(DeleteRangeRequest { key: b"k".to_vec(), ..Default::default() }),
+                RequestOp::Put(PutRequest { ignore_value: true, ..put("k", "") }),
+            ],
+            failure: vec![],
+        };
+        let (a, ev) = apply(&mut m, Command::Txn(t));
+        assert_eq!(a.result, Err(ApplyError::Kv(KvError::DuplicateKey)));
+        assert_eq!((a.revision, ev.len()), (2, 0));
+        assert_eq!(m.kv.get(b"k").unwrap().value, b"1");
+    }
+
+    /// The same kind through the door etcd's duplicate-key rule leaves open: a delete to the
+    /// end (`range_end` `\0`) does not conflict with a later put there, so validation passes,
+    /// and the put with ignore_value finds its key gone. etcd's apply panics on it.
+    #[test]
+    fn a_put_with_ignore_value_after_a_delete_to_the_end_is_refused_whole() {
+        let mut m = Machine::new();
+        apply(&mut m, Command::Put(put("k", "1")));
+        let t = TxnRequest {
+            compare: vec![],
+            success: vec![
+                RequestOp::Txn(TxnRequest {
+                    success: vec![RequestOp::DeleteRange(DeleteRangeRequest { key: b"a".to_vec(), range_end: vec![0], ..Default::default() })],
+                    ..Default::default()
+                }),
+                RequestOp::Txn(TxnRequest {
+                    success: vec![RequestOp::Put(PutRequest { ignore_value: true, ..put("k", "") })],
+                    ..Default::default()
+                }),
+            ],
+            failure: vec![],
+        };
+        assert_eq!(validate(&Command::Txn(t.clone())), Ok(()));
+        let (a, ev) = apply(&mut m, Command::Txn(t));
+        assert_eq!(a.result, Err(ApplyError::Kv(KvError::KeyNotFound)));
+        assert_eq!((a.revision, ev.len()), (2, 0));
+        assert_eq!(m.kv.get(b"k").unwrap().value, b"1");
+    }
+
+    #[test]
+    fn validation_before_raft() {
+        assert_eq!(validate(&Command::Put(put("", "x"))), Err(KvError::EmptyKey));
+        let p = PutRequest { ignore_value: true, ..put("a", "x") };
+        assert_eq!(validate(&Command::Put(p)), Err(KvError::ValueProvided));
+    }
+
+    #[test]
+    fn load_reattaches_keys_to_leases() {
+        let engine = crate::storage::MemEngine::new();
+        let mut m = Machine::new();
+        let mut b = WriteBatch::default();
+        let mut ev = Vec::new();
+        m.apply(&Command::LeaseGrant { id: 5, ttl_s: 10 }, 0, &mut b, &mut ev);
+        m.apply(&Command::Put(PutRequest { lease: 5, ..put("a", "1") }), 0, &mut b, &mut ev);
+        engine.write(b, false).unwrap();
+        let l = Machine::load(&*engine).unwrap();
+        assert_eq!(l.leases.get(5).unwrap().keys.len(), 1);
+    }
+}

@@ -1,0 +1,216 @@
+//! `lockctl`'s client commands `lock`, `elect` and `member`, shaped like etcdctl's: what they
+//! print and their exit codes, over the client library.
+
+use geolock_client::{acquire, campaign, connect, resign, unlock, ClientError, Held, Session};
+use geolock_proto::etcdserverpb as pb;
+use geolock_proto::v3electionpb as epb;
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// A call to the cluster failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The server refused a request.
+    #[error("{0}")]
+    Rpc(#[from] tonic::Status),
+    /// The command to run while holding the lock could not be started or waited for.
+    #[error("cannot run {cmd}: {source}")]
+    Exec { cmd: String, source: std::io::Error },
+    /// `lockctl member` named a member the cluster does not have.
+    #[error("no member named {name} (members: {known})")]
+    NoSuchMember { name: String, known: String },
+}
+
+/// `lockctl lock NAME [COMMAND...]`. Returns the exit code.
+pub async fn lock(endpoints: &str, name: &str, ttl: i64, command: &[String]) -> Result<u8, CommandError> {
+    let mut session = Session::grant(endpoints, ttl).await?;
+    let Held { key, token } = acquire(endpoints, name, &mut session).await?;
+    let key_text = String::from_utf8_lossy(&key).into_owned();
+    println!("{key_text}");
+    println!("fencing token {token}");
+    let code = if let Some((program, args)) = command.split_first() {
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .env("LOCKCTL_LOCK_KEY", &key_text)
+            .env("LOCKCTL_FENCING_TOKEN", token.to_string())
+            .env("ETCD_LOCK_KEY", &key_text)
+            .env("ETCD_LOCK_REV", token.to_string())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| CommandError::Exec { cmd: program.clone(), source })?;
+        tokio::select! {
+            status = child.wait() => status.map_err(|source| CommandError::Exec { cmd: program.clone(), source })?.code().unwrap_or(1) as u8,
+            lost = session.lost() => {
+                // The lock may belong to someone else now: the command must not go on using it.
+                let _ = child.kill().await;
+                return Err(lost.into());
+            }
+        }
+    } else {
+        tokio::select! {
+            _ = geolock_server::roles::until_signal() => 0,
+            lost = session.lost() => return Err(lost.into()),
+        }
+    };
+    let unlock = unlock(endpoints, &key).await;
+    session.revoke(endpoints).await;
+    unlock?;
+    Ok(code)
+}
+
+/// `lockctl elect NAME [PROPOSAL]`. Returns the exit code.
+pub async fn elect(endpoints: &str, name: &str, proposal: Option<&str>, ttl: i64) -> Result<u8, CommandError> {
+    let Some(proposal) = proposal else {
+        let ch = connect(endpoints).await?;
+        let mut election = epb::election_client::ElectionClient::new(ch);
+        let mut leaders = election.observe(epb::LeaderRequest { name: name.as_bytes().to_vec() }).await?.into_inner();
+        while let Some(l) = leaders.message().await? {
+            if let Some(kv) = l.kv {
+                println!("{}", String::from_utf8_lossy(&kv.key));
+                println!("{}", String::from_utf8_lossy(&kv.value));
+            }
+        }
+        return Ok(0);
+    };
+    let mut session = Session::grant(endpoints, ttl).await?;
+    let leader = campaign(endpoints, name, &mut session, proposal.as_bytes()).await?;
+    println!("{}", String::from_utf8_lossy(&leader.key));
+    println!("{proposal}");
+    println!("fencing token {}", leader.rev);
+    tokio::select! {
+        _ = geolock_server::roles::until_signal() => {}
+        lost = session.lost() => return Err(lost.into()),
+    }
+    let resign = resign(endpoints, &leader).await;
+    session.revoke(endpoints).await;
+    resign?;
+    Ok(0)
+}
+
+/// `lockctl member ...`: the spec's membership procedures over etcd's Cluster API.
+#[derive(Debug, clap::Subcommand)]
+pub enum MemberCommand {
+    /// Add member NAME; it joins as a learner and, unless --learner, is promoted once caught up.
+    /// Prints the settings to start it with.
+    Add {
+        name: String,
+        /// Comma-separated peer URLs of the new member.
+        #[arg(long)]
+        peer_urls: String,
+        /// Keep it a learner until `lockctl member promote`.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Take member NAME out of the cluster.
+    Remove { name: String },
+    /// List the members.
+    List,
+    /// Make learner NAME a voter (refused until it has caught up).
+    Promote { name: String },
+    /// Give member NAME new peer URLs.
+    Update {
+        name: String,
+        #[arg(long)]
+        peer_urls: String,
+    },
+    /// Hand leadership to voter NAME.
+    TransferLeadership { name: String },
+}
+
+/// Run a `lockctl member` command. Returns the exit code.
+pub async fn member(endpoints: &str, cmd: MemberCommand) -> Result<u8, CommandError> {
+    let ch = connect(endpoints).await?;
+    let mut cluster = pb::cluster_client::ClusterClient::new(ch.clone());
+    // etcdctl's columns, then the role, the region and the lag behind the leader.
+    let list = |members: &[pb::Member]| {
+        for m in members {
+            println!(
+                "{:x}, {}, {}, {}, {}, {}, {}, {}, lag {} entries {} ms",
+                m.id,
+                if m.client_ur_ls.is_empty() { "unstarted" } else { "started" },
+                m.name,
+                m.peer_ur_ls.join(","),
+                m.client_ur_ls.join(","),
+                m.is_learner,
+                m.geolock_role,
+                if m.geolock_region.is_empty() { "-" } else { &m.geolock_region },
+                m.geolock_lag_entries,
+                m.geolock_lag_ms
+            );
+        }
+    };
+    let warn_even = |members: &[pb::Member]| {
+        let voters = members.iter().filter(|m| !m.is_learner).count();
+        if voters % 2 == 0 {
+            eprintln!(
+                "warning: the cluster has {voters} voters; an even count tolerates no more failures than {} voters",
+                voters - 1
+            );
+        }
+    };
+    let members = cluster.member_list(pb::MemberListRequest { linearizable: true }).await?.into_inner().members;
+    let id_of = |name: &str| {
+        members.iter().find(|m| m.name == name).map(|m| m.id).ok_or_else(|| CommandError::NoSuchMember {
+            name: name.to_string(),
+            known: members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    };
+    match cmd {
+        MemberCommand::List => list(&members),
+        MemberCommand::Add { name, peer_urls, learner } => {
+            let urls: Vec<String> = peer_urls.split(',').filter(|u| !u.is_empty()).map(str::to_string).collect();
+            let mut req = tonic::Request::new(pb::MemberAddRequest { peer_ur_ls: urls.clone(), is_learner: learner });
+            let value = name.parse().map_err(|_| tonic::Status::invalid_argument(format!("bad member name {name:?}")))?;
+            req.metadata_mut().insert(geolock_proto::MEMBER_NAME_HEADER, value);
+            let resp = cluster.member_add(req).await?.into_inner();
+            let header = resp.header.unwrap_or_default();
+            let id = resp.member.map_or(0, |m| m.id);
+            println!("Member {id:x} added to cluster {:x}", header.cluster_id);
+            let initial: Vec<String> = resp
+                .members
+                .iter()
+                .flat_map(|m| {
+                    let n = if m.id == id { name.clone() } else { m.name.clone() };
+                    m.peer_ur_ls.iter().map(move |u| format!("{n}={u}"))
+                })
+                .collect();
+            println!();
+            println!("GEOLOCK_NAME=\"{name}\"");
+            println!("GEOLOCK_INITIAL_CLUSTER=\"{}\"", initial.join(","));
+            println!("GEOLOCK_INITIAL_ADVERTISE_PEER_URLS=\"{}\"", urls.join(","));
+            println!("GEOLOCK_INITIAL_CLUSTER_STATE=\"existing\"");
+            if !learner {
+                let mut after = resp.members.clone();
+                after.iter_mut().filter(|m| m.id == id).for_each(|m| m.is_learner = false);
+                warn_even(&after);
+            }
+        }
+        MemberCommand::Remove { name } => {
+            let id = id_of(&name)?;
+            let resp = cluster.member_remove(pb::MemberRemoveRequest { id }).await?.into_inner();
+            println!("Member {id:x} removed from cluster {:x}", resp.header.unwrap_or_default().cluster_id);
+            warn_even(&resp.members);
+        }
+        MemberCommand::Promote { name } => {
+            let id = id_of(&name)?;
+            let resp = cluster.member_promote(pb::MemberPromoteRequest { id }).await?.into_inner();
+            println!("Member {id:x} promoted in cluster {:x}", resp.header.unwrap_or_default().cluster_id);
+            warn_even(&resp.members);
+        }
+        MemberCommand::Update { name, peer_urls } => {
+            let id = id_of(&name)?;
+            let urls = peer_urls.split(',').filter(|u| !u.is_empty()).map(str::to_string).collect();
+            let resp = cluster.member_update(pb::MemberUpdateRequest { id, peer_ur_ls: urls }).await?.into_inner();
+            println!("Member {id:x} updated in cluster {:x}", resp.header.unwrap_or_default().cluster_id);
+        }
+        MemberCommand::TransferLeadership { name } => {
+            let id = id_of(&name)?;
+            pb::maintenance_client::MaintenanceClient::new(ch)
+                .move_leader(pb::MoveLeaderRequest { target_id: id })
+                .await?;
+            println!("Leadership transferred to {name} ({id:x})");
+        }
+    }
+    Ok(0)
+}

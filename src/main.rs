@@ -1,8 +1,0 @@
-//! `lockctl`: every geolock role, and its command-line client.
-
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn main() -> std::process::ExitCode {
-    geolock::cli::main()
-}

@@ -1,0 +1,15 @@
+//! The geolock server: everything a member process runs over the pure core.
+//!
+//! Modules, lowest first; a module never imports one above it:
+//! 1. [`config`] (flags, environment and file), [`rocks`] (the only importer of RocksDB),
+//!    [`transport`] (the only importer of quinn)
+//! 2. [`raft`] (the only importer of openraft)
+//! 3. [`api`] (tonic services and the one table that maps errors to gRPC statuses)
+//! 4. [`roles`] (composition: what each role runs)
+
+pub mod api;
+pub mod config;
+pub mod raft;
+pub mod rocks;
+pub mod roles;
+pub mod transport;

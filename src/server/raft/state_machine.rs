@@ -1,0 +1,315 @@
+//! openraft's state machine, over [`geolock_core::machine::Machine`]: applies committed entries to the
+//! key space and leases, stores them (unsynced: the log is the durable copy), and hands the
+//! events to the watch hub while still holding the state lock, so watchers see writes in order.
+//!
+//! On a witness the same state machine keeps only the last applied log id and the membership,
+//! and its snapshots carry no data: zero bytes, which no data-bearing member installs.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StoredMembership};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+use super::{now_ms, TypeConfig};
+use geolock_core::lock::{LockQueues, WaiterId};
+use geolock_core::machine::{Applied, Machine, Response};
+use geolock_core::storage::{Cf, Engine, WriteBatch};
+use geolock_core::watch::{Hub, Output, Reply, StreamId};
+
+type TC = TypeConfig;
+
+const APPLIED: &[u8] = b"raft/applied";
+const MEMBERSHIP: &[u8] = b"raft/membership";
+
+/// Everything the apply path and the readers share, behind one lock.
+pub struct SmState {
+    pub machine: Machine,
+    pub hub: Hub,
+    pub streams: HashMap<StreamId, mpsc::Sender<Reply>>,
+    /// Lock and election queues with waiters on this node, and how to wake each waiter.
+    pub locks: LockQueues,
+    pub lock_waiters: HashMap<WaiterId, tokio::sync::oneshot::Sender<LockWake>>,
+    pub last_applied: Option<LogIdOf<TC>>,
+    pub membership: StoredMembershipOf<TC>,
+}
+
+/// What a lock waiter is woken with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockWake {
+    /// Its key is the oldest: it holds the lock (or leads the election).
+    Holding,
+    /// Its key was deleted before that (lease expired or revoked, or unlocked).
+    Lost,
+}
+
+impl SmState {
+    /// Wake the lock waiters these events settled.
+    fn wake_lock_waiters(&mut self, events: &[geolock_core::kv::Event]) {
+        let woken = self.locks.on_events(events);
+        for (ids, how) in [(woken.holding, LockWake::Holding), (woken.lost, LockWake::Lost)] {
+            for id in ids {
+                if let Some(tx) = self.lock_waiters.remove(&id) {
+                    let _ = tx.send(how);
+                }
+            }
+        }
+    }
+
+    /// Queue replies to their streams. A watcher whose events do not fit falls back to catching
+    /// up; a stream that cannot take a control reply is closed (its client reconnects and resumes).
+    pub fn deliver(&mut self, outputs: Vec<Output>) {
+        for o in outputs {
+            let Some(tx) = self.streams.get(&o.stream) else { continue };
+            match tx.try_send(o.reply) {
+                Ok(()) => {}
+                Err(TrySendError::Full(Reply::Events { watch_id, events, .. })) => {
+                    let from = events.first().map_or(i64::MAX, |e| e.kv.mod_revision);
+                    self.hub.unsync(o.stream, watch_id, from);
+                }
+                Err(_) => {
+                    self.streams.remove(&o.stream);
+                    self.hub.close_stream(o.stream);
+                }
+            }
+        }
+    }
+}
+
+/// The shared handle.
+pub struct Shared {
+    state: Mutex<SmState>,
+    engine: Arc<dyn Engine>,
+    snapshot_dir: PathBuf,
+    /// A witness applies nothing to the key space.
+    witness: bool,
+}
+
+impl Shared {
+    /// Load the state machine from storage (a witness's keeps no key space).
+    pub fn open(engine: Arc<dyn Engine>, snapshot_dir: PathBuf, witness: bool) -> io::Result<Arc<Shared>> {
+        let machine = Machine::load(&*engine).map_err(io::Error::other)?;
+        let last_applied = read_meta::<Option<LogIdOf<TC>>>(&*engine, APPLIED)?.flatten();
+        let membership = read_meta(&*engine, MEMBERSHIP)?.unwrap_or_default();
+        std::fs::create_dir_all(&snapshot_dir)?;
+        Ok(Arc::new(Shared {
+            state: Mutex::new(SmState {
+                machine,
+                hub: Hub::new(),
+                streams: HashMap::new(),
+                locks: LockQueues::new(),
+                lock_waiters: HashMap::new(),
+                last_applied,
+                membership,
+            }),
+            engine,
+            snapshot_dir,
+            witness,
+        }))
+    }
+
+    /// Lock the state. Never held across an `.await`.
+    pub fn lock(&self) -> MutexGuard<'_, SmState> {
+        self.state.lock().expect("state lock poisoned: a panic while applying")
+    }
+
+    /// Bytes the engine holds.
+    pub fn db_size_bytes(&self) -> u64 {
+        self.engine.size_bytes()
+    }
+}
+
+fn read_meta<T: serde::de::DeserializeOwned>(engine: &dyn Engine, key: &[u8]) -> io::Result<Option<T>> {
+    match engine.get(Cf::SmMeta, key).map_err(io::Error::other)? {
+        Some(b) => postcard::from_bytes(&b).map(Some).map_err(io::Error::other),
+        None => Ok(None),
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("encodes")
+}
+
+/// A snapshot's contents: every pair of the state-machine column families.
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    pairs: Vec<(u8, Vec<u8>, Vec<u8>)>,
+}
+
+const SNAPSHOT_CFS: [Cf; 3] = [Cf::Kv, Cf::Lease, Cf::SmMeta];
+
+/// The openraft state machine: a handle on [`Shared`].
+#[derive(Clone)]
+pub struct StateMachine {
+    pub shared: Arc<Shared>,
+}
+
+impl StateMachine {
+    fn snapshot_path(&self) -> PathBuf {
+        self.shared.snapshot_dir.join("current")
+    }
+}
+
+impl RaftSnapshotBuilder<TC> for StateMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TC, Vec<u8>>, io::Error> {
+        // Off the runtime thread, and with the state lock held only while the storage snapshot
+        // is taken: scanning a large key space under the lock stalled every apply, and every
+        // client with it, for as long as the scan took.
+        let shared = self.shared.clone();
+        let path = self.snapshot_path();
+        if shared.witness {
+            let meta = {
+                let st = shared.lock();
+                SnapshotMeta { last_log_id: st.last_applied, last_membership: st.membership.clone() }
+            };
+            save_snapshot_file(&path, &meta, &[])?;
+            return Ok(Snapshot { meta, snapshot: Vec::new() });
+        }
+        let build = move || -> io::Result<SnapshotOf<TC, Vec<u8>>> {
+            let mut held = Some(shared.lock());
+            let mut meta = None;
+            let scanned = shared
+                .engine
+                .scan_at_instant(&SNAPSHOT_CFS, &mut || {
+                    if let Some(st) = held.take() {
+                        meta = Some(SnapshotMeta { last_log_id: st.last_applied, last_membership: st.membership.clone() });
+                    }
+                })
+                .map_err(io::Error::other)?;
+            let meta = meta.expect("the scan calls back at its instant");
+            let mut pairs = Vec::new();
+            for (i, (_, cf_pairs)) in scanned.into_iter().enumerate() {
+                pairs.extend(cf_pairs.into_iter().map(|(k, v)| (i as u8, k, v)));
+            }
+            let data = encode(&SnapshotData { pairs });
+            save_snapshot_file(&path, &meta, &data)?;
+            Ok(Snapshot { meta, snapshot: data })
+        };
+        tokio::task::spawn_blocking(build).await.map_err(io::Error::other)?
+    }
+}
+
+fn save_snapshot_file(path: &std::path::Path, meta: &SnapshotMetaOf<TC>, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&encode(&(meta, data)))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl RaftStateMachine<TC> for StateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogIdOf<TC>>, StoredMembershipOf<TC>), io::Error> {
+        let st = self.shared.lock();
+        Ok((st.last_applied, st.membership.clone()))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
+    where
+        S: Stream<Item = Result<EntryResponder<TC>, io::Error>> + Unpin + OptionalSend,
+    {
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let applied = {
+                let mut st = self.shared.lock();
+                let st = &mut *st;
+                let mut batch = WriteBatch::default();
+                let mut events = Vec::new();
+                let applied = match entry.payload {
+                    EntryPayload::Normal(_) if self.shared.witness => {
+                        Applied { revision: 0, result: Ok(Response::Nothing) }
+                    }
+                    EntryPayload::Normal(cmd) => st.machine.apply(&cmd, now_ms(), &mut batch, &mut events),
+                    EntryPayload::Membership(m) => {
+                        st.membership = StoredMembership::new(Some(entry.log_id), m);
+                        batch.put(Cf::SmMeta, MEMBERSHIP, encode(&st.membership));
+                        Applied { revision: st.machine.kv.current_rev(), result: Ok(Response::Nothing) }
+                    }
+                    EntryPayload::Blank => Applied { revision: st.machine.kv.current_rev(), result: Ok(Response::Nothing) },
+                };
+                st.last_applied = Some(entry.log_id);
+                batch.put(Cf::SmMeta, APPLIED, encode(&st.last_applied));
+                self.shared.engine.write(batch, false).map_err(io::Error::other)?;
+                if !events.is_empty() {
+                    st.wake_lock_waiters(&events);
+                    let out = st.hub.on_apply(&events, applied.revision);
+                    st.deliver(out);
+                }
+                applied
+            };
+            if let Some(r) = responder {
+                r.send(applied);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<TC>, snapshot: Vec<u8>) -> Result<(), io::Error> {
+        if self.shared.witness {
+            // Whatever data came with it, a witness keeps the metadata only.
+            let mut b = WriteBatch::default();
+            b.put(Cf::SmMeta, APPLIED, encode(&meta.last_log_id));
+            b.put(Cf::SmMeta, MEMBERSHIP, encode(&meta.last_membership));
+            self.shared.engine.write(b, true).map_err(io::Error::other)?;
+            save_snapshot_file(&self.snapshot_path(), meta, &[])?;
+            let mut st = self.shared.lock();
+            st.last_applied = meta.last_log_id;
+            st.membership = meta.last_membership.clone();
+            return Ok(());
+        }
+        // The peer transport refuses a witness's data-less snapshot before it gets here; this
+        // is the last line, because installing it would erase the key space.
+        if snapshot.is_empty() {
+            return Err(io::Error::other("a snapshot without data (a witness's) cannot be installed on a data-bearing member"));
+        }
+        let data: SnapshotData = postcard::from_bytes(&snapshot).map_err(io::Error::other)?;
+        let mut b = WriteBatch::default();
+        for cf in SNAPSHOT_CFS {
+            b.delete_range(cf, Vec::new(), vec![0xff; 64]);
+        }
+        for (i, k, v) in data.pairs {
+            let cf = *SNAPSHOT_CFS.get(i as usize).ok_or_else(|| io::Error::other("snapshot: bad column family"))?;
+            b.put(cf, k, v);
+        }
+        b.put(Cf::SmMeta, APPLIED, encode(&meta.last_log_id));
+        b.put(Cf::SmMeta, MEMBERSHIP, encode(&meta.last_membership));
+        self.shared.engine.write(b, true).map_err(io::Error::other)?;
+        save_snapshot_file(&self.snapshot_path(), meta, &snapshot)?;
+        let machine = Machine::load(&*self.shared.engine).map_err(io::Error::other)?;
+        let mut st = self.shared.lock();
+        st.machine = machine;
+        st.last_applied = meta.last_log_id;
+        st.membership = meta.last_membership.clone();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TC, Vec<u8>>>, io::Error> {
+        match std::fs::read(self.snapshot_path()) {
+            Ok(bytes) => {
+                let (meta, data): (SnapshotMetaOf<TC>, Vec<u8>) =
+                    postcard::from_bytes(&bytes).map_err(io::Error::other)?;
+                Ok(Some(Snapshot { meta, snapshot: data }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The peer transport: QUIC (quinn) with mutual TLS (rustls). One connection per peer, one
+//! bidirectional stream per request: a kind byte and a body go out, the stream is finished, the
+//! reply is read to its end. A node accepts a peer only if the cluster CA signed its certificate
+//! and the certificate names a current member; refusals are logged with the reason.
+//!
+//! The only module that imports quinn.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// Application protocol name negotiated on every connection.
+const ALPN: &[u8] = b"geolock-peer/1";
+
+/// PEM files of a node's peer identity (etcd's `--peer-trusted-ca-file`, `--peer-cert-file`,
+/// `--peer-key-file`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Why a transport operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("peer TLS: {0}")]
+    Tls(String),
+    #[error("peer transport: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer {peer}: {reason}")]
+    Connect { peer: String, reason: String },
+    #[error("refused peer {remote}: {reason}")]
+    Refused { remote: SocketAddr, reason: String },
+    #[error("peer message of {len} bytes is over peer_message_bytes_max ({max})")]
+    TooLarge { len: usize, max: usize },
+    #[error("peer stream: {0}")]
+    Stream(String),
+}
+
+fn tls_err(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Tls(e.to_string())
+}
+
+/// A bound QUIC endpoint that both accepts and dials peers.
+pub struct Transport {
+    endpoint: quinn::Endpoint,
+}
+
+/// An authenticated connection to a peer.
+pub type Connection = quinn::Connection;
+
+fn load(tls: &TlsFiles) -> Result<(rustls::RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&tls.ca).map_err(|e| tls_err(format!("{}: {e}", tls.ca.display())))? {
+        roots.add(ca.map_err(tls_err)?).map_err(tls_err)?;
+    }
+    let certs = CertificateDer::pem_file_iter(&tls.cert)
+        .map_err(|e| tls_err(format!("{}: {e}", tls.cert.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(tls_err)?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| tls_err(format!("{}: {e}", tls.key.display())))?;
+    Ok((roots, certs, key))
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.max_idle_timeout(Some(Duration::from_secs(5).try_into().expect("idle timeout fits")));
+    t.receive_window(geolock_core::limits::PEER_RECEIVE_WINDOW_BYTES.into());
+    t.stream_receive_window(geolock_core::limits::PEER_STREAM_RECEIVE_WINDOW_BYTES.into());
+    Arc::new(t)
+}
+
+impl Transport {
+    /// Bind `addr` with this node's identity.
+    pub fn bind(addr: SocketAddr, tls: &TlsFiles) -> Result<Transport, TransportError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (roots, certs, key) = load(tls)?;
+        let roots = Arc::new(roots);
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(tls_err)?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs.clone(), key.clone_key())
+            .map_err(tls_err)?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .map_err(tls_err)?;
+        client.alpn_protocols = vec![ALPN.to_vec()];
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_err)?,
+        ));
+        server.transport_config(transport_config());
+        let mut client =
+            quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(tls_err)?));
+        client.transport_config(transport_config());
+        let mut endpoint = quinn::Endpoint::server(server, addr)?;
+        endpoint.set_default_client_config(client);
+        Ok(Transport { endpoint })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Dial the member `name` at `addr`; its certificate must chain to the CA and name it.
+    pub async fn connect(&self, addr: SocketAddr, name: &str) -> Result<Connection, TransportError> {
+        let err = |reason: String| TransportError::Connect { peer: format!("{name} at {addr}"), reason };
+        let connecting = self.endpoint.connect(addr, name).map_err(|e| err(e.to_string()))?;
+        match tokio::time::timeout(Duration::from_secs(3), connecting).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(err(e.to_string())),
+            Err(_) => Err(err("handshake timed out".into())),
+        }
+    }
+
+    /// The next peer that completed the handshake and names one of `members` (its name is
+    /// returned with it). Peers that fail either check are refused, logged, and skipped.
+    /// `None` once the endpoint is closed.
+    pub async fn accept(&self, members: impl Fn() -> Vec<String>) -> Option<(Connection, String)> {
+        loop {
+            let incoming = self.endpoint.accept().await?;
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("{}", TransportError::Refused { remote, reason: format!("handshake failed: {e}") });
+                    continue;
+                }
+            };
+            match member_of(&conn, &members()) {
+                Ok(name) => return Some((conn, name)),
+                Err(reason) => {
+                    tracing::warn!("{}", TransportError::Refused { remote, reason: reason.clone() });
+                    conn.close(1u32.into(), reason.as_bytes());
+                }
+            }
+        }
+    }
+
+    /// Stop accepting and close every connection.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+/// The member a connection's client certificate names.
+fn member_of(conn: &Connection, members: &[String]) -> Result<String, String> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or("no client certificate")?;
+    let leaf = certs.first().ok_or("empty certificate chain")?;
+    let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("unreadable certificate: {e}"))?;
+    for m in members {
+        let Ok(name) = ServerName::try_from(m.as_str()) else { continue };
+        if cert.verify_is_valid_for_subject_name(&name).is_ok() {
+            return Ok(m.clone());
+        }
+    }
+    Err(format!("its certificate names no current member (members: {})", members.join(", ")))
+}
+
+/// Send one request (`kind`, `body`) on a new stream and read the whole reply.
+pub async fn call(conn: &Connection, kind: u8, body: &[u8], max_reply: usize) -> Result<Vec<u8>, TransportError> {
+    let stream = |e: &dyn std::fmt::Display| TransportError::Stream(e.to_string());
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(&e))?;
+    send.write_all(&[kind]).await.map_err(|e| stream(&e))?;
+    send.write_all(body).await.map_err(|e| stream(&e))?;
+    send.finish().map_err(|e| stream(&e))?;
+    recv.read_to_end(max_reply).await.map_err(|e| match e {
+        quinn::ReadToEndError::TooLong => TransportError::TooLarge { len: max_reply + 1, max: max_reply },
+        other => stream(&other),
+    })
+}
+
+/// A request read from a peer, and where its reply goes.
+pub struct Request {
+    pub kind: u8,
+    pub body: Vec<u8>,
+    reply: quinn::SendStream,
+}
+
+impl Request {
+    /// Send the reply and finish the stream.
+    pub async fn reply(mut self, body: &[u8]) -> Result<(), TransportError> {
+        self.reply.write_all(body).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        self.reply.finish().map_err(|e| TransportError::Stream(e.to_string()))
+    }
+}
+
+/// What a peer opened a stream for.
+pub enum Incoming {
+    /// One request, answered with one reply.
+    Call(Request),
+    /// A long-lived stream of frames each way (replication); the caller reads requests from
+    /// `frames` and writes replies, in order, to `replies`.
+    Duplex { kind: u8, frames: FrameReader, replies: FrameWriter },
+}
+
+/// The next request on `conn`; `None` when the peer closes it. A stream whose kind byte is
+/// `duplex_kind` is handed over as it is, to carry many frames.
+pub async fn next_request(conn: &Connection, max: usize, duplex_kind: u8) -> Option<Result<Incoming, TransportError>> {
+    let (send, mut recv) = conn.accept_bi().await.ok()?;
+    let mut kind = [0u8; 1];
+    if let Err(e) = recv.read_exact(&mut kind).await {
+        return Some(Err(TransportError::Stream(format!("empty request: {e}"))));
+    }
+    if kind[0] == duplex_kind {
+        return Some(Ok(Incoming::Duplex { kind: kind[0], frames: FrameReader(recv), replies: FrameWriter(send) }));
+    }
+    Some(match recv.read_to_end(max).await {
+        Ok(body) => Ok(Incoming::Call(Request { kind: kind[0], body, reply: send })),
+        Err(quinn::ReadToEndError::TooLong) => Err(TransportError::TooLarge { len: max + 1, max }),
+        Err(e) => Err(TransportError::Stream(e.to_string())),
+    })
+}
+
+/// Open a duplex stream of `kind` to a peer.
+pub async fn open_duplex(conn: &Connection, kind: u8) -> Result<(FrameWriter, FrameReader), TransportError> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| TransportError::Stream(e.to_string()))?;
+    send.write_all(&[kind]).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+    Ok((FrameWriter(send), FrameReader(recv)))
+}
+
+/// Writes length-prefixed frames on a stream.
+pub struct FrameWriter(quinn::SendStream);
+
+impl FrameWriter {
+    /// Write one frame.
+    pub async fn write(&mut self, body: &[u8]) -> Result<(), TransportError> {
+        let len = u32::try_from(body.len()).map_err(|_| TransportError::TooLarge { len: body.len(), max: u32::MAX as usize })?;
+        self.0.write_all(&len.to_be_bytes()).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        self.0.write_all(body).await.map_err(|e| TransportError::Stream(e.to_string()))
+    }
+
+    /// End the stream.
+    pub fn finish(mut self) {
+        let _ = self.0.finish();
+    }
+}
+
+/// Reads length-prefixed frames from a stream.
+pub struct FrameReader(quinn::RecvStream);
+
+impl FrameReader {
+    /// The next frame; `None` once the peer has finished the stream.
+    pub async fn read(&mut self, max: usize) -> Result<Option<Vec<u8>>, TransportError> {
+        let mut len = [0u8; 4];
+        match self.0.read_exact(&mut len).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(e) => return Err(TransportError::Stream(e.to_string())),
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > max {
+            return Err(TransportError::TooLarge { len, max });
+        }
+        let mut body = vec![0u8; len];
+        self.0.read_exact(&mut body).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        Ok(Some(body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(dir: &std::path::Path, name: &str) -> TlsFiles {
+        let (cert, key) = geolock_testkit::certs::issue(dir, name, &["127.0.0.1".to_string()]).unwrap();
+        TlsFiles { ca: dir.join("ca.crt"), cert, key }
+    }
+
+    fn any_port() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn members_talk_and_strangers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        geolock_testkit::certs::init_ca(dir.path()).unwrap();
+        let other_ca = tempfile::tempdir().unwrap();
+        geolock_testkit::certs::init_ca(other_ca.path()).unwrap();
+
+        let server = Transport::bind(any_port(), &node(dir.path(), "n1")).unwrap();
+        let addr = server.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = accepted.clone();
+        tokio::spawn(async move {
+            while let Some((conn, name)) = server.accept(|| vec!["n1".to_string(), "n2".to_string()]).await {
+                seen.lock().unwrap().push(name);
+                tokio::spawn(async move {
+                    while let Some(Ok(Incoming::Call(req))) = next_request(&conn, 1024, u8::MAX).await {
+                        let mut echo = vec![req.kind];
+                        echo.extend_from_slice(&req.body);
+                        let _ = req.reply(&echo).await;
+                    }
+                });
+            }
+        });
+
+        // A member with a certificate from the cluster CA.
+        let n2 = Transport::bind(any_port(), &node(dir.path(), "n2")).unwrap();
+        let conn = n2.connect(addr, "n1").await.unwrap();
+        assert_eq!(call(&conn, 7, b"ping", 1024).await.unwrap(), b"\x07ping");
+        // A reply over the caller's bound is refused, not buffered.
+        let big = vec![b'x'; 2000];
+        assert!(matches!(call(&conn, 1, &big, 1024).await, Err(TransportError::TooLarge { .. }) | Err(TransportError::Stream(_))));
+
+        // A certificate from another CA: the handshake fails.
+        let stranger = Transport::bind(any_port(), &node(other_ca.path(), "n2")).unwrap();
+        let refused = match stranger.connect(addr, "n1").await {
+            Err(_) => true,
+            Ok(c) => call(&c, 1, b"x", 1024).await.is_err(),
+        };
+        assert!(refused, "a peer from another CA was served");
+
+        // The right CA but a name that is not a member: refused after the handshake.
+        let outsider = Transport::bind(any_port(), &node(dir.path(), "n9")).unwrap();
+        let served = match outsider.connect(addr, "n1").await {
+            Err(_) => false,
+            Ok(c) => call(&c, 1, b"x", 1024).await.is_ok(),
+        };
+        assert!(!served, "a non-member was served");
+        assert_eq!(*accepted.lock().unwrap(), vec!["n2".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn the_server_name_is_checked_by_the_dialer() {
+        let dir = tempfile::tempdir().unwrap();
+        geolock_testkit::certs::init_ca(dir.path()).unwrap();
+        let server = Transport::bind(any_port(), &node(dir.path(), "n1")).unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move { server.accept(|| vec!["n2".to_string()]).await });
+        let n2 = Transport::bind(any_port(), &node(dir.path(), "n2")).unwrap();
+        // n1's certificate does not name n3.
+        assert!(n2.connect(addr, "n3").await.is_err());
+    }
+}
