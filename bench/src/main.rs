@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use etcd_client::{Client, ConnectOptions, GetOptions, LockOptions};
+use geolock_testkit::launch::{free_port, MemberFlags};
 
 #[derive(Parser)]
 struct Cli {
@@ -69,38 +70,29 @@ fn spawn_group(name: &'static str, lockctl: Option<&std::path::Path>) -> Group {
         let run = |args: &[&str]| assert!(Command::new(l).args(args).output().unwrap().status.success());
         run(&["certs", "init", "--dir", certs.to_str().unwrap()]);
         for i in 0..3 {
-            run(&["certs", "issue", "--dir", certs.to_str().unwrap(), "--name", &format!("m{i}"), "--host", "127.0.0.1"]);
+            run(&[
+                "certs",
+                "issue",
+                "--dir",
+                certs.to_str().unwrap(),
+                "--name",
+                &format!("m{i}"),
+                "--host",
+                "127.0.0.1",
+            ]);
         }
     }
     let mut commands = Vec::new();
     for (i, (cp, pp)) in ports.iter().enumerate() {
         let member = format!("m{i}");
-        let client = format!("http://127.0.0.1:{cp}");
-        let peer = format!("http://127.0.0.1:{pp}");
-        let mut args: Vec<std::ffi::OsString> = Vec::new();
-        let program = match lockctl {
-            Some(l) => {
-                args.push("start".into());
-                let files = [
-                    ("--peer-trusted-ca-file", "ca.crt".to_string()),
-                    ("--peer-cert-file", format!("{member}.crt")),
-                    ("--peer-key-file", format!("{member}.key")),
-                ];
-                for (flag, file) in files {
-                    args.extend([flag.into(), certs.join(file).into()]);
-                }
-                l.to_path_buf()
-            }
-            None => PathBuf::from("etcd"),
+        let flags = MemberFlags {
+            initial_cluster: initial.clone(),
+            ..MemberFlags::single(&member, dir.path().join(&member), *cp, *pp)
         };
-        args.extend(["--name".into(), member.clone().into(), "--data-dir".into(), dir.path().join(&member).into()]);
-        for a in ["--listen-client-urls", &client, "--advertise-client-urls", &client] {
-            args.push(a.into());
-        }
-        for a in ["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer] {
-            args.push(a.into());
-        }
-        args.push(format!("--initial-cluster={initial}").into());
+        let (program, args) = match lockctl {
+            Some(l) => (l.to_path_buf(), flags.lockctl_start(Some(&certs))),
+            None => (PathBuf::from("etcd"), flags.args()),
+        };
         commands.push((program, args, dir.path().join(format!("{member}.log"))));
     }
     let mut g = Group {
@@ -222,23 +214,13 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn spawn(name: &'static str, program: &std::path::Path, prefix: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let (cp, pp) = (free_port(), free_port());
-    let client = format!("http://127.0.0.1:{cp}");
-    let peer = format!("http://127.0.0.1:{pp}");
     let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
     let child = Command::new(program)
         .args(prefix)
-        .args(["--name", "bench", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-        .arg(format!("--initial-cluster=bench={peer}"))
+        .args(MemberFlags::single("bench", dir.path().join("data"), cp, pp).args())
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -250,7 +232,8 @@ fn spawn(name: &'static str, program: &std::path::Path, prefix: &[&str]) -> Serv
 async fn connect(endpoint: &str) -> Client {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(10));
+        let opts =
+            ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(10));
         if let Ok(mut c) = Client::connect([endpoint], Some(opts)).await {
             if c.get("bench-ready", None).await.is_ok() {
                 return c;
@@ -300,7 +283,11 @@ async fn side_by_side(endpoints: &[&str], op: Op, clients: usize, seconds: u64) 
         .into_iter()
         .map(|(mut all, elapsed)| {
             all.sort();
-            Figures { ops_per_s: all.len() as f64 / elapsed.as_secs_f64(), p50_ms: pct(&all, 0.50), p99_ms: pct(&all, 0.99) }
+            Figures {
+                ops_per_s: all.len() as f64 / elapsed.as_secs_f64(),
+                p50_ms: pct(&all, 0.50),
+                p99_ms: pct(&all, 0.99),
+            }
         })
         .collect()
 }
@@ -419,7 +406,8 @@ async fn run_locks(endpoint: &str, clients: usize, shared_name: bool, seconds: u
                 let (mut wait, mut handover) = (Vec::new(), Vec::new());
                 while Instant::now() < until {
                     let t = Instant::now();
-                    let key = c.lock(name.as_str(), Some(LockOptions::new().with_lease(lease))).await.unwrap().key().to_vec();
+                    let key =
+                        c.lock(name.as_str(), Some(LockOptions::new().with_lease(lease))).await.unwrap().key().to_vec();
                     let got = Instant::now();
                     wait.push(got - t);
                     if let Some(sent) = unlock_sent.lock().unwrap().take() {
@@ -448,9 +436,8 @@ async fn run_locks(endpoint: &str, clients: usize, shared_name: bool, seconds: u
 
 fn main() {
     let cli = Cli::parse();
-    let lockctl = cli
-        .lockctl
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lockctl"));
+    let lockctl =
+        cli.lockctl.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lockctl"));
     assert!(lockctl.exists(), "{} not found: run `cargo build --workspace` first", lockctl.display());
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     match cli.what {
@@ -464,7 +451,10 @@ fn main() {
                 ("linearizable range, 16 clients", Op::Get, 16),
             ];
             rt.block_on(warm_up(&[&etcd.endpoint, &geo.endpoint]));
-            println!("{:<32} {:>10} {:>10} {:>9} {:>9} | ratio geolock/etcd", "workload", "server", "ops/s", "p50 ms", "p99 ms");
+            println!(
+                "{:<32} {:>10} {:>10} {:>9} {:>9} | ratio geolock/etcd",
+                "workload", "server", "ops/s", "p50 ms", "p99 ms"
+            );
             for (label, op, clients) in workloads {
                 let figs = rt.block_on(side_by_side(&[&etcd.endpoint, &geo.endpoint], op, clients, cli.seconds));
                 for (s, f) in [&etcd, &geo].iter().zip(&figs) {
@@ -490,7 +480,10 @@ fn main() {
                 let (e, g) = (group_leader(&etcd).await, group_leader(&geo).await);
                 warm_up(&[&etcd.endpoints[e], &geo.endpoints[g]]).await
             });
-            println!("{:<34} {:>8} {:>10} {:>9} {:>9}", "workload (3 members each)", "server", "ops/s", "p50 ms", "p99 ms");
+            println!(
+                "{:<34} {:>8} {:>10} {:>9} {:>9}",
+                "workload (3 members each)", "server", "ops/s", "p50 ms", "p99 ms"
+            );
             for (label, clients) in [("put 256 B, 16 clients", 16), ("put 256 B, 1 client", 1)] {
                 let figs = rt.block_on(async {
                     let (e, g) = (group_leader(&etcd).await, group_leader(&geo).await);
@@ -524,7 +517,8 @@ fn main() {
         What::Lock => {
             let etcd = spawn("etcd", std::path::Path::new("etcd"), &[]);
             let geo = spawn("geolock", &lockctl, &["start"]);
-            let workloads = [("uncontended, 16 clients, own names", 16, false), ("contended, 8 clients, one name", 8, true)];
+            let workloads =
+                [("uncontended, 16 clients, own names", 16, false), ("contended, 8 clients, one name", 8, true)];
             println!(
                 "{:<36} {:>8} {:>10} {:>9} {:>9} {:>12} {:>12}",
                 "workload", "server", "cycles/s", "wait p50", "wait p99", "handover p50", "handover p99"
@@ -576,7 +570,13 @@ async fn geo(lockctl: &std::path::Path, seconds: u64) {
     println!("{:<44} {:>8} {:>9} {:>9}", "workload (leader node-1, us-east)", "ops/s", "p50 ms", "p99 ms");
     for clients in [1, 16] {
         let f = side_by_side(&[&leader_ep], Op::Put, clients, seconds).await.remove(0);
-        println!("{:<44} {:>8.0} {:>9.2} {:>9.2}", format!("put 256 B, {clients} client(s)"), f.ops_per_s, f.p50_ms, f.p99_ms);
+        println!(
+            "{:<44} {:>8.0} {:>9.2} {:>9.2}",
+            format!("put 256 B, {clients} client(s)"),
+            f.ops_per_s,
+            f.p50_ms,
+            f.p99_ms
+        );
     }
     // Watch delivery on the us-west learner: from the put's acknowledgement in us-east to the
     // event's arrival in us-west.
@@ -615,7 +615,9 @@ async fn geo(lockctl: &std::path::Path, seconds: u64) {
         .map(|ep| {
             let (lost_at, tx) = (lost_at.clone(), tx.clone());
             tokio::spawn(async move {
-                let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(3));
+                let opts = ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_secs(2))
+                    .with_timeout(Duration::from_secs(3));
                 let mut c = Client::connect([ep], Some(opts)).await.unwrap();
                 for n in 0.. {
                     let after = lost_at.lock().unwrap().is_some();
@@ -635,7 +637,12 @@ async fn geo(lockctl: &std::path::Path, seconds: u64) {
         w.abort();
     }
     match recovered {
-        Some(at) => println!("{:<44} {:>8} {:>9.0}", "us-east lost: first acknowledged write after", "ms", at.duration_since(lost).as_secs_f64() * 1000.0),
+        Some(at) => println!(
+            "{:<44} {:>8} {:>9.0}",
+            "us-east lost: first acknowledged write after",
+            "ms",
+            at.duration_since(lost).as_secs_f64() * 1000.0
+        ),
         None => println!("us-east lost: no write acknowledged within 60 s"),
     }
 }

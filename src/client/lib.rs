@@ -71,7 +71,10 @@ const KEEPALIVES_UNANSWERED_MAX: usize = 64;
 /// Whether a failed call may succeed if made again, on this endpoint or another: the cluster
 /// was between leaders, or the connection broke.
 fn transient(s: &tonic::Status) -> bool {
-    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Cancelled)
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
 }
 
 /// A lease kept alive in the background until dropped; `lost` resolves once it may have ended.
@@ -305,7 +308,12 @@ pub async fn unlock(endpoints: &str, key: &[u8]) -> Result<(), ClientError> {
 
 /// Campaign in election `name` with `value` under the session's lease, through leader changes,
 /// until elected or the lease is lost. Returns the leader key, whose `rev` is the fencing token.
-pub async fn campaign(endpoints: &str, name: &str, session: &mut Session, value: &[u8]) -> Result<epb::LeaderKey, ClientError> {
+pub async fn campaign(
+    endpoints: &str,
+    name: &str,
+    session: &mut Session,
+    value: &[u8],
+) -> Result<epb::LeaderKey, ClientError> {
     let req = epb::CampaignRequest { name: name.as_bytes().to_vec(), lease: session.id, value: value.to_vec() };
     let campaign = retry_for(CAMPAIGN_RETRY, endpoints, |ch| {
         let req = req.clone();
@@ -322,7 +330,9 @@ pub async fn campaign(endpoints: &str, name: &str, session: &mut Session, value:
 pub async fn resign(endpoints: &str, leader: &epb::LeaderKey) -> Result<(), ClientError> {
     retry_for(RELEASE_RETRY, endpoints, |ch| {
         let leader = leader.clone();
-        async move { epb::election_client::ElectionClient::new(ch).resign(epb::ResignRequest { leader: Some(leader) }).await }
+        async move {
+            epb::election_client::ElectionClient::new(ch).resign(epb::ResignRequest { leader: Some(leader) }).await
+        }
     })
     .await
     .map(drop)

@@ -13,16 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::storage::{Cf, Engine, StorageError, WriteBatch};
 
-/// A revision: `epoch << 40 | counter`. Epoch 0 numbers revisions exactly as etcd does.
+/// A revision, numbered as etcd numbers them: 1 for the empty key space, then one more for each
+/// write (a Txn's writes share one).
 pub type Rev = i64;
-
-/// Bits of a revision that count writes within one epoch.
-pub const REV_COUNTER_BITS: u32 = 40;
-
-/// The epoch a revision belongs to.
-pub fn rev_epoch(rev: Rev) -> i64 {
-    rev >> REV_COUNTER_BITS
-}
 
 /// One key at one revision, as clients see it (mvccpb.KeyValue).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,12 +357,12 @@ impl Mvcc {
             from.push(0);
             for (k, v) in page {
                 if k.len() != 12 {
-                    return Err(StorageError(format!("kv: bad revision key of {} bytes", k.len())));
+                    return Err(StorageError::Corrupt { what: "revision key", detail: format!("{} bytes", k.len()) });
                 }
                 let rev = i64::from_be_bytes(k[..8].try_into().unwrap());
                 let sub = u32::from_be_bytes(k[8..].try_into().unwrap());
-                let sv: StoredVersion =
-                    postcard::from_bytes(&v).map_err(|e| StorageError(format!("kv: {e}")))?;
+                let sv: StoredVersion = postcard::from_bytes(&v)
+                    .map_err(|e| StorageError::Corrupt { what: "key version", detail: e.to_string() })?;
                 let key: Arc<[u8]> = match m.index.get_key_value(sv.key) {
                     Some((k, _)) => k.clone(),
                     None => sv.key.into(),
@@ -404,11 +397,6 @@ impl Mvcc {
     /// Bytes of keys and values held.
     pub fn bytes(&self) -> u64 {
         self.bytes
-    }
-
-    /// Number of live keys at the current revision.
-    pub fn live_keys(&self) -> usize {
-        self.index.values().filter(|vs| vs.last().is_some_and(|v| v.value.is_some())).count()
     }
 
     /// The revision reads see: writes of the operation in progress included.
@@ -471,11 +459,7 @@ impl Mvcc {
             Bound::Excluded(range_end)
         };
         let empty = !range_end.is_empty() && range_end != [0] && range_end <= key;
-        let iter = if empty {
-            None
-        } else {
-            Some(self.index.range::<[u8], _>((Bound::Included(key), upper)))
-        };
+        let iter = if empty { None } else { Some(self.index.range::<[u8], _>((Bound::Included(key), upper))) };
         iter.into_iter().flatten().filter_map(move |(k, vs)| {
             let v = Self::version_at(vs, rev)?;
             v.value.as_ref()?;
@@ -659,8 +643,7 @@ impl Mvcc {
         fx: &mut WriteEffects,
     ) -> DeleteRangeResponse {
         let rev = self.read_rev();
-        let doomed: Vec<KeyValue> =
-            self.live_at(&d.key, &d.range_end, rev).map(|(k, v)| Self::kv_of(k, v)).collect();
+        let doomed: Vec<KeyValue> = self.live_at(&d.key, &d.range_end, rev).map(|(k, v)| Self::kv_of(k, v)).collect();
         for prev in &doomed {
             let (rev, sub) = self.next_slot();
             self.write_version(
@@ -677,10 +660,7 @@ impl Mvcc {
                 prev_kv: Some(prev.clone()),
             });
         }
-        DeleteRangeResponse {
-            deleted: doomed.len() as i64,
-            prev_kvs: if d.prev_kv { doomed } else { Vec::new() },
-        }
+        DeleteRangeResponse { deleted: doomed.len() as i64, prev_kvs: if d.prev_kv { doomed } else { Vec::new() } }
     }
 
     /// Close the operation in progress: if it wrote anything, the revision advances by one.
@@ -691,16 +671,6 @@ impl Mvcc {
             batch.put(Cf::SmMeta, META_CURRENT_REV, self.current_rev.to_be_bytes().to_vec());
         }
         self.current_rev
-    }
-
-    /// Start a new epoch: the next revision is the first of `epoch`.
-    pub fn enter_epoch(&mut self, epoch: i64, batch: &mut WriteBatch) {
-        assert_eq!(self.pending_subs, 0, "epoch change inside an operation");
-        let first = epoch << REV_COUNTER_BITS;
-        if self.current_rev < first {
-            self.current_rev = first;
-            batch.put(Cf::SmMeta, META_CURRENT_REV, self.current_rev.to_be_bytes().to_vec());
-        }
     }
 
     /// etcd's check of a Range inside a Txn (its applier's `checkRange`), stricter than a lone
@@ -825,7 +795,7 @@ impl Mvcc {
 fn decode_i64(v: &[u8]) -> Result<i64, StorageError> {
     v.try_into()
         .map(i64::from_be_bytes)
-        .map_err(|_| StorageError(format!("kv: bad i64 of {} bytes", v.len())))
+        .map_err(|_| StorageError::Corrupt { what: "revision", detail: format!("{} bytes, not 8", v.len()) })
 }
 
 /// etcd's check of a key in a request (its `checkRangeRequest` and `checkDeleteRequest`), and
@@ -1050,7 +1020,10 @@ mod tests {
         m.delete_range(&DeleteRangeRequest { key: b"d".to_vec(), ..Default::default() }, &mut b, &mut fx);
         let del = m.finish(&mut b);
         m.compact(del, &mut b).unwrap();
-        assert!(m.history(b"d", b"", del, m.current_rev(), 10).is_empty(), "a tombstone at the compact revision is gone");
+        assert!(
+            m.history(b"d", b"", del, m.current_rev(), 10).is_empty(),
+            "a tombstone at the compact revision is gone"
+        );
         engine.write(b, false).unwrap();
         let l = Mvcc::load(&*engine).unwrap();
         assert_eq!(l.changes, m.changes, "a restart reads the same history");

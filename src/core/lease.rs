@@ -75,11 +75,16 @@ impl Lessor {
     pub fn load(engine: &dyn Engine) -> Result<Self, StorageError> {
         let mut l = Lessor::new();
         for (k, v) in engine.scan(Cf::Lease, &[], None, usize::MAX)? {
-            let id = i64::from_be_bytes(
-                k.as_slice().try_into().map_err(|_| StorageError("lease: bad id".into()))?,
+            let id = i64::from_be_bytes(k.as_slice().try_into().map_err(|_| StorageError::Corrupt {
+                what: "lease id",
+                detail: format!("{} bytes, not 8", k.len()),
+            })?);
+            let s: StoredLease =
+                postcard::from_bytes(&v).map_err(|e| StorageError::Corrupt { what: "lease", detail: e.to_string() })?;
+            l.leases.insert(
+                id,
+                Lease { ttl_s: s.ttl_s, keys: BTreeSet::new(), deadline_ms: None, revoking_until_ms: None },
             );
-            let s: StoredLease = postcard::from_bytes(&v).map_err(|e| StorageError(format!("lease: {e}")))?;
-            l.leases.insert(id, Lease { ttl_s: s.ttl_s, keys: BTreeSet::new(), deadline_ms: None, revoking_until_ms: None });
         }
         Ok(l)
     }
@@ -130,7 +135,11 @@ impl Lessor {
         }
         let deadline_ms = self.leader.then(|| now_ms + ttl_s as u64 * 1000);
         self.leases.insert(id, Lease { ttl_s, keys: BTreeSet::new(), deadline_ms, revoking_until_ms: None });
-        batch.put(Cf::Lease, id.to_be_bytes().to_vec(), postcard::to_allocvec(&StoredLease { ttl_s }).expect("encodes"));
+        batch.put(
+            Cf::Lease,
+            id.to_be_bytes().to_vec(),
+            postcard::to_allocvec(&StoredLease { ttl_s }).expect("encodes"),
+        );
         Ok(())
     }
 
@@ -220,7 +229,6 @@ impl Lessor {
         }
         out
     }
-
 }
 
 #[cfg(test)]
@@ -234,10 +242,7 @@ mod tests {
         assert_eq!(Lessor::effective_ttl(&B, 1), Ok(5));
         assert_eq!(Lessor::effective_ttl(&B, 0), Ok(30));
         assert_eq!(Lessor::effective_ttl(&B, 60), Ok(60));
-        assert_eq!(
-            Lessor::effective_ttl(&B, 3601),
-            Err(LeaseError::TtlTooLarge { ttl_s: 3601, max_ttl_s: 3600 })
-        );
+        assert_eq!(Lessor::effective_ttl(&B, 3601), Err(LeaseError::TtlTooLarge { ttl_s: 3601, max_ttl_s: 3600 }));
     }
 
     #[test]

@@ -101,7 +101,8 @@ impl LockQueues {
     }
 
     /// Number of waiters, over all prefixes.
-    pub fn waiters(&self) -> usize {
+    #[cfg(test)]
+    fn waiters(&self) -> usize {
         self.queues.values().map(|q| q.waiters.values().map(Vec::len).sum::<usize>()).sum()
     }
 
@@ -109,7 +110,12 @@ impl LockQueues {
     /// only if the answer is [`Wait::Queued`].
     pub fn wait(&mut self, prefix: &[u8], rev: Rev, waiter: WaiterId, kv: &Mvcc) -> Wait {
         let q = self.queues.entry(prefix.to_vec()).or_insert_with(|| {
-            let all = RangeRequest { key: prefix.to_vec(), range_end: prefix_end(prefix), keys_only: true, ..Default::default() };
+            let all = RangeRequest {
+                key: prefix.to_vec(),
+                range_end: prefix_end(prefix),
+                keys_only: true,
+                ..Default::default()
+            };
             let keys = kv.range(&all).map(|r| r.kvs).unwrap_or_default();
             Queue { keys: keys.into_iter().map(|k| (k.create_revision, k.key)).collect(), waiters: HashMap::new() }
         });
@@ -256,8 +262,8 @@ mod tests {
         assert!(q.queues.is_empty(), "a queue without waiters is dropped");
     }
 
-    #[test]
-    fn a_waiter_whose_key_goes_loses_its_place_and_the_queue_moves_on() {
+    /// Keys L/1, L/2 and L/3 created in that order: L/1 holds, waiters 2 and 3 queue behind it.
+    fn a_holder_and_two_waiters() -> (Mvcc, LockQueues, [Rev; 3]) {
         let mut kv = Mvcc::new();
         let mut q = LockQueues::new();
         let (r1, _) = put(&mut kv, b"L/1");
@@ -265,6 +271,12 @@ mod tests {
         let (r3, _) = put(&mut kv, b"L/3");
         assert_eq!(q.wait(b"L/", r2, 2, &kv), Wait::Queued);
         assert_eq!(q.wait(b"L/", r3, 3, &kv), Wait::Queued);
+        (kv, q, [r1, r2, r3])
+    }
+
+    #[test]
+    fn a_waiter_whose_key_goes_loses_its_place_and_the_queue_moves_on() {
+        let (mut kv, mut q, [r1, _, _]) = a_holder_and_two_waiters();
         assert_eq!(q.on_events(&del(&mut kv, b"L/2")), Woken { holding: vec![], lost: vec![2] });
         assert_eq!(q.on_events(&del(&mut kv, b"L/1")), Woken { holding: vec![3], lost: vec![] });
         assert_eq!(q.wait(b"L/", r1, 1, &kv), Wait::Gone);
@@ -276,13 +288,7 @@ mod tests {
     /// waiter is the one that holds, with a greater token.
     #[test]
     fn a_waiter_woken_at_the_head_whose_key_goes_in_the_next_entry_is_not_granted() {
-        let mut kv = Mvcc::new();
-        let mut q = LockQueues::new();
-        let (r1, _) = put(&mut kv, b"L/1");
-        let (r2, _) = put(&mut kv, b"L/2");
-        let (r3, _) = put(&mut kv, b"L/3");
-        assert_eq!(q.wait(b"L/", r2, 2, &kv), Wait::Queued);
-        assert_eq!(q.wait(b"L/", r3, 3, &kv), Wait::Queued);
+        let (mut kv, mut q, [r1, r2, r3]) = a_holder_and_two_waiters();
         // Entry N: the holder unlocks; waiter 2 is woken at the head, and holds at N.
         assert_eq!(q.on_events(&del(&mut kv, b"L/1")), Woken { holding: vec![2], lost: vec![] });
         assert_eq!(confirm(&kv, b"L/2", r2), Some(Grant { token: r2, revision: kv.current_rev() }));

@@ -18,11 +18,18 @@ pub enum Command {
     Put(PutRequest),
     DeleteRange(DeleteRangeRequest),
     Txn(TxnRequest),
-    Compact { revision: Rev },
+    Compact {
+        revision: Rev,
+    },
     /// Create a lease; the ID and the bounded TTL were chosen before proposing.
-    LeaseGrant { id: i64, ttl_s: i64 },
+    LeaseGrant {
+        id: i64,
+        ttl_s: i64,
+    },
     /// Remove a lease and delete its keys, on request or because the leader saw it expire.
-    LeaseRevoke { id: i64 },
+    LeaseRevoke {
+        id: i64,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -46,7 +53,10 @@ pub enum Response {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compact,
-    LeaseGrant { id: i64, ttl_s: i64 },
+    LeaseGrant {
+        id: i64,
+        ttl_s: i64,
+    },
     LeaseRevoke,
     /// A log entry that carried no command (blank or membership).
     Nothing,
@@ -89,8 +99,9 @@ impl Machine {
         let mut from = vec![0];
         // Page through the keys; RANGE_KEYS_MAX bounds each page.
         loop {
-            let page = kv.range(&RangeRequest { key: from.clone(), keys_only: true, ..all.clone() })
-                .map_err(|e| StorageError(format!("machine: {e}")))?;
+            let page = kv
+                .range(&RangeRequest { key: from.clone(), keys_only: true, ..all.clone() })
+                .map_err(|e| StorageError::Corrupt { what: "key index", detail: e.to_string() })?;
             for item in &page.kvs {
                 if item.lease != 0 {
                     leases.move_key(&item.key, 0, item.lease);
@@ -292,8 +303,12 @@ impl Machine {
         let mut responses = Vec::new();
         for op in if ok { &t.success } else { &t.failure } {
             responses.push(match op {
-                RequestOp::Range(r) => ResponseOp::Range(self.kv.range(r).expect("revision checked before the txn ran")),
-                RequestOp::Put(p) => ResponseOp::Put(self.kv.put(p, batch, fx).expect("put checked before the txn ran")),
+                RequestOp::Range(r) => {
+                    ResponseOp::Range(self.kv.range(r).expect("revision checked before the txn ran"))
+                }
+                RequestOp::Put(p) => {
+                    ResponseOp::Put(self.kv.put(p, batch, fx).expect("put checked before the txn ran"))
+                }
                 RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.kv.delete_range(d, batch, fx)),
                 RequestOp::Txn(inner) => ResponseOp::Txn(self.run_txn(inner, path, at, batch, fx)),
             });
@@ -347,7 +362,11 @@ mod tests {
             compare: vec![guard("1")],
             success: vec![
                 RequestOp::Put(put("a", "2")),
-                RequestOp::Txn(TxnRequest { compare: vec![guard("1")], success: vec![RequestOp::Put(put("b", "x"))], failure: vec![] }),
+                RequestOp::Txn(TxnRequest {
+                    compare: vec![guard("1")],
+                    success: vec![RequestOp::Put(put("b", "x"))],
+                    failure: vec![],
+                }),
                 RequestOp::Range(RangeRequest { key: b"a".to_vec(), ..Default::default() }),
             ],
             failure: vec![],
@@ -423,7 +442,11 @@ mod tests {
             compare: vec![],
             success: vec![
                 RequestOp::Txn(TxnRequest {
-                    success: vec![RequestOp::DeleteRange(DeleteRangeRequest { key: b"a".to_vec(), range_end: vec![0], ..Default::default() })],
+                    success: vec![RequestOp::DeleteRange(DeleteRangeRequest {
+                        key: b"a".to_vec(),
+                        range_end: vec![0],
+                        ..Default::default()
+                    })],
                     ..Default::default()
                 }),
                 RequestOp::Txn(TxnRequest {

@@ -113,7 +113,8 @@ impl Model {
     }
 
     fn delete(work: &mut State, d: &DeleteRangeRequest, rev: Rev, events: &mut Vec<Event>) -> DeleteRangeResponse {
-        let doomed: Vec<KeyValue> = work.values().filter(|kv| in_range(&kv.key, &d.key, &d.range_end)).cloned().collect();
+        let doomed: Vec<KeyValue> =
+            work.values().filter(|kv| in_range(&kv.key, &d.key, &d.range_end)).cloned().collect();
         for kv in &doomed {
             work.remove(&kv.key);
             events.push(Event {
@@ -156,7 +157,15 @@ impl Model {
         Ok(())
     }
 
-    fn txn_run(&self, work: &mut State, t: &TxnRequest, path: &[bool], at: &mut usize, rev: Rev, ev: &mut Vec<Event>) -> TxnResponse {
+    fn txn_run(
+        &self,
+        work: &mut State,
+        t: &TxnRequest,
+        path: &[bool],
+        at: &mut usize,
+        rev: Rev,
+        ev: &mut Vec<Event>,
+    ) -> TxnResponse {
         let ok = path[*at];
         *at += 1;
         let mut responses = vec![];
@@ -220,7 +229,8 @@ impl Model {
             }
             Command::LeaseRevoke { id } => {
                 if self.leases.remove(id) {
-                    let keys: Vec<Vec<u8>> = work.values().filter(|kv| kv.lease == *id).map(|kv| kv.key.clone()).collect();
+                    let keys: Vec<Vec<u8>> =
+                        work.values().filter(|kv| kv.lease == *id).map(|kv| kv.key.clone()).collect();
                     for key in keys {
                         Model::delete(&mut work, &DeleteRangeRequest { key, ..Default::default() }, next, &mut ev);
                     }
@@ -240,7 +250,13 @@ impl Model {
 }
 
 fn key() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![Just(b"a".to_vec()), Just(b"b".to_vec()), Just(b"b/1".to_vec()), Just(b"b/2".to_vec()), Just(b"c".to_vec())]
+    prop_oneof![
+        Just(b"a".to_vec()),
+        Just(b"b".to_vec()),
+        Just(b"b/1".to_vec()),
+        Just(b"b/2".to_vec()),
+        Just(b"c".to_vec())
+    ]
 }
 
 fn range_end() -> impl Strategy<Value = Vec<u8>> {
@@ -262,7 +278,11 @@ fn put() -> impl Strategy<Value = PutRequest> {
 }
 
 fn delete() -> impl Strategy<Value = DeleteRangeRequest> {
-    (key(), range_end(), any::<bool>()).prop_map(|(key, range_end, prev_kv)| DeleteRangeRequest { key, range_end, prev_kv })
+    (key(), range_end(), any::<bool>()).prop_map(|(key, range_end, prev_kv)| DeleteRangeRequest {
+        key,
+        range_end,
+        prev_kv,
+    })
 }
 
 fn range() -> impl Strategy<Value = RangeRequest> {
@@ -305,7 +325,11 @@ fn txn() -> impl Strategy<Value = TxnRequest> {
         delete().prop_map(RequestOp::DeleteRange),
         range().prop_map(RequestOp::Range)
     ];
-    let leaf = (prop::collection::vec(compare(), 0..3), prop::collection::vec(op.clone(), 0..3), prop::collection::vec(op.clone(), 0..3))
+    let leaf = (
+        prop::collection::vec(compare(), 0..3),
+        prop::collection::vec(op.clone(), 0..3),
+        prop::collection::vec(op.clone(), 0..3),
+    )
         .prop_map(|(compare, success, failure)| TxnRequest { compare, success, failure });
     (leaf, prop::collection::vec(op, 0..2), any::<bool>()).prop_map(|(inner, mut ops, nest)| {
         if nest {
@@ -374,9 +398,16 @@ fn any_key() -> impl Strategy<Value = Vec<u8>> {
 
 /// Puts as a buggy or hostile peer could log them: every flag, any key.
 fn any_put() -> impl Strategy<Value = PutRequest> {
-    (any_key(), "[xyz]{0,2}", lease(), any::<bool>(), any::<bool>()).prop_map(|(key, v, lease, ignore_value, ignore_lease)| {
-        PutRequest { key, value: v.into_bytes(), lease, ignore_value, ignore_lease, ..Default::default() }
-    })
+    (any_key(), "[xyz]{0,2}", lease(), any::<bool>(), any::<bool>()).prop_map(
+        |(key, v, lease, ignore_value, ignore_lease)| PutRequest {
+            key,
+            value: v.into_bytes(),
+            lease,
+            ignore_value,
+            ignore_lease,
+            ..Default::default()
+        },
+    )
 }
 
 fn any_txn() -> impl Strategy<Value = TxnRequest> {
@@ -385,10 +416,18 @@ fn any_txn() -> impl Strategy<Value = TxnRequest> {
         delete().prop_map(RequestOp::DeleteRange),
         range().prop_map(RequestOp::Range)
     ];
-    let leaf = (prop::collection::vec(compare(), 0..3), prop::collection::vec(op.clone(), 0..4), prop::collection::vec(op.clone(), 0..4))
+    let leaf = (
+        prop::collection::vec(compare(), 0..3),
+        prop::collection::vec(op.clone(), 0..4),
+        prop::collection::vec(op.clone(), 0..4),
+    )
         .prop_map(|(compare, success, failure)| TxnRequest { compare, success, failure });
     leaf.prop_recursive(3, 24, 3, move |inner| {
-        (prop::collection::vec(compare(), 0..2), prop::collection::vec(inner.clone().prop_map(RequestOp::Txn), 0..3), prop::collection::vec(op.clone(), 0..3))
+        (
+            prop::collection::vec(compare(), 0..2),
+            prop::collection::vec(inner.clone().prop_map(RequestOp::Txn), 0..3),
+            prop::collection::vec(op.clone(), 0..3),
+        )
             .prop_map(|(compare, nested, mut ops)| {
                 ops.extend(nested);
                 TxnRequest { compare, success: ops.clone(), failure: ops }

@@ -43,8 +43,15 @@ impl Cf {
 /// A storage failure. Callers treat it as fatal for the node: a store that cannot write
 /// cannot promise durability.
 #[derive(Debug, thiserror::Error)]
-#[error("storage: {0}")]
-pub struct StorageError(pub String);
+pub enum StorageError {
+    /// The engine failed, in its own words (RocksDB's errors are text).
+    #[error("storage: {0}")]
+    Engine(String),
+    /// A stored `what` record does not read back: the store is damaged, or was written by
+    /// another version.
+    #[error("storage: a stored {what} does not decode: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+}
 
 /// Result of a storage operation.
 pub type Result<T> = std::result::Result<T, StorageError>;
@@ -148,10 +155,7 @@ impl Engine for MemEngine {
         if matches!(to, Some(to) if to <= from) {
             return Ok(Vec::new());
         }
-        Ok(m.range((Bound::Included(from.to_vec()), upper))
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
+        Ok(m.range((Bound::Included(from.to_vec()), upper)).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 
     fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
@@ -234,10 +238,10 @@ pub fn engine_suite(e: &dyn Engine) {
     later.put(Cf::Kv, b"f".to_vec(), b"f".to_vec());
     let mut later = Some(later);
     let seen = e.scan_at_instant(&[Cf::Kv, Cf::Lease], &mut || e.write(later.take().unwrap(), false).unwrap()).unwrap();
-    assert_eq!(seen.iter().map(|(cf, p)| (*cf, keys(p.clone()))).collect::<Vec<_>>(), vec![
-        (Cf::Kv, vec![b"d".to_vec(), b"e".to_vec()]),
-        (Cf::Lease, vec![b"a".to_vec()]),
-    ]);
+    assert_eq!(
+        seen.iter().map(|(cf, p)| (*cf, keys(p.clone()))).collect::<Vec<_>>(),
+        vec![(Cf::Kv, vec![b"d".to_vec(), b"e".to_vec()]), (Cf::Lease, vec![b"a".to_vec()]),]
+    );
     assert_eq!(e.get(Cf::Kv, b"f").unwrap(), Some(b"f".to_vec()));
     assert_eq!(e.get(Cf::Lease, b"a").unwrap(), Some(b"other-cf".to_vec()));
     assert!(e.size_bytes() > 0 || e.get(Cf::Kv, b"e").unwrap().is_some());

@@ -84,9 +84,7 @@ fn matches(spec: &WatchSpec, e: &Event) -> bool {
     } else {
         k >= &spec.key[..] && k < &spec.range_end[..]
     };
-    in_range
-        && !(spec.no_put && e.kind == EventKind::Put)
-        && !(spec.no_delete && e.kind == EventKind::Delete)
+    in_range && !(spec.no_put && e.kind == EventKind::Put) && !(spec.no_delete && e.kind == EventKind::Delete)
 }
 
 fn shape(spec: &WatchSpec, e: &Event) -> Event {
@@ -195,7 +193,10 @@ impl Hub {
             let evs: Vec<Event> = events.iter().filter(|e| matches(&w.spec, e)).map(|e| shape(&w.spec, e)).collect();
             w.next_rev = revision + 1;
             if !evs.is_empty() {
-                out.push(Output { stream: *stream, reply: Reply::Events { watch_id: *watch_id, events: evs, revision } });
+                out.push(Output {
+                    stream: *stream,
+                    reply: Reply::Events { watch_id: *watch_id, events: evs, revision },
+                });
             }
         }
         out
@@ -249,14 +250,19 @@ impl Hub {
             w.next_rev = w.next_rev.max(sent_to + 1);
             w.synced = w.next_rev > current;
             if !evs.is_empty() {
-                out.push(Output { stream, reply: Reply::Events { watch_id: *watch_id, events: evs, revision: current } });
+                out.push(Output {
+                    stream,
+                    reply: Reply::Events { watch_id: *watch_id, events: evs, revision: current },
+                });
             }
         }
         for id in canceled {
             self.watchers.remove(&(stream, id));
         }
         if let Some(st) = self.streams.get_mut(&stream) {
-            if st.progress_deferred && !self.watchers.range((stream, i64::MIN)..=(stream, i64::MAX)).any(|(_, w)| !w.synced) {
+            if st.progress_deferred
+                && !self.watchers.range((stream, i64::MIN)..=(stream, i64::MAX)).any(|(_, w)| !w.synced)
+            {
                 st.progress_deferred = false;
                 out.push(Output { stream, reply: Reply::Progress { watch_id: NO_WATCH_ID, revision: current } });
             }
@@ -316,7 +322,8 @@ mod tests {
         put(&mut kv, "a/1"); // 2
         put(&mut kv, "b"); // 3
         put(&mut kv, "a/2"); // 4
-        let spec = WatchSpec { key: b"a/".to_vec(), range_end: b"a0".to_vec(), start_revision: 2, ..Default::default() };
+        let spec =
+            WatchSpec { key: b"a/".to_vec(), range_end: b"a0".to_vec(), start_revision: 2, ..Default::default() };
         let created = hub.create(1, spec, &kv);
         assert_eq!(created.reply, Reply::Created { watch_id: 0, revision: 4 });
         // Writes that land before the catch-up are not sent live to an unsynced watcher...

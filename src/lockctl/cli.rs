@@ -211,10 +211,11 @@ pub fn main() -> ExitCode {
         }
         Command::Certs { what } => {
             let done = match what {
-                CertsCommand::Init { dir } => geolock_testkit::certs::init_ca(&dir).map(|()| format!("{}", dir.join("ca.crt").display())),
-                CertsCommand::Issue { dir, name, hosts } => {
-                    geolock_testkit::certs::issue(&dir, &name, &hosts).map(|(crt, key)| format!("{} {}", crt.display(), key.display()))
+                CertsCommand::Init { dir } => {
+                    geolock_testkit::certs::init_ca(&dir).map(|()| format!("{}", dir.join("ca.crt").display()))
                 }
+                CertsCommand::Issue { dir, name, hosts } => geolock_testkit::certs::issue(&dir, &name, &hosts)
+                    .map(|(crt, key)| format!("{} {}", crt.display(), key.display())),
             };
             match done {
                 Ok(files) => {
@@ -227,7 +228,9 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Lock { client, name, ttl, command } => run_client(crate::commands::lock(&client.endpoints, &name, ttl, &command)),
+        Command::Lock { client, name, ttl, command } => {
+            run_client(crate::commands::lock(&client.endpoints, &name, ttl, &command))
+        }
         Command::Member { client, what } => run_client(crate::commands::member(&client.endpoints, what)),
         Command::Elect { client, name, proposal, ttl } => {
             run_client(crate::commands::elect(&client.endpoints, &name, proposal.as_deref(), ttl))

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use geolock_testkit::launch::MemberFlags;
+
 /// Why the dev cluster could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
@@ -49,17 +51,12 @@ pub async fn run(dir: &Path, nodes: usize, base_port: u16) -> Result<(), DevErro
             geolock_testkit::certs::issue(&certs, name, &["127.0.0.1".to_string(), "localhost".to_string()])?;
         }
         let (cp, pp) = ports(base_port, i);
-        let client = format!("http://127.0.0.1:{cp}");
-        let peer = format!("http://127.0.0.1:{pp}");
+        let flags =
+            MemberFlags { initial_cluster: initial.clone(), ..MemberFlags::single(name, dir.join(name), cp, pp) };
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let child = tokio::process::Command::new(&exe)
-            .args(["start", "--name", name, "--data-dir"])
-            .arg(dir.join(name))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .arg(format!("--initial-cluster={initial}"))
-            .args(geolock_testkit::certs::peer_tls_flags(&certs, name))
+            .args(flags.lockctl_start(Some(&certs)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

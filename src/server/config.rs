@@ -21,24 +21,15 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// The role a node plays (DESIGN.md "Roles").
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Role {
-    #[default]
-    Voter,
-    Witness,
-    Learner,
-}
+pub use geolock_core::member::Role;
 
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Voter => "voter",
-            Role::Witness => "witness",
-            Role::Learner => "learner",
-        })
-    }
+/// PEM files of a node's peer identity (etcd's `--peer-trusted-ca-file`, `--peer-cert-file`,
+/// `--peer-key-file`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `cluster:` section of the file.
@@ -209,18 +200,15 @@ impl Config {
         let defaults = config::Config::try_from(&Config::default())?;
         let mut b = config::Config::builder().add_source(defaults);
         if let Some(path) = file {
-            let len = std::fs::metadata(path)
-                .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?
-                .len();
+            let len =
+                std::fs::metadata(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?.len();
             let max = geolock_core::limits::CONFIG_FILE_BYTES_MAX;
             if len > max {
                 return Err(ConfigError::FileTooLarge { path: path.to_path_buf(), len, max });
             }
             b = b.add_source(config::File::from(path));
         }
-        b = b.add_source(
-            config::Environment::with_prefix("GEOLOCK").prefix_separator("_").separator("__"),
-        );
+        b = b.add_source(config::Environment::with_prefix("GEOLOCK").prefix_separator("_").separator("__"));
         for (k, v) in overrides {
             b = b.set_override(k.replace('-', "_"), v.clone())?;
         }
@@ -310,7 +298,8 @@ impl Config {
 
     /// Client URLs advertised to others.
     pub fn client_urls(&self) -> Vec<String> {
-        let src = if self.advertise_client_urls.is_empty() { &self.listen_client_urls } else { &self.advertise_client_urls };
+        let src =
+            if self.advertise_client_urls.is_empty() { &self.listen_client_urls } else { &self.advertise_client_urls };
         src.split(',').filter(|u| !u.is_empty()).map(str::to_string).collect()
     }
 
@@ -331,11 +320,11 @@ impl Config {
     }
 
     /// The peer TLS files, if all three are set.
-    pub fn peer_tls(&self) -> Result<Option<crate::transport::TlsFiles>, ConfigError> {
+    pub fn peer_tls(&self) -> Result<Option<TlsFiles>, ConfigError> {
         let set = [&self.peer_trusted_ca_file, &self.peer_cert_file, &self.peer_key_file];
         match set.iter().filter(|f| !f.is_empty()).count() {
             0 => Ok(None),
-            3 => Ok(Some(crate::transport::TlsFiles {
+            3 => Ok(Some(TlsFiles {
                 ca: PathBuf::from(&self.peer_trusted_ca_file),
                 cert: PathBuf::from(&self.peer_cert_file),
                 key: PathBuf::from(&self.peer_key_file),
@@ -499,7 +488,10 @@ lease:
         let err = Config::load(None, &[("quota-backend-bytes", "3000000000".into())]).unwrap_err().to_string();
         assert!(err.contains("over keyspace_bytes_max"), "{err}");
         let quota = Config::load(None, &[("quota-backend-bytes", "1048576".into())]).unwrap();
-        assert_eq!((quota.quota_bytes(), Config::default().quota_bytes()), (1_048_576, geolock_core::limits::KEYSPACE_BYTES_MAX));
+        assert_eq!(
+            (quota.quota_bytes(), Config::default().quota_bytes()),
+            (1_048_576, geolock_core::limits::KEYSPACE_BYTES_MAX)
+        );
         let err = Config::load(None, &[("initial-cluster", "nourl".into())]).unwrap_err().to_string();
         assert!(err.contains("name=url"), "{err}");
     }

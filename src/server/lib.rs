@@ -6,10 +6,13 @@
 //! 2. [`raft`] (the only importer of openraft)
 //! 3. [`api`] (tonic services and the one table that maps errors to gRPC statuses)
 //! 4. [`roles`] (composition: what each role runs)
+//!
+//! Only [`config`] and [`roles`] are public (`lockctl` starts a member with them); everything
+//! else is the crate's own, so the compiler reports what nothing uses.
 
-pub mod api;
+mod api;
 pub mod config;
-pub mod raft;
-pub mod rocks;
+mod raft;
+mod rocks;
 pub mod roles;
-pub mod transport;
+mod transport;

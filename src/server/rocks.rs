@@ -7,7 +7,7 @@ use std::sync::Arc;
 use geolock_core::storage::{Cf, Engine, Op, Pairs, Result, StorageError, WriteBatch};
 
 fn storage_error(e: rocksdb::Error) -> StorageError {
-    StorageError(e.into_string())
+    StorageError::Engine(e.into_string())
 }
 
 /// How much a member keeps, which sizes its engine's buffers.
@@ -25,12 +25,8 @@ pub struct RocksEngine {
 }
 
 impl RocksEngine {
-    /// Open (creating if needed) the database at `path` with every column family.
-    pub fn open(path: &Path) -> Result<Arc<Self>> {
-        Self::open_sized(path, Footprint::Data)
-    }
-
-    /// Open the database at `path`, sized for what the member keeps.
+    /// Open (creating if needed) the database at `path` with every column family, sized for
+    /// what the member keeps.
     pub fn open_sized(path: &Path, footprint: Footprint) -> Result<Arc<Self>> {
         let mut opts = rocksdb::Options::default();
         // Reused WAL files are already allocated and as long as what is written to them, so the
@@ -161,16 +157,9 @@ impl Engine for RocksEngine {
     fn size_bytes(&self) -> u64 {
         Cf::ALL
             .iter()
-            .filter_map(|cf| {
-                self.db.property_int_value_cf(self.cf(*cf), "rocksdb.total-sst-files-size").ok().flatten()
-            })
+            .filter_map(|cf| self.db.property_int_value_cf(self.cf(*cf), "rocksdb.total-sst-files-size").ok().flatten())
             .sum::<u64>()
-            + self
-                .db
-                .property_int_value("rocksdb.cur-size-all-mem-tables")
-                .ok()
-                .flatten()
-                .unwrap_or(0)
+            + self.db.property_int_value("rocksdb.cur-size-all-mem-tables").ok().flatten().unwrap_or(0)
     }
 }
 
@@ -182,20 +171,20 @@ mod tests {
     #[test]
     fn rocks_engine_meets_the_contract() {
         let dir = tempfile::tempdir().unwrap();
-        engine_suite(&*RocksEngine::open(dir.path()).unwrap());
+        engine_suite(&*RocksEngine::open_sized(dir.path(), Footprint::Data).unwrap());
     }
 
     #[test]
     fn rocks_engine_keeps_synced_writes_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let e = RocksEngine::open(dir.path()).unwrap();
+            let e = RocksEngine::open_sized(dir.path(), Footprint::Data).unwrap();
             let mut b = WriteBatch::default();
             b.put(Cf::Log, 7u64.to_be_bytes().to_vec(), b"entry".to_vec());
             e.write(b, false).unwrap();
             e.sync_wal().unwrap();
         }
-        let e = RocksEngine::open(dir.path()).unwrap();
+        let e = RocksEngine::open_sized(dir.path(), Footprint::Data).unwrap();
         assert_eq!(e.get(Cf::Log, &7u64.to_be_bytes()).unwrap(), Some(b"entry".to_vec()));
     }
 }

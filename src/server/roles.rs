@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use crate::config::Config;
-use crate::raft::Node;
+use crate::config::{Config, Role};
+use crate::raft::{Node, StartError, Task};
 
 /// Why a node could not run.
 #[derive(Debug, thiserror::Error)]
@@ -12,8 +12,8 @@ pub enum RunError {
     Config(#[from] crate::config::ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
-    #[error("{0}")]
-    Node(String),
+    #[error(transparent)]
+    Start(#[from] StartError),
     #[error("client API: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -28,7 +28,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             .map_err(|source| RunError::Listen { addr: addr.clone(), source })?;
         listeners.push(l);
     }
-    let node = Node::start(&cfg).await.map_err(|e| RunError::Node(e.to_string()))?;
+    let node = Node::start(&cfg).await?;
+    for task in tasks(&cfg) {
+        node.spawn(task);
+    }
     // As etcd, serve clients once this member is published and caught up; without a quorum
     // that can take long, and then the member serves anyway so that it can say so.
     if !node.wait_ready(cfg.raft.election_timeout * 5).await {
@@ -60,6 +63,24 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     Ok(())
 }
 
+/// What a member runs beside the client API, by role. A learner runs what a voter runs, since it
+/// becomes one when promoted; a witness also runs its supervisor, which decides when it
+/// campaigns.
+fn tasks(cfg: &Config) -> Vec<Task> {
+    let voter = [
+        Task::PeerServer,
+        Task::Leadership,
+        Task::WitnessPurgePoint,
+        Task::Snapshots,
+        Task::Publish,
+        Task::WatchProgress { every: cfg.watch.progress_notify_interval },
+    ];
+    match cfg.role {
+        Role::Voter | Role::Learner => voter.to_vec(),
+        Role::Witness => [&voter[..], &[Task::WitnessSupervisor]].concat(),
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn until_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -74,6 +95,7 @@ pub async fn until_signal() {
 /// Keep the kernel from backing this process's memory with transparent huge pages: with THP on
 /// "always", every 2 MiB region the allocator or RocksDB touches becomes resident whole, which
 /// more than doubled a node's resident memory (RocksDB's own guidance is to turn THP off).
+#[allow(unsafe_code)]
 pub fn no_transparent_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes no memory we hold.
     let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };

@@ -6,30 +6,31 @@
 //! The only module that imports quinn.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+use crate::config::TlsFiles;
+
 /// Application protocol name negotiated on every connection.
 const ALPN: &[u8] = b"geolock-peer/1";
-
-/// PEM files of a node's peer identity (etcd's `--peer-trusted-ca-file`, `--peer-cert-file`,
-/// `--peer-key-file`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
 
 /// Why a transport operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// A PEM file of the member's peer identity cannot be read.
+    #[error("peer TLS: {path}: {source}")]
+    TlsFile { path: PathBuf, source: rustls::pki_types::pem::Error },
+    /// rustls refused the identity or the settings.
     #[error("peer TLS: {0}")]
-    Tls(String),
+    Tls(#[from] rustls::Error),
+    #[error("peer TLS: client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("peer TLS: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
     #[error("peer transport: {0}")]
     Io(#[from] std::io::Error),
     #[error("peer {peer}: {reason}")]
@@ -38,12 +39,36 @@ pub enum TransportError {
     Refused { remote: SocketAddr, reason: String },
     #[error("peer message of {len} bytes is over peer_message_bytes_max ({max})")]
     TooLarge { len: usize, max: usize },
+    #[error("peer connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
     #[error("peer stream: {0}")]
-    Stream(String),
+    Write(#[from] quinn::WriteError),
+    #[error("peer stream: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("peer stream: {0}")]
+    ReadToEnd(#[from] quinn::ReadToEndError),
+    #[error("peer stream: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    /// A message that is not the postcard of what its kind carries.
+    #[error("undecodable peer message: {0}")]
+    Undecodable(#[from] postcard::Error),
+    #[error("peer request of unknown kind {kind}")]
+    UnknownKind { kind: u8 },
+    /// A request kind that opens a stream of frames, sent as a single request.
+    #[error("peer request of kind {kind} must open a stream")]
+    NotACall { kind: u8 },
+    #[error("snapshot of {total} bytes is over peer_snapshot_bytes_max {max}")]
+    SnapshotTooLarge { total: u64, max: usize },
+    #[error("snapshot piece at offset {offset} out of order")]
+    SnapshotOutOfOrder { offset: u64 },
+    /// A witness's snapshot, which has no data, offered to a member that holds the key space:
+    /// installing it would erase the key space.
+    #[error("refused: a snapshot without data (a witness's) would erase this member's key space")]
+    SnapshotWithoutData,
 }
 
-fn tls_err(e: impl std::fmt::Display) -> TransportError {
-    TransportError::Tls(e.to_string())
+fn pem_err(path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TransportError + '_ {
+    move |source| TransportError::TlsFile { path: path.to_path_buf(), source }
 }
 
 /// A bound QUIC endpoint that both accepts and dials peers.
@@ -54,16 +79,18 @@ pub struct Transport {
 /// An authenticated connection to a peer.
 pub type Connection = quinn::Connection;
 
-fn load(tls: &TlsFiles) -> Result<(rustls::RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TransportError> {
+fn load(
+    tls: &TlsFiles,
+) -> Result<(rustls::RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TransportError> {
     let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(&tls.ca).map_err(|e| tls_err(format!("{}: {e}", tls.ca.display())))? {
-        roots.add(ca.map_err(tls_err)?).map_err(tls_err)?;
+    for ca in CertificateDer::pem_file_iter(&tls.ca).map_err(pem_err(&tls.ca))? {
+        roots.add(ca.map_err(pem_err(&tls.ca))?)?;
     }
     let certs = CertificateDer::pem_file_iter(&tls.cert)
-        .map_err(|e| tls_err(format!("{}: {e}", tls.cert.display())))?
+        .map_err(pem_err(&tls.cert))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(tls_err)?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| tls_err(format!("{}: {e}", tls.key.display())))?;
+        .map_err(pem_err(&tls.cert))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(pem_err(&tls.key))?;
     Ok((roots, certs, key))
 }
 
@@ -82,36 +109,30 @@ impl Transport {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let (roots, certs, key) = load(tls)?;
         let roots = Arc::new(roots);
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(tls_err)?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_err)?
+            .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(certs.clone(), key.clone_key())
-            .map_err(tls_err)?;
+            .with_single_cert(certs.clone(), key.clone_key())?;
         server.alpn_protocols = vec![ALPN.to_vec()];
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_err)?
+            .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)
-            .map_err(tls_err)?;
+            .with_client_auth_cert(certs, key)?;
         client.alpn_protocols = vec![ALPN.to_vec()];
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
-            quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_err)?,
-        ));
+        let mut server =
+            quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server)?));
         server.transport_config(transport_config());
-        let mut client =
-            quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(tls_err)?));
+        let mut client = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client)?));
         client.transport_config(transport_config());
         let mut endpoint = quinn::Endpoint::server(server, addr)?;
         endpoint.set_default_client_config(client);
         Ok(Transport { endpoint })
     }
 
-    /// The bound address.
+    /// The bound address (tests bind port 0).
+    #[cfg(test)]
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
         Ok(self.endpoint.local_addr()?)
     }
@@ -176,14 +197,13 @@ fn member_of(conn: &Connection, members: &[String]) -> Result<String, String> {
 
 /// Send one request (`kind`, `body`) on a new stream and read the whole reply.
 pub async fn call(conn: &Connection, kind: u8, body: &[u8], max_reply: usize) -> Result<Vec<u8>, TransportError> {
-    let stream = |e: &dyn std::fmt::Display| TransportError::Stream(e.to_string());
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(&e))?;
-    send.write_all(&[kind]).await.map_err(|e| stream(&e))?;
-    send.write_all(body).await.map_err(|e| stream(&e))?;
-    send.finish().map_err(|e| stream(&e))?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&[kind]).await?;
+    send.write_all(body).await?;
+    send.finish()?;
     recv.read_to_end(max_reply).await.map_err(|e| match e {
         quinn::ReadToEndError::TooLong => TransportError::TooLarge { len: max_reply + 1, max: max_reply },
-        other => stream(&other),
+        other => other.into(),
     })
 }
 
@@ -197,8 +217,8 @@ pub struct Request {
 impl Request {
     /// Send the reply and finish the stream.
     pub async fn reply(mut self, body: &[u8]) -> Result<(), TransportError> {
-        self.reply.write_all(body).await.map_err(|e| TransportError::Stream(e.to_string()))?;
-        self.reply.finish().map_err(|e| TransportError::Stream(e.to_string()))
+        self.reply.write_all(body).await?;
+        Ok(self.reply.finish()?)
     }
 }
 
@@ -208,7 +228,7 @@ pub enum Incoming {
     Call(Request),
     /// A long-lived stream of frames each way (replication); the caller reads requests from
     /// `frames` and writes replies, in order, to `replies`.
-    Duplex { kind: u8, frames: FrameReader, replies: FrameWriter },
+    Duplex { frames: FrameReader, replies: FrameWriter },
 }
 
 /// The next request on `conn`; `None` when the peer closes it. A stream whose kind byte is
@@ -217,22 +237,22 @@ pub async fn next_request(conn: &Connection, max: usize, duplex_kind: u8) -> Opt
     let (send, mut recv) = conn.accept_bi().await.ok()?;
     let mut kind = [0u8; 1];
     if let Err(e) = recv.read_exact(&mut kind).await {
-        return Some(Err(TransportError::Stream(format!("empty request: {e}"))));
+        return Some(Err(e.into()));
     }
     if kind[0] == duplex_kind {
-        return Some(Ok(Incoming::Duplex { kind: kind[0], frames: FrameReader(recv), replies: FrameWriter(send) }));
+        return Some(Ok(Incoming::Duplex { frames: FrameReader(recv), replies: FrameWriter(send) }));
     }
     Some(match recv.read_to_end(max).await {
         Ok(body) => Ok(Incoming::Call(Request { kind: kind[0], body, reply: send })),
         Err(quinn::ReadToEndError::TooLong) => Err(TransportError::TooLarge { len: max + 1, max }),
-        Err(e) => Err(TransportError::Stream(e.to_string())),
+        Err(e) => Err(e.into()),
     })
 }
 
 /// Open a duplex stream of `kind` to a peer.
 pub async fn open_duplex(conn: &Connection, kind: u8) -> Result<(FrameWriter, FrameReader), TransportError> {
-    let (mut send, recv) = conn.open_bi().await.map_err(|e| TransportError::Stream(e.to_string()))?;
-    send.write_all(&[kind]).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+    let (mut send, recv) = conn.open_bi().await?;
+    send.write_all(&[kind]).await?;
     Ok((FrameWriter(send), FrameReader(recv)))
 }
 
@@ -242,9 +262,10 @@ pub struct FrameWriter(quinn::SendStream);
 impl FrameWriter {
     /// Write one frame.
     pub async fn write(&mut self, body: &[u8]) -> Result<(), TransportError> {
-        let len = u32::try_from(body.len()).map_err(|_| TransportError::TooLarge { len: body.len(), max: u32::MAX as usize })?;
-        self.0.write_all(&len.to_be_bytes()).await.map_err(|e| TransportError::Stream(e.to_string()))?;
-        self.0.write_all(body).await.map_err(|e| TransportError::Stream(e.to_string()))
+        let len = u32::try_from(body.len())
+            .map_err(|_| TransportError::TooLarge { len: body.len(), max: u32::MAX as usize })?;
+        self.0.write_all(&len.to_be_bytes()).await?;
+        Ok(self.0.write_all(body).await?)
     }
 
     /// End the stream.
@@ -263,14 +284,14 @@ impl FrameReader {
         match self.0.read_exact(&mut len).await {
             Ok(()) => {}
             Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(e) => return Err(TransportError::Stream(e.to_string())),
+            Err(e) => return Err(e.into()),
         }
         let len = u32::from_be_bytes(len) as usize;
         if len > max {
             return Err(TransportError::TooLarge { len, max });
         }
         let mut body = vec![0u8; len];
-        self.0.read_exact(&mut body).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        self.0.read_exact(&mut body).await?;
         Ok(Some(body))
     }
 }
@@ -318,7 +339,10 @@ mod tests {
         assert_eq!(call(&conn, 7, b"ping", 1024).await.unwrap(), b"\x07ping");
         // A reply over the caller's bound is refused, not buffered.
         let big = vec![b'x'; 2000];
-        assert!(matches!(call(&conn, 1, &big, 1024).await, Err(TransportError::TooLarge { .. }) | Err(TransportError::Stream(_))));
+        assert!(matches!(
+            call(&conn, 1, &big, 1024).await,
+            Err(TransportError::TooLarge { .. } | TransportError::ReadToEnd(_) | TransportError::Connection(_))
+        ));
 
         // A certificate from another CA: the handshake fails.
         let stranger = Transport::bind(any_port(), &node(other_ca.path(), "n2")).unwrap();

@@ -22,10 +22,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use geolock_proto::etcdserverpb as pb;
-use crate::topology::Role;
+use crate::launch::MemberFlags;
 use crate::relay::{DelayFor, Relay};
+use crate::topology::Role;
 use crate::topology::{Topology, TopologyNode};
+use geolock_proto::etcdserverpb as pb;
 
 /// Why the harness could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +140,8 @@ struct Block(u8);
 fn take_block(namespaces: bool) -> Result<u8, GeoError> {
     // Pick a block unused here and, for namespaces, not already on an interface of this machine
     // (another test process may run a harness).
-    let taken_elsewhere = if namespaces { ip_output(&["-o", "-4", "addr", "show"]).unwrap_or_default() } else { String::new() };
+    let taken_elsewhere =
+        if namespaces { ip_output(&["-o", "-4", "addr", "show"]).unwrap_or_default() } else { String::new() };
     let start = std::process::id().wrapping_add(NEXT_BLOCK.fetch_add(1, Ordering::Relaxed) * 7);
     let mut blocks = BLOCKS.lock().unwrap();
     for i in 0..64u32 {
@@ -162,7 +164,10 @@ impl Drop for Block {
 fn ip_output(args: &[&str]) -> Result<String, GeoError> {
     let out = Command::new("ip").args(args).output()?;
     if !out.status.success() {
-        return Err(GeoError::Ip { cmd: format!("ip {}", args.join(" ")), stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(GeoError::Ip {
+            cmd: format!("ip {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
@@ -175,7 +180,8 @@ fn ip(args: &[&str]) -> Result<(), GeoError> {
 fn remove_stale_namespaces() {
     let Ok(list) = ip_output(&["netns", "list"]) else { return };
     for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        let Some(pid) = ns.strip_prefix("gl").and_then(|r| r.split('c').next()).and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = ns.strip_prefix("gl").and_then(|r| r.split('c').next()).and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
@@ -250,7 +256,8 @@ impl GeoCluster {
             crate::certs::issue(&cluster.certs, &n.name, &[addr.to_string(), "127.0.0.1".to_string()])?;
             let peer = SocketAddr::new(*addr, port_of(&n.peer)?);
             let client = SocketAddr::new(*addr, port_of(&n.client)?);
-            let delay_for = delays(&topology, n, *addr, region_of.clone(), cluster.cut.clone(), cluster.isolated.clone());
+            let delay_for =
+                delays(&topology, n, *addr, region_of.clone(), cluster.cut.clone(), cluster.isolated.clone());
             let relay = Relay::start(SocketAddr::new(root_ip(*r), 0), peer, delay_for).await?;
             let data_dir = opts.dir.join(&n.name);
             cluster.nodes.push(GeoNode {
@@ -268,7 +275,8 @@ impl GeoCluster {
             relays.push(relay);
         }
         cluster._relays = relays;
-        let founders: Vec<usize> = (0..cluster.nodes.len()).filter(|i| cluster.nodes[*i].role != Role::Learner).collect();
+        let founders: Vec<usize> =
+            (0..cluster.nodes.len()).filter(|i| cluster.nodes[*i].role != Role::Learner).collect();
         let initial = founders
             .iter()
             .map(|i| format!("{}=http://{}", cluster.nodes[*i].name, cluster.nodes[*i].advertised_peer))
@@ -281,7 +289,8 @@ impl GeoCluster {
         for i in founders {
             cluster.wait_serving(i, Duration::from_secs(60)).await?;
         }
-        let learners: Vec<usize> = (0..cluster.nodes.len()).filter(|i| cluster.nodes[*i].role == Role::Learner).collect();
+        let learners: Vec<usize> =
+            (0..cluster.nodes.len()).filter(|i| cluster.nodes[*i].role == Role::Learner).collect();
         let mut joined = initial;
         for i in learners {
             let (name, url) = (cluster.nodes[i].name.clone(), format!("http://{}", cluster.nodes[i].advertised_peer));
@@ -296,15 +305,18 @@ impl GeoCluster {
 
     fn start_args(&self, i: usize, initial: &str, state: &str) -> Vec<String> {
         let n = &self.nodes[i];
-        let mut a: Vec<String> = vec!["start".into(), "--name".into(), n.name.clone()];
-        a.extend(["--data-dir".into(), n.data_dir.display().to_string()]);
+        let flags = MemberFlags {
+            name: n.name.clone(),
+            data_dir: n.data_dir.clone(),
+            client: n.client.to_string(),
+            peer: n.peer.to_string(),
+            advertised_peer: Some(n.advertised_peer.to_string()),
+            initial_cluster: initial.to_string(),
+            initial_cluster_state: Some(state.to_string()),
+        };
+        let mut a: Vec<String> =
+            flags.lockctl_start(Some(&self.certs)).iter().map(|s| s.to_string_lossy().into_owned()).collect();
         a.extend(["--role".into(), n.role.to_string(), "--region".into(), n.region.clone()]);
-        let client = format!("http://{}", n.client);
-        a.extend(["--listen-client-urls".into(), client.clone(), "--advertise-client-urls".into(), client]);
-        a.extend(["--listen-peer-urls".into(), format!("http://{}", n.peer)]);
-        a.extend(["--initial-advertise-peer-urls".into(), format!("http://{}", n.advertised_peer)]);
-        a.extend(["--initial-cluster".into(), initial.to_string(), "--initial-cluster-state".into(), state.into()]);
-        a.extend(crate::certs::peer_tls_flags(&self.certs, &n.name).iter().map(|s| s.to_string_lossy().to_string()));
         if let Some(ms) = self.topology.raft.heartbeat_interval_ms {
             a.extend(["--heartbeat-interval".into(), ms.to_string()]);
         }
@@ -346,7 +358,12 @@ impl GeoCluster {
                 return Err(GeoError::Exited { name: n.name.clone(), status, log: n.log.display().to_string() });
             }
             if Instant::now() > deadline {
-                return Err(GeoError::NotReady { name: n.name.clone(), waited: limit, detail, log: n.log.display().to_string() });
+                return Err(GeoError::NotReady {
+                    name: n.name.clone(),
+                    waited: limit,
+                    detail,
+                    log: n.log.display().to_string(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -472,11 +489,6 @@ impl GeoCluster {
     pub fn dir(&self) -> &Path {
         &self.opts.dir
     }
-
-    /// Whether regions live in network namespaces.
-    pub fn in_namespaces(&self) -> bool {
-        !self.namespaces.is_empty()
-    }
 }
 
 impl Drop for GeoCluster {
@@ -522,6 +534,7 @@ pub struct RegionRuntime {
 }
 
 impl RegionRuntime {
+    #[allow(unsafe_code)]
     fn start(namespace: Option<std::fs::File>) -> Result<RegionRuntime, GeoError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -546,7 +559,8 @@ impl RegionRuntime {
                 let _ = stopped.await;
             });
         });
-        let handle = ready_rx.recv().map_err(|_| GeoError::Io(std::io::Error::other("region runtime thread died")))??;
+        let handle =
+            ready_rx.recv().map_err(|_| GeoError::Io(std::io::Error::other("region runtime thread died")))??;
         Ok(RegionRuntime { handle, stop: Some(stop), thread: Some(thread) })
     }
 
@@ -638,15 +652,26 @@ async fn add_learner(endpoints: &str, name: &str, peer_url: &str) -> Result<(), 
     loop {
         let attempt = async {
             let ch = geolock_client::connect(endpoints).await.map_err(|e| e.to_string())?;
-            let mut req = tonic::Request::new(pb::MemberAddRequest { peer_ur_ls: vec![peer_url.to_string()], is_learner: true });
-            req.metadata_mut().insert(geolock_proto::MEMBER_NAME_HEADER, name.parse().map_err(|_| format!("bad name {name}"))?);
-            pb::cluster_client::ClusterClient::new(ch).member_add(req).await.map(|_| ()).map_err(|e| e.message().to_string())
+            let mut req =
+                tonic::Request::new(pb::MemberAddRequest { peer_ur_ls: vec![peer_url.to_string()], is_learner: true });
+            req.metadata_mut()
+                .insert(geolock_proto::MEMBER_NAME_HEADER, name.parse().map_err(|_| format!("bad name {name}"))?);
+            pb::cluster_client::ClusterClient::new(ch)
+                .member_add(req)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.message().to_string())
         };
         match attempt.await {
             Ok(()) => return Ok(()),
             Err(e) if e.contains("already exist") => return Ok(()),
             Err(e) if Instant::now() > deadline => {
-                return Err(GeoError::NotReady { name: name.to_string(), waited: Duration::from_secs(30), detail: format!("member add: {e}"), log: String::new() })
+                return Err(GeoError::NotReady {
+                    name: name.to_string(),
+                    waited: Duration::from_secs(30),
+                    detail: format!("member add: {e}"),
+                    log: String::new(),
+                })
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }

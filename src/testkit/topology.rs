@@ -27,25 +27,7 @@ pub enum TopologyError {
     Invalid(String),
 }
 
-/// The role a node of the topology is started in (`lockctl start --role`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Role {
-    Voter,
-    Witness,
-    Learner,
-}
-
-impl std::fmt::Display for Role {
-    /// As `--role` takes it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Voter => "voter",
-            Role::Witness => "witness",
-            Role::Learner => "learner",
-        })
-    }
-}
+pub use geolock_core::member::Role;
 
 /// A whole topology.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -107,11 +89,13 @@ pub struct TopologyNode {
 impl Topology {
     /// Read and check a topology file.
     pub fn load(path: &Path) -> Result<Topology, TopologyError> {
-        let len = std::fs::metadata(path).map_err(|source| TopologyError::Read { path: path.to_path_buf(), source })?.len();
+        let len =
+            std::fs::metadata(path).map_err(|source| TopologyError::Read { path: path.to_path_buf(), source })?.len();
         if len > CONFIG_FILE_BYTES_MAX {
             return Err(TopologyError::FileTooLarge { path: path.to_path_buf(), len, max: CONFIG_FILE_BYTES_MAX });
         }
-        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read { path: path.to_path_buf(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| TopologyError::Read { path: path.to_path_buf(), source })?;
         Topology::parse(&text)
     }
 
@@ -186,11 +170,7 @@ impl Topology {
         let ms = if a == b {
             self.latency_ms.same_region
         } else {
-            self.latency_ms
-                .between
-                .iter()
-                .find(|l| pair(&l.a, &l.b) == pair(a, b))
-                .map_or(0.0, |l| l.one_way)
+            self.latency_ms.between.iter().find(|l| pair(&l.a, &l.b) == pair(a, b)).map_or(0.0, |l| l.one_way)
         };
         Duration::from_secs_f64(ms / 1000.0)
     }
@@ -225,7 +205,11 @@ impl Topology {
 }
 
 fn pair<'a>(a: &'a str, b: &'a str) -> (&'a str, &'a str) {
-    if a <= b { (a, b) } else { (b, a) }
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
 }
 
 #[cfg(test)]

@@ -139,9 +139,17 @@ fn etcdctl_sees_the_same_answers_and_error_texts_from_geolock_and_etcd() {
         // etcdctl's client logs its retries as JSON with a time and a client ID of its own:
         // everything else it prints is compared.
         let show = |o: &std::process::Output| {
-            let stderr: Vec<String> =
-                String::from_utf8_lossy(&o.stderr).lines().filter(|l| !l.starts_with("{\"level\"")).map(str::to_string).collect();
-            format!("status {:?}, stdout {:?}, stderr {:?}", o.status.code(), String::from_utf8_lossy(&o.stdout), stderr)
+            let stderr: Vec<String> = String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .filter(|l| !l.starts_with("{\"level\""))
+                .map(str::to_string)
+                .collect();
+            format!(
+                "status {:?}, stdout {:?}, stderr {:?}",
+                o.status.code(),
+                String::from_utf8_lossy(&o.stdout),
+                stderr
+            )
         };
         assert_eq!(show(&g), show(&e), "{what}: geolock (left) and etcd (right) differ");
     }
@@ -157,19 +165,62 @@ fn txn_validation_follows_etcds_rules() {
     use etcd_client::DeleteOptions;
     let geo = GeoNode::start();
     let etcd = crate::common::Etcd::start();
-    let puts = |prefix: &str, n: usize| (0..n).map(|i| TxnOp::put(format!("{prefix}{i}"), "v", None)).collect::<Vec<_>>();
+    let puts =
+        |prefix: &str, n: usize| (0..n).map(|i| TxnOp::put(format!("{prefix}{i}"), "v", None)).collect::<Vec<_>>();
     let when = || [Compare::version("ok", CompareOp::Greater, 0)];
     let cases: Vec<(&str, Txn)> = vec![
-        ("then and else of a nested txn put one key", Txn::new().and_then([TxnOp::txn(Txn::new().when(when()).and_then([TxnOp::put("a", "1", None)]).or_else([TxnOp::put("a", "2", None)]))])),
-        ("64 puts in each branch of nested txns", Txn::new().and_then([TxnOp::txn(Txn::new().and_then(puts("p", 64)))]).or_else([TxnOp::txn(Txn::new().and_then(puts("q", 64)))])),
-        ("a nested txn over what its parent left", Txn::new().and_then([puts("r", 100), vec![TxnOp::txn(Txn::new().and_then(puts("s", 29)))]].concat())),
-        ("a nested txn within what its parent left", Txn::new().and_then([puts("r", 100), vec![TxnOp::txn(Txn::new().and_then(puts("s", 27)))]].concat())),
-        ("a key put by a branch and by its nested txn", Txn::new().and_then([TxnOp::put("b", "1", None), TxnOp::txn(Txn::new().and_then([TxnOp::put("b", "2", None)]))])),
-        ("a key put by two nested txns", Txn::new().and_then([TxnOp::txn(Txn::new().and_then([TxnOp::put("c", "1", None)])), TxnOp::txn(Txn::new().and_then([TxnOp::put("c", "2", None)]))])),
-        ("a range deleted and a key in it put by a nested txn", Txn::new().and_then([TxnOp::delete("d", Some(DeleteOptions::new().with_range("f"))), TxnOp::txn(Txn::new().and_then([TxnOp::put("e", "1", None)]))])),
-        ("a delete to the end and a put after it", Txn::new().and_then([TxnOp::delete("g", Some(DeleteOptions::new().with_from_key())), TxnOp::put("h", "1", None)])),
-        ("one key put twice in a branch", Txn::new().and_then([TxnOp::put("i", "1", None), TxnOp::put("i", "2", None)])),
-        ("one key in then and in else", Txn::new().when(when()).and_then([TxnOp::put("j", "1", None)]).or_else([TxnOp::put("j", "2", None)])),
+        (
+            "then and else of a nested txn put one key",
+            Txn::new().and_then([TxnOp::txn(
+                Txn::new().when(when()).and_then([TxnOp::put("a", "1", None)]).or_else([TxnOp::put("a", "2", None)]),
+            )]),
+        ),
+        (
+            "64 puts in each branch of nested txns",
+            Txn::new()
+                .and_then([TxnOp::txn(Txn::new().and_then(puts("p", 64)))])
+                .or_else([TxnOp::txn(Txn::new().and_then(puts("q", 64)))]),
+        ),
+        (
+            "a nested txn over what its parent left",
+            Txn::new().and_then([puts("r", 100), vec![TxnOp::txn(Txn::new().and_then(puts("s", 29)))]].concat()),
+        ),
+        (
+            "a nested txn within what its parent left",
+            Txn::new().and_then([puts("r", 100), vec![TxnOp::txn(Txn::new().and_then(puts("s", 27)))]].concat()),
+        ),
+        (
+            "a key put by a branch and by its nested txn",
+            Txn::new()
+                .and_then([TxnOp::put("b", "1", None), TxnOp::txn(Txn::new().and_then([TxnOp::put("b", "2", None)]))]),
+        ),
+        (
+            "a key put by two nested txns",
+            Txn::new().and_then([
+                TxnOp::txn(Txn::new().and_then([TxnOp::put("c", "1", None)])),
+                TxnOp::txn(Txn::new().and_then([TxnOp::put("c", "2", None)])),
+            ]),
+        ),
+        (
+            "a range deleted and a key in it put by a nested txn",
+            Txn::new().and_then([
+                TxnOp::delete("d", Some(DeleteOptions::new().with_range("f"))),
+                TxnOp::txn(Txn::new().and_then([TxnOp::put("e", "1", None)])),
+            ]),
+        ),
+        (
+            "a delete to the end and a put after it",
+            Txn::new()
+                .and_then([TxnOp::delete("g", Some(DeleteOptions::new().with_from_key())), TxnOp::put("h", "1", None)]),
+        ),
+        (
+            "one key put twice in a branch",
+            Txn::new().and_then([TxnOp::put("i", "1", None), TxnOp::put("i", "2", None)]),
+        ),
+        (
+            "one key in then and in else",
+            Txn::new().when(when()).and_then([TxnOp::put("j", "1", None)]).or_else([TxnOp::put("j", "2", None)]),
+        ),
     ];
     rt().block_on(async {
         let mut g = client(&geo.endpoint()).await;
@@ -226,8 +277,11 @@ fn database_space_exceeded_reads_as_etcds() {
     });
     let [g, e] = [geo.endpoint(), etcd.endpoint()].map(|ep| etcdctl(&ep, &["put", "one-more", &value], None));
     let show = |o: &std::process::Output| {
-        let stderr: Vec<String> =
-            String::from_utf8_lossy(&o.stderr).lines().filter(|l| !l.starts_with("{\"level\"")).map(str::to_string).collect();
+        let stderr: Vec<String> = String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .filter(|l| !l.starts_with("{\"level\""))
+            .map(str::to_string)
+            .collect();
         format!("status {:?}, stdout {:?}, stderr {stderr:?}", o.status.code(), String::from_utf8_lossy(&o.stdout))
     };
     assert_eq!(show(&g), show(&e), "etcdctl put over the quota: geolock (left) and etcd (right) differ");

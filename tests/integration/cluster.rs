@@ -61,7 +61,8 @@ fn kill_the_leader_under_load(members: usize) {
                     let key = format!("load/{w}/{n}");
                     // Try members in turn until one acknowledges.
                     let c = &mut clients[(n as usize + w) % members];
-                    if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), c.put(key.clone(), "v", None)).await {
+                    if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), c.put(key.clone(), "v", None)).await
+                    {
                         acked.lock().unwrap().push((key, r.header().unwrap().revision()));
                         n += 1;
                     } else {
@@ -128,7 +129,8 @@ fn peers_from_another_ca_or_outside_the_membership_are_refused_and_logged() {
     let other = c.dir().join("other-ca");
     lockctl(&["certs", "init", "--dir", other.to_str().unwrap()]);
     lockctl(&["certs", "issue", "--dir", other.to_str().unwrap(), "--name", "n3", "--host", "127.0.0.1"]);
-    let mut impostor = c.spawn_with("n3", &c.dir().join("impostor"), free_port(), free_port(), "new", &other, c.initial());
+    let mut impostor =
+        c.spawn_with("n3", &c.dir().join("impostor"), free_port(), free_port(), "new", &other, c.initial());
     // A node with a good certificate for a name that is not a member.
     let certs = c.dir().join("certs");
     lockctl(&["certs", "issue", "--dir", certs.to_str().unwrap(), "--name", "n9", "--host", "127.0.0.1"]);

@@ -3,24 +3,12 @@
 //! failing test leaves nothing behind.
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// A port nobody listens on right now.
-/// A port free for both TCP (client URLs) and UDP (peer URLs: QUIC) right now. Asking for a TCP
-/// port alone handed out ports that a UDP socket of a test running alongside (a relay's flow)
-/// already held.
-pub fn free_port() -> u16 {
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
+pub use geolock_testkit::launch::{free_port, MemberFlags};
 
 /// Run `cmd` to completion, killing it if it outlives `limit`.
 pub fn run_with_deadline(mut cmd: Command, stdin: Option<&str>, limit: Duration) -> Output {
@@ -159,15 +147,8 @@ impl GeoNode {
 
     /// Start (or restart) a node on `dir` with the given ports.
     fn start_in(dir: &Path, client_port: u16, peer_port: u16, extra: Vec<String>) -> GeoNode {
-        let client = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
-        cmd.args(["start", "--name", "n1", "--data-dir"])
-            .arg(dir.join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .arg(format!("--initial-cluster=n1={peer}"))
-            .args(&extra);
+        cmd.args(MemberFlags::single("n1", dir.join("data"), client_port, peer_port).lockctl_start(None)).args(&extra);
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!("lockctl-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
         let mut proc = spawn_logged(cmd, &log);
@@ -235,15 +216,8 @@ impl Etcd {
     pub fn start_with(extra: &[&str]) -> Etcd {
         let tmp = tempfile::tempdir().unwrap();
         let (cp, pp) = (free_port(), free_port());
-        let client = format!("http://127.0.0.1:{cp}");
-        let peer = format!("http://127.0.0.1:{pp}");
         let mut cmd = Command::new("etcd");
-        cmd.args(["--name", "n1", "--data-dir"])
-            .arg(tmp.path().join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .arg(format!("--initial-cluster=n1={peer}"))
-            .args(extra);
+        cmd.args(MemberFlags::single("n1", tmp.path().join("data"), cp, pp).args()).args(extra);
         let mut proc = spawn_logged(cmd, &tmp.path().join("etcd.log"));
         wait_ready(&format!("127.0.0.1:{cp}"), &mut proc);
         Etcd { _proc: proc, client_port: cp, peer_port: pp, _tmp: tmp }
@@ -287,7 +261,8 @@ pub struct Cluster {
 /// stderr.
 pub fn lockctl_ok(args: &[&str]) -> (String, String) {
     let out = lockctl(args);
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(out.status.success(), "lockctl {args:?}: {stdout}{stderr}");
     (stdout, stderr)
 }
@@ -338,12 +313,19 @@ impl Cluster {
             lockctl_ok(args);
         };
         lockctl(&["certs", "init", "--dir", certs.to_str().unwrap()]);
-        let initial = (0..n)
-            .map(|i| format!("n{}=http://127.0.0.1:{}", i + 1, ports[i].2))
-            .collect::<Vec<_>>()
-            .join(",");
+        let initial =
+            (0..n).map(|i| format!("n{}=http://127.0.0.1:{}", i + 1, ports[i].2)).collect::<Vec<_>>().join(",");
         for i in 0..n {
-            lockctl(&["certs", "issue", "--dir", certs.to_str().unwrap(), "--name", &format!("n{}", i + 1), "--host", "127.0.0.1"]);
+            lockctl(&[
+                "certs",
+                "issue",
+                "--dir",
+                certs.to_str().unwrap(),
+                "--name",
+                &format!("n{}", i + 1),
+                "--host",
+                "127.0.0.1",
+            ]);
         }
         let extra = extra.iter().map(|s| s.to_string()).collect();
         let advertised = ports.iter().enumerate().map(|(i, p)| (format!("n{}", i + 1), p.2)).collect();
@@ -361,7 +343,15 @@ impl Cluster {
 
     fn spawn(&self, name: &str, client_port: u16, peer_port: u16, state: &str) -> Proc {
         let data = self.tmp.path().join(name);
-        self.spawn_with(name, &data, client_port, peer_port, state, &self.tmp.path().join("certs"), &self.initial.clone())
+        self.spawn_with(
+            name,
+            &data,
+            client_port,
+            peer_port,
+            state,
+            &self.tmp.path().join("certs"),
+            &self.initial.clone(),
+        )
     }
 
     /// A process that claims to be member `name` of `initial`, with the CA and certificates in
@@ -377,18 +367,14 @@ impl Cluster {
         certs: &Path,
         initial: &str,
     ) -> Proc {
-        let client = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let advertised = format!("http://127.0.0.1:{}", self.advertised.get(name).copied().unwrap_or(peer_port));
+        let flags = MemberFlags {
+            advertised_peer: Some(format!("127.0.0.1:{}", self.advertised.get(name).copied().unwrap_or(peer_port))),
+            initial_cluster: initial.to_string(),
+            initial_cluster_state: Some(state.to_string()),
+            ..MemberFlags::single(name, data.to_path_buf(), client_port, peer_port)
+        };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
-        cmd.args(["start", "--name", name, "--data-dir"])
-            .arg(data)
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &advertised])
-            .arg(format!("--initial-cluster={initial}"))
-            .arg(format!("--initial-cluster-state={state}"))
-            .args(geolock_testkit::certs::peer_tls_flags(certs, name))
-            .args(&self.extra);
+        cmd.args(flags.lockctl_start(Some(certs))).args(&self.extra);
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = self.tmp.path().join(format!("{name}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
         spawn_logged(cmd, &log)
@@ -452,7 +438,8 @@ impl Cluster {
         lockctl_ok(&["certs", "issue", "--dir", certs.to_str().unwrap(), "--name", name, "--host", "127.0.0.1"]);
         let (cp, pp) = (free_port(), free_port());
         let peer = format!("http://127.0.0.1:{pp}");
-        let (out, _) = lockctl_ok(&["member", "add", name, "--peer-urls", &peer, "--learner", "--endpoints", &self.endpoint(via)]);
+        let (out, _) =
+            lockctl_ok(&["member", "add", name, "--peer-urls", &peer, "--learner", "--endpoints", &self.endpoint(via)]);
         self.initial = format!("{},{name}={peer}", self.initial);
         let proc = self.spawn(name, cp, pp, "existing");
         self.nodes.push(ClusterNode { name: name.to_string(), proc, client_port: cp, peer_port: pp });

@@ -108,7 +108,13 @@ fn restart_after_snapshots_and_log_purges() {
                     let mut c = client(&ep).await;
                     let mut rev = 0;
                     for n in 0..300 {
-                        rev = c.put(format!("snap/{w}/{n}"), format!("{n}"), None).await.unwrap().header().unwrap().revision();
+                        rev = c
+                            .put(format!("snap/{w}/{n}"), format!("{n}"), None)
+                            .await
+                            .unwrap()
+                            .header()
+                            .unwrap()
+                            .revision();
                     }
                     rev
                 })

@@ -153,29 +153,13 @@ enum Op {
     Range(Range),
     Delete(Delete),
     Txn(Txn),
-    Compact {
-        rev: Rev,
-        physical: bool,
-    },
-    Grant {
-        lease: LeaseRef,
-        ttl: i64,
-    },
+    Compact { rev: Rev, physical: bool },
+    Grant { lease: LeaseRef, ttl: i64 },
     Revoke(LeaseRef),
     KeepAlive(LeaseRef),
-    TimeToLive {
-        lease: LeaseRef,
-        keys: bool,
-    },
+    TimeToLive { lease: LeaseRef, keys: bool },
     Leases,
-    Watch {
-        key: usize,
-        end: End,
-        rev: Rev,
-        prev_kv: bool,
-        no_put: bool,
-        no_delete: bool,
-    },
+    Watch { key: usize, end: End, rev: Rev, prev_kv: bool, no_put: bool, no_delete: bool },
 }
 
 fn key() -> impl Strategy<Value = usize> {
@@ -218,53 +202,29 @@ fn put() -> impl Strategy<Value = Put> {
         prop::bool::weighted(0.1),
         prop::bool::weighted(0.1),
     )
-        .prop_map(
-            |(key, value, lease, prev_kv, ignore_value, ignore_lease)| Put {
-                key,
-                value,
-                lease,
-                prev_kv,
-                ignore_value,
-                ignore_lease,
-            },
-        )
+        .prop_map(|(key, value, lease, prev_kv, ignore_value, ignore_lease)| Put {
+            key,
+            value,
+            lease,
+            prev_kv,
+            ignore_value,
+            ignore_lease,
+        })
 }
 
 fn range() -> impl Strategy<Value = Range> {
     (
-        (
-            key(),
-            end(),
-            rev(),
-            prop_oneof![3 => Just(0i64), 2 => -2i64..4],
-        ),
+        (key(), end(), rev(), prop_oneof![3 => Just(0i64), 2 => -2i64..4]),
         (
             prop_oneof![6 => Just(0i32), 3 => 1..3i32, 1 => Just(3)],
             prop_oneof![6 => Just(0i32), 3 => 1..5i32, 1 => Just(5)],
         ),
         (prop::bool::weighted(0.15), prop::bool::weighted(0.15)),
-        (
-            prop_oneof![5 => Just(0i64), 1 => 1i64..8],
-            prop_oneof![5 => Just(0i64), 1 => 1i64..8],
-        ),
+        (prop_oneof![5 => Just(0i64), 1 => 1i64..8], prop_oneof![5 => Just(0i64), 1 => 1i64..8]),
     )
         .prop_map(
-            |(
-                (key, end, rev, limit),
-                (sort_order, sort_target),
-                (keys_only, count_only),
-                (min_mod, max_create),
-            )| Range {
-                key,
-                end,
-                rev,
-                limit,
-                sort_order,
-                sort_target,
-                keys_only,
-                count_only,
-                min_mod,
-                max_create,
+            |((key, end, rev, limit), (sort_order, sort_target), (keys_only, count_only), (min_mod, max_create))| {
+                Range { key, end, rev, limit, sort_order, sort_target, keys_only, count_only, min_mod, max_create }
             },
         )
 }
@@ -286,41 +246,24 @@ fn cmp() -> impl Strategy<Value = Cmp> {
         .prop_map(|(key, end, target, result, union, number, value)| {
             // Mostly the union field that matches the target; sometimes another.
             let union = if union == 4 { (target + 1) % 5 } else { target };
-            Cmp {
-                key,
-                end,
-                target,
-                result,
-                union,
-                number,
-                value,
-            }
+            Cmp { key, end, target, result, union, number, value }
         })
 }
 
 fn txn_op() -> impl Strategy<Value = TxnOp> {
     let leaf = prop_oneof![3 => put().prop_map(TxnOp::Put), 2 => range().prop_map(TxnOp::Range), 1 => delete().prop_map(TxnOp::Delete)];
     leaf.prop_recursive(2, 16, 4, |inner| {
-        (vec(cmp(), 0..3), vec(inner.clone(), 0..4), vec(inner, 0..4)).prop_map(
-            |(compares, success, failure)| {
-                TxnOp::Txn(Box::new(Txn {
-                    compares,
-                    success,
-                    failure,
-                }))
-            },
-        )
+        (vec(cmp(), 0..3), vec(inner.clone(), 0..4), vec(inner, 0..4))
+            .prop_map(|(compares, success, failure)| TxnOp::Txn(Box::new(Txn { compares, success, failure })))
     })
 }
 
 fn txn() -> impl Strategy<Value = Txn> {
-    (vec(cmp(), 0..3), vec(txn_op(), 0..4), vec(txn_op(), 0..4)).prop_map(
-        |(compares, success, failure)| Txn {
-            compares,
-            success,
-            failure,
-        },
-    )
+    (vec(cmp(), 0..3), vec(txn_op(), 0..4), vec(txn_op(), 0..4)).prop_map(|(compares, success, failure)| Txn {
+        compares,
+        success,
+        failure,
+    })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -359,8 +302,7 @@ fn intended_difference(op: &Op, side: &Side) -> Option<usize> {
                 TxnOp::Delete(d) => {
                     // The prefix of an all-0xff key is "from the key on" too.
                     seen.deletes_to_end |= matches!(d.end, End::FromKey)
-                        || (matches!(d.end, End::Prefix)
-                            && geolock_core::lock::prefix_end(KEYS[d.key]) == [0])
+                        || (matches!(d.end, End::Prefix) && geolock_core::lock::prefix_end(KEYS[d.key]) == [0])
                 }
                 TxnOp::Range(r) => seen.undefined_sort_target |= undefined_sort_target(r),
                 TxnOp::Txn(t) => {
@@ -412,11 +354,7 @@ struct Side {
 
 impl Side {
     async fn connect(endpoint: &str) -> Side {
-        let ch = Channel::from_shared(format!("http://{endpoint}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch = Channel::from_shared(format!("http://{endpoint}")).unwrap().connect().await.unwrap();
         Side {
             kv: pb::kv_client::KvClient::new(ch.clone()),
             lease: pb::lease_client::LeaseClient::new(ch.clone()),
@@ -514,11 +452,7 @@ impl Side {
                     1 => TargetUnion::CreateRevision(c.number),
                     2 => TargetUnion::ModRevision(c.number),
                     3 => TargetUnion::Value(VALUES[c.value].to_vec()),
-                    _ => TargetUnion::Lease(if c.number > 2 {
-                        self.lease_id(&LeaseRef::Auto)
-                    } else {
-                        c.number
-                    }),
+                    _ => TargetUnion::Lease(if c.number > 2 { self.lease_id(&LeaseRef::Auto) } else { c.number }),
                 }),
             })
             .collect();
@@ -537,11 +471,7 @@ impl Side {
                 })
                 .collect()
         };
-        pb::TxnRequest {
-            compare,
-            success: ops(&t.success),
-            failure: ops(&t.failure),
-        }
+        pb::TxnRequest { compare, success: ops(&t.success), failure: ops(&t.failure) }
     }
 
     fn kv(&self, kv: &mvccpb::KeyValue) -> String {
@@ -549,10 +479,7 @@ impl Side {
     }
 
     fn kvs(&self, kvs: &[mvccpb::KeyValue]) -> String {
-        kvs.iter()
-            .map(|kv| self.kv(kv))
-            .collect::<Vec<_>>()
-            .join(", ")
+        kvs.iter().map(|kv| self.kv(kv)).collect::<Vec<_>>().join(", ")
     }
 
     fn header(&mut self, h: &Option<pb::ResponseHeader>) -> String {
@@ -562,30 +489,15 @@ impl Side {
     }
 
     fn range_resp(&mut self, r: &pb::RangeResponse) -> String {
-        format!(
-            "{} [{}] more {} count {}",
-            self.header(&r.header),
-            self.kvs(&r.kvs),
-            r.more,
-            r.count
-        )
+        format!("{} [{}] more {} count {}", self.header(&r.header), self.kvs(&r.kvs), r.more, r.count)
     }
 
     fn put_resp(&mut self, r: &pb::PutResponse) -> String {
-        format!(
-            "{} prev [{}]",
-            self.header(&r.header),
-            r.prev_kv.as_ref().map(|kv| self.kv(kv)).unwrap_or_default()
-        )
+        format!("{} prev [{}]", self.header(&r.header), r.prev_kv.as_ref().map(|kv| self.kv(kv)).unwrap_or_default())
     }
 
     fn delete_resp(&mut self, r: &pb::DeleteRangeResponse) -> String {
-        format!(
-            "{} deleted {} prev [{}]",
-            self.header(&r.header),
-            r.deleted,
-            self.kvs(&r.prev_kvs)
-        )
+        format!("{} deleted {} prev [{}]", self.header(&r.header), r.deleted, self.kvs(&r.prev_kvs))
     }
 
     fn txn_resp(&mut self, r: &pb::TxnResponse) -> String {
@@ -601,12 +513,7 @@ impl Side {
                 None => "none".into(),
             })
             .collect();
-        format!(
-            "{} succeeded {} [{}]",
-            self.header(&r.header),
-            r.succeeded,
-            inner.join("; ")
-        )
+        format!("{} succeeded {} [{}]", self.header(&r.header), r.succeeded, inner.join("; "))
     }
 
     /// Run one operation; its normalised answer.
@@ -645,14 +552,7 @@ impl Side {
             }
             Op::Compact { rev, physical } => {
                 let revision = self.rev(rev);
-                match self
-                    .kv
-                    .compact(pb::CompactionRequest {
-                        revision,
-                        physical: *physical,
-                    })
-                    .await
-                {
+                match self.kv.compact(pb::CompactionRequest { revision, physical: *physical }).await {
                     Ok(r) => {
                         self.compacted = revision;
                         self.compacted_to_zero |= revision == 0;
@@ -666,11 +566,7 @@ impl Side {
                     LeaseRef::Auto => 0,
                     fixed => self.lease_id(fixed),
                 };
-                match self
-                    .lease
-                    .lease_grant(pb::LeaseGrantRequest { ttl: *ttl, id })
-                    .await
-                {
+                match self.lease.lease_grant(pb::LeaseGrantRequest { ttl: *ttl, id }).await {
                     Ok(r) => {
                         let r = r.into_inner();
                         if id == 0 && r.error.is_empty() {
@@ -700,44 +596,26 @@ impl Side {
                 tx.send(pb::LeaseKeepAliveRequest { id }).await.unwrap();
                 let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
                 match self.lease.lease_keep_alive(stream).await {
-                    Ok(r) => {
-                        match tokio::time::timeout(Duration::from_secs(5), r.into_inner().message())
-                            .await
-                        {
-                            Ok(Ok(Some(r))) => format!(
-                                "{} id {} ttl {}",
-                                self.header(&r.header),
-                                self.lease_name(r.id),
-                                r.ttl
-                            ),
-                            Ok(Ok(None)) => "stream ended".into(),
-                            Ok(Err(s)) => status(s),
-                            Err(_) => "no answer within 5 s".into(),
+                    Ok(r) => match tokio::time::timeout(Duration::from_secs(5), r.into_inner().message()).await {
+                        Ok(Ok(Some(r))) => {
+                            format!("{} id {} ttl {}", self.header(&r.header), self.lease_name(r.id), r.ttl)
                         }
-                    }
+                        Ok(Ok(None)) => "stream ended".into(),
+                        Ok(Err(s)) => status(s),
+                        Err(_) => "no answer within 5 s".into(),
+                    },
                     Err(s) => status(s),
                 }
             }
             Op::TimeToLive { lease, keys } => {
                 let id = self.lease_id(lease);
-                match self
-                    .lease
-                    .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: *keys })
-                    .await
-                {
+                match self.lease.lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: *keys }).await {
                     Ok(r) => {
                         let r = r.into_inner();
                         // What is left of the TTL depends on the clock: only whether it is.
-                        let left = if r.ttl > 0 {
-                            "some".to_string()
-                        } else {
-                            r.ttl.to_string()
-                        };
-                        let keys: Vec<String> = r
-                            .keys
-                            .iter()
-                            .map(|k| String::from_utf8_lossy(k).into_owned())
-                            .collect();
+                        let left = if r.ttl > 0 { "some".to_string() } else { r.ttl.to_string() };
+                        let keys: Vec<String> =
+                            r.keys.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect();
                         format!(
                             "{} id {} ttl {left} granted {} keys {keys:?}",
                             self.header(&r.header),
@@ -751,21 +629,13 @@ impl Side {
             Op::Leases => match self.lease.lease_leases(pb::LeaseLeasesRequest {}).await {
                 Ok(r) => {
                     let r = r.into_inner();
-                    let mut ids: Vec<String> =
-                        r.leases.iter().map(|l| self.lease_name(l.id)).collect();
+                    let mut ids: Vec<String> = r.leases.iter().map(|l| self.lease_name(l.id)).collect();
                     ids.sort();
                     format!("{} {ids:?}", self.header(&r.header))
                 }
                 Err(s) => status(s),
             },
-            Op::Watch {
-                key,
-                end,
-                rev,
-                prev_kv,
-                no_put,
-                no_delete,
-            } => {
+            Op::Watch { key, end, rev, prev_kv, no_put, no_delete } => {
                 let mut filters = Vec::new();
                 if *no_put {
                     filters.push(pb::watch_create_request::FilterType::Noput as i32);
@@ -789,24 +659,19 @@ impl Side {
                 })
                 .await
                 .unwrap();
-                let mut stream = match self
-                    .watch
-                    .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await
-                {
+                let mut stream = match self.watch.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
                     Ok(s) => s.into_inner(),
                     Err(s) => return status(s),
                 };
                 // The answer to the create comes before the next request is sent, so a watch
                 // from "now" starts at the same point on both servers. Answers are compared as
                 // one list of lines, however a server splits them into messages.
-                let first =
-                    match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
-                        Ok(Ok(Some(r))) => watch_lines(&r, &self.auto_leases),
-                        Ok(Ok(None)) => vec!["stream ended".into()],
-                        Ok(Err(s)) => vec![status(s)],
-                        Err(_) => vec!["no answer within 5 s".into()],
-                    };
+                let first = match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+                    Ok(Ok(Some(r))) => watch_lines(&r, &self.auto_leases),
+                    Ok(Ok(None)) => vec!["stream ended".into()],
+                    Ok(Err(s)) => vec![status(s)],
+                    Err(_) => vec!["no answer within 5 s".into()],
+                };
                 // etcd brings a watcher from the past level in a loop that runs every 100 ms; a
                 // compaction before that cancels it. Let that loop run, so the outcome does not
                 // depend on timing.
@@ -825,10 +690,7 @@ impl Side {
     }
 
     fn watch_logs(&self) -> Vec<Vec<String>> {
-        self.watches
-            .iter()
-            .map(|(_, log)| log.lock().unwrap().clone())
-            .collect()
+        self.watches.iter().map(|(_, log)| log.lock().unwrap().clone()).collect()
     }
 }
 
@@ -859,26 +721,12 @@ fn watch_lines(r: &pb::WatchResponse, auto: &[i64]) -> Vec<String> {
         lines.push("created".to_string());
     }
     if r.canceled {
-        lines.push(format!(
-            "canceled, compact revision {}, reason {:?}",
-            r.compact_revision, r.cancel_reason
-        ));
+        lines.push(format!("canceled, compact revision {}, reason {:?}", r.compact_revision, r.cancel_reason));
     }
     for e in &r.events {
-        let kind = if e.r#type == mvccpb::event::EventType::Delete as i32 {
-            "DELETE"
-        } else {
-            "PUT"
-        };
-        let kv =
-            e.kv.as_ref()
-                .map(|kv| kv_line(kv, auto))
-                .unwrap_or_default();
-        let prev = e
-            .prev_kv
-            .as_ref()
-            .map(|kv| kv_line(kv, auto))
-            .unwrap_or_default();
+        let kind = if e.r#type == mvccpb::event::EventType::Delete as i32 { "DELETE" } else { "PUT" };
+        let kv = e.kv.as_ref().map(|kv| kv_line(kv, auto)).unwrap_or_default();
+        let prev = e.prev_kv.as_ref().map(|kv| kv_line(kv, auto)).unwrap_or_default();
         lines.push(format!("{kind} {kv} prev [{prev}]"));
     }
     lines
@@ -902,17 +750,14 @@ impl EtcdPool {
     const AHEAD: usize = 3;
 
     fn new() -> EtcdPool {
-        let mut pool = EtcdPool {
-            starting: Default::default(),
-        };
+        let mut pool = EtcdPool { starting: Default::default() };
         pool.fill();
         pool
     }
 
     fn fill(&mut self) {
         while self.starting.len() < Self::AHEAD {
-            self.starting
-                .push_back(std::thread::spawn(|| Etcd::start_with(&ETCD_FLAGS)));
+            self.starting.push_back(std::thread::spawn(|| Etcd::start_with(&ETCD_FLAGS)));
         }
     }
 
@@ -953,7 +798,10 @@ fn differ(
             }
             let (from_geo, from_etcd) = (g.run(op).await, e.run(op).await);
             if from_geo != from_etcd {
-                return Err(format!("operation {i} of {}: {op:?}\n  geolock: {from_geo}\n  etcd:    {from_etcd}", ops.len()));
+                return Err(format!(
+                    "operation {i} of {}: {op:?}\n  geolock: {from_geo}\n  etcd:    {from_etcd}",
+                    ops.len()
+                ));
             }
         }
         // Events of the last writes reach the watches: wait until nothing new comes for 300 ms.
@@ -968,7 +816,10 @@ fn differ(
         }
         for (i, (from_geo, from_etcd)) in g.watch_logs().into_iter().zip(e.watch_logs()).enumerate() {
             if from_geo != from_etcd {
-                return Err(format!("watch #{i} of {} operations saw\n  geolock: {from_geo:?}\n  etcd:    {from_etcd:?}", ops.len()));
+                return Err(format!(
+                    "watch #{i} of {} operations saw\n  geolock: {from_geo:?}\n  etcd:    {from_etcd:?}",
+                    ops.len()
+                ));
             }
         }
         Ok(())
@@ -979,10 +830,7 @@ fn differ(
 fn seeds() -> std::ops::Range<u64> {
     match std::env::var("GEOLOCK_DIFF_SEEDS") {
         Ok(s) => match s.split_once("..") {
-            Some((a, b)) => {
-                a.parse().expect("GEOLOCK_DIFF_SEEDS=A..B")
-                    ..b.parse().expect("GEOLOCK_DIFF_SEEDS=A..B")
-            }
+            Some((a, b)) => a.parse().expect("GEOLOCK_DIFF_SEEDS=A..B")..b.parse().expect("GEOLOCK_DIFF_SEEDS=A..B"),
             None => 1..s.parse::<u64>().expect("GEOLOCK_DIFF_SEEDS=N") + 1,
         },
         Err(_) => 1..SEEDS_IN_CI + 1,
@@ -1006,23 +854,19 @@ fn random_sequences_get_the_same_answers_from_geolock_and_etcd() {
             failure_persistence: None,
             ..Config::default()
         };
-        let mut runner =
-            TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
-        match runner.run(&sequence(), |ops| {
-            differ(&ops, &pool, &skipped).map_err(TestCaseError::fail)
-        }) {
+        let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+        match runner.run(&sequence(), |ops| differ(&ops, &pool, &skipped).map_err(TestCaseError::fail)) {
             Ok(()) => {}
             Err(TestError::Fail(why, ops)) => {
-                panic!("seed {seed}: geolock and etcd differ; shortest sequence found ({} operations):\n{ops:#?}\n{why}", ops.len())
+                panic!(
+                    "seed {seed}: geolock and etcd differ; shortest sequence found ({} operations):\n{ops:#?}\n{why}",
+                    ops.len()
+                )
             }
             Err(e) => panic!("seed {seed}: {e}"),
         }
     }
-    println!(
-        "{} seeds, {:.1} s",
-        seeds.end - seeds.start,
-        started.elapsed().as_secs_f64()
-    );
+    println!("{} seeds, {:.1} s", seeds.end - seeds.start, started.elapsed().as_secs_f64());
     for ((what, why), n) in INTENDED.iter().zip(*skipped.lock().unwrap()) {
         println!("not sent, {n} times: {what} ({why})");
     }

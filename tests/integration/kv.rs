@@ -39,7 +39,8 @@ pub fn mask_header(text: &str) -> String {
     out
 }
 
-const TXN_INPUT: &str = "mod(\"foo/a\") > \"0\"\nvalue(\"foo/b\") = \"2\"\n\nput txn/ok yes\nget foo/a\n\nput txn/failed yes\n\n";
+const TXN_INPUT: &str =
+    "mod(\"foo/a\") > \"0\"\nvalue(\"foo/b\") = \"2\"\n\nput txn/ok yes\nget foo/a\n\nput txn/failed yes\n\n";
 
 fn script() -> Vec<(Vec<&'static str>, Option<&'static str>)> {
     let c = |a: &[&'static str]| (a.to_vec(), None);

@@ -44,7 +44,11 @@ fn lease_session(endpoint: &str) -> Vec<String> {
     seen.push(mask(&etcdctl_ok(endpoint, &["lease", "timetolive", &id]), &id));
     let out = etcdctl(endpoint, &["put", "x", "y", "--lease", &id], None);
     let err = String::from_utf8_lossy(&out.stderr);
-    seen.push(format!("{} {}", out.status.code().unwrap_or(-1), err.lines().filter(|l| l.starts_with("Error")).collect::<String>()));
+    seen.push(format!(
+        "{} {}",
+        out.status.code().unwrap_or(-1),
+        err.lines().filter(|l| l.starts_with("Error")).collect::<String>()
+    ));
     seen
 }
 

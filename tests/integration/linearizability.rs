@@ -216,13 +216,16 @@ fn kv_history_under_leader_kills_is_linearizable() {
                     let call = now();
                     let (input, outcome) = if n % 2 == 0 {
                         let v = format!("{w}-{n}");
-                        let r = tokio::time::timeout(Duration::from_millis(500), conn.put(key.clone(), v.clone(), None)).await;
+                        let r =
+                            tokio::time::timeout(Duration::from_millis(500), conn.put(key.clone(), v.clone(), None))
+                                .await;
                         (Input::Put(v), r.ok().and_then(|r| r.ok()).map(|_| None))
                     } else {
                         let r = tokio::time::timeout(Duration::from_millis(500), conn.get(key.clone(), None)).await;
-                        let read = r.ok().and_then(|r| r.ok()).map(|g| {
-                            Some(g.kvs().first().map(|kv| kv.value_str().unwrap().to_string()))
-                        });
+                        let read = r
+                            .ok()
+                            .and_then(|r| r.ok())
+                            .map(|g| Some(g.kvs().first().map(|kv| kv.value_str().unwrap().to_string())));
                         (Input::Get, read)
                     };
                     let ret = outcome.as_ref().map(|_| now());

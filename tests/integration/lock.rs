@@ -180,7 +180,8 @@ fn etcdctl_lock_and_native_lock_exclude_each_other() {
     std::thread::sleep(Duration::from_secs(1));
     assert!(!acquired.load(Ordering::SeqCst), "native Lock got a lock etcdctl holds");
     e.terminate(Duration::from_secs(10));
-    let (mut c, key) = rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), native).await.unwrap().unwrap() });
+    let (mut c, key) =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), native).await.unwrap().unwrap() });
     assert!(acquired.load(Ordering::SeqCst));
 
     // The native caller holds; etcdctl waits until it unlocks.
@@ -301,7 +302,8 @@ fn lockctl_hands_out_the_keys_create_revision_as_the_token_from_geolock_and_from
         ]);
         let lines: Vec<&str> = out.lines().collect();
         let key = lines[0];
-        let token: i64 = lines[1].strip_prefix("fencing token ").and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{out}"));
+        let token: i64 =
+            lines[1].strip_prefix("fencing token ").and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{out}"));
         assert!(token > 0, "{endpoint}: token {token}");
         assert_eq!(lines[2], format!("env {token} {token}"), "{endpoint}: {out}");
         let json = crate::common::etcdctl_ok(&endpoint, &["get", key, &format!("--rev={token}"), "-w", "json"]);

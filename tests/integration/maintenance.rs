@@ -14,7 +14,10 @@ fn member_list_masked(endpoint: &str, peer_port: u16) -> String {
 fn member_list_reads_as_etcds() {
     let etcd = Etcd::start();
     let geo = GeoNode::start();
-    assert_eq!(member_list_masked(&geo.endpoint(), geo.peer_port), member_list_masked(&etcd.endpoint(), etcd.peer_port));
+    assert_eq!(
+        member_list_masked(&geo.endpoint(), geo.peer_port),
+        member_list_masked(&etcd.endpoint(), etcd.peer_port)
+    );
 }
 
 #[test]
@@ -43,7 +46,10 @@ fn endpoint_status_health_and_member_list() {
     let fields: Vec<&str> = members.trim().split(", ").collect();
     assert_eq!(fields.len(), 6, "{members}");
     assert_eq!(u64::from_str_radix(fields[0], 16).unwrap(), member);
-    assert_eq!(&fields[1..], &["started", "n1", &format!("http://127.0.0.1:{}", geo.peer_port), &format!("http://{ep}"), "false"]);
+    assert_eq!(
+        &fields[1..],
+        &["started", "n1", &format!("http://127.0.0.1:{}", geo.peer_port), &format!("http://{ep}"), "false"]
+    );
 
     rt().block_on(async {
         let mut c = client(&ep).await;
@@ -67,7 +73,8 @@ fn etcdctl_with_every_endpoint_form_gets_what_etcd_gives() {
     let geo = GeoNode::start();
     let etcd = Etcd::start();
     let id = |ep: &str| etcdctl_ok(ep, &["member", "list"]).split(", ").next().unwrap_or_default().to_string();
-    let servers = [(geo.endpoint(), geo.peer_port, id(&geo.endpoint())), (etcd.endpoint(), etcd.peer_port, id(&etcd.endpoint()))];
+    let servers =
+        [(geo.endpoint(), geo.peer_port, id(&geo.endpoint())), (etcd.endpoint(), etcd.peer_port, id(&etcd.endpoint()))];
     let commands: Vec<Vec<&str>> = vec![
         vec!["endpoint", "status"],
         vec!["endpoint", "status", "--cluster"],
@@ -100,7 +107,10 @@ fn etcdctl_with_every_endpoint_form_gets_what_etcd_gives() {
                         // etcdctl's client logs retries as JSON with times and a client ID.
                         .filter(|l| !l.starts_with("{\"level\""))
                         .map(|l| {
-                            let l = l.replace(id.as_str(), "ID").replace(&format!(":{peer}"), ":PEER").replace(&format!(":{port}"), ":CLIENT");
+                            let l = l
+                                .replace(id.as_str(), "ID")
+                                .replace(&format!(":{peer}"), ":PEER")
+                                .replace(&format!(":{port}"), ":CLIENT");
                             let l = match l.split_once("took = ") {
                                 Some((head, _)) => format!("{head}took = T"),
                                 None => l,
@@ -116,7 +126,12 @@ fn etcdctl_with_every_endpoint_form_gets_what_etcd_gives() {
                     lines.sort();
                     lines
                 };
-                format!("status {:?}, stdout {:?}, stderr {:?}", out.status.code(), mask(&out.stdout), mask(&out.stderr))
+                format!(
+                    "status {:?}, stdout {:?}, stderr {:?}",
+                    out.status.code(),
+                    mask(&out.stdout),
+                    mask(&out.stderr)
+                )
             };
             let [g, e] = [run(&servers[0]), run(&servers[1])];
             assert_eq!(g, e, "etcdctl --endpoints={form} {args:?}: geolock (left) and etcd (right) differ");
@@ -145,9 +160,18 @@ fn etcdctl_check_perf_runs_to_a_verdict() {
         let (out, ep) = run.join().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         // The verdict follows the progress bar on the same line at times: look for it anywhere.
-        let verdict: Vec<&str> = stdout.match_indices("PASS").chain(stdout.match_indices("FAIL")).map(|(at, _)| &stdout[at..]).map(|v| v.lines().next().unwrap_or_default()).collect();
+        let verdict: Vec<&str> = stdout
+            .match_indices("PASS")
+            .chain(stdout.match_indices("FAIL"))
+            .map(|(at, _)| &stdout[at..])
+            .map(|v| v.lines().next().unwrap_or_default())
+            .collect();
         println!("check perf against {ep}: {verdict:?}");
         assert!(stdout.contains("Throughput is"), "{ep}: {stdout} {}", String::from_utf8_lossy(&out.stderr));
-        assert!(!String::from_utf8_lossy(&out.stderr).contains("rpc error"), "{ep}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("rpc error"),
+            "{ep}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -89,7 +89,16 @@ fn a_member_added_after_the_log_was_purged_catches_up_by_snapshot_and_is_promote
 #[test]
 fn a_learner_that_has_not_caught_up_cannot_be_promoted() {
     let c = Cluster::start(3);
-    let out = lockctl(&["member", "add", "n4", "--peer-urls", "http://127.0.0.1:9", "--learner", "--endpoints", &c.endpoint(0)]);
+    let out = lockctl(&[
+        "member",
+        "add",
+        "n4",
+        "--peer-urls",
+        "http://127.0.0.1:9",
+        "--learner",
+        "--endpoints",
+        &c.endpoint(0),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // n4 was never started, so it holds nothing.
     let out = lockctl(&["member", "promote", "n4", "--endpoints", &c.endpoint(1)]);
@@ -116,7 +125,13 @@ fn leadership_moves_on_request_and_a_removed_leader_leaves_the_cluster_serving()
     let mut c = Cluster::start(3);
     let first = c.leader();
     let target = (first + 1) % 3;
-    let (out, _) = lockctl_ok(&["member", "transfer-leadership", &c.nodes[target].name.clone(), "--endpoints", &c.endpoint(first)]);
+    let (out, _) = lockctl_ok(&[
+        "member",
+        "transfer-leadership",
+        &c.nodes[target].name.clone(),
+        "--endpoints",
+        &c.endpoint(first),
+    ]);
     assert!(out.contains("Leadership transferred"), "{out}");
     assert_eq!(c.leader(), target);
 

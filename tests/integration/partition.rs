@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use geolock_proto::etcdserverpb as pb;
 use geolock_proto::v3lockpb as lpb;
-use geolock_testkit::topology::Role;
 use geolock_testkit::geo::{RegionLauncher, RegionRuntime};
+use geolock_testkit::topology::Role;
 
 use crate::common::{client, rt};
 use crate::geo::{two_two_one, Geo};
@@ -83,7 +83,8 @@ impl Fence {
                     let mut lines = tokio::io::BufReader::new(r).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
                         let mut parts = line.split(' ');
-                        let (resource, who) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                        let (resource, who) =
+                            (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
                         let token = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
                         let accepted = fence_write(&log, resource, who, token);
                         if w.write_all(if accepted { b"ok\n" } else { b"fenced\n" }).await.is_err() {
@@ -141,17 +142,37 @@ struct LockLoop {
 
 impl LockLoop {
     #[allow(clippy::too_many_arguments)]
-    fn start(launcher: RegionLauncher, endpoints: String, name: &str, ttl_s: u32, hold_s: f64, who: &str, fence: &Path, once: bool) -> LockLoop {
+    fn start(
+        launcher: RegionLauncher,
+        endpoints: String,
+        name: &str,
+        ttl_s: u32,
+        hold_s: f64,
+        who: &str,
+        fence: &Path,
+        once: bool,
+    ) -> LockLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let attempts: Arc<Mutex<Vec<Attempt>>> = Arc::default();
-        let (stop2, attempts2, name, who, fence) = (stop.clone(), attempts.clone(), name.to_string(), who.to_string(), fence.to_path_buf());
+        let (stop2, attempts2, name, who, fence) =
+            (stop.clone(), attempts.clone(), name.to_string(), who.to_string(), fence.to_path_buf());
         let thread = std::thread::spawn(move || {
             let mut n = 0;
             while !stop2.load(Ordering::Relaxed) {
                 n += 1;
                 let tag = format!("{who}#{n}");
                 let mut cmd = launcher.command(env!("CARGO_BIN_EXE_lockctl"));
-                cmd.args(["lock", "--endpoints", &endpoints, "--ttl", &ttl_s.to_string(), &name, "python3", "-c", WRITER]);
+                cmd.args([
+                    "lock",
+                    "--endpoints",
+                    &endpoints,
+                    "--ttl",
+                    &ttl_s.to_string(),
+                    &name,
+                    "python3",
+                    "-c",
+                    WRITER,
+                ]);
                 cmd.arg(&fence).arg(&name).arg(&tag).arg(hold_s.to_string());
                 cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
                 let mut child = cmd.spawn().expect("spawn lockctl lock");
@@ -236,7 +257,11 @@ fn check_locks(attempts: &[Attempt], fence: &Fence, other_grants: &[i64]) -> usi
     // A stale write made on purpose (the spec's T36) is rejected; no holder run by lockctl
     // ever is: had one been, two clients would have held the lock at once.
     for w in writes.iter().filter(|w| !w.who.starts_with("stale")) {
-        assert!(w.accepted, "{} wrote with token {} after a newer holder had: two holders\n{attempts:#?}", w.who, w.token);
+        assert!(
+            w.accepted,
+            "{} wrote with token {} after a newer holder had: two holders\n{attempts:#?}",
+            w.who, w.token
+        );
         assert!(distinct.contains(&w.token), "{} wrote with token {}, which no grant handed out", w.who, w.token);
     }
     // Strictly increasing: in each resource's order, each holder's writes form one block, and
@@ -261,14 +286,24 @@ struct StatusSample {
 }
 
 /// Poll every voter and witness of each region from inside that region, every 100 ms.
-fn watch_leaders(g: &Geo, regions: &BTreeMap<String, RegionRuntime>, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<StatusSample>>> {
+fn watch_leaders(
+    g: &Geo,
+    regions: &BTreeMap<String, RegionRuntime>,
+    stop: Arc<AtomicBool>,
+) -> Arc<Mutex<Vec<StatusSample>>> {
     let samples: Arc<Mutex<Vec<StatusSample>>> = Arc::default();
     for n in g.c.nodes.iter().filter(|n| n.role != Role::Learner) {
         let (name, endpoint, samples, stop) = (n.name.clone(), n.endpoint(), samples.clone(), stop.clone());
         regions[&n.region].spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), geolock_testkit::geo::status(&endpoint)).await {
-                    samples.lock().unwrap().push(StatusSample { at: Instant::now(), member: name.clone(), leader: s.leader });
+                if let Ok(Ok(s)) =
+                    tokio::time::timeout(Duration::from_millis(500), geolock_testkit::geo::status(&endpoint)).await
+                {
+                    samples.lock().unwrap().push(StatusSample {
+                        at: Instant::now(),
+                        member: name.clone(),
+                        leader: s.leader,
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -357,11 +392,18 @@ impl KeepAlives {
 }
 
 /// Puts in a loop through `endpoint`, the acknowledged keys recorded.
-fn writer(on: &tokio::runtime::Handle, endpoint: String, prefix: String, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<String>>> {
+fn writer(
+    on: &tokio::runtime::Handle,
+    endpoint: String,
+    prefix: String,
+    stop: Arc<AtomicBool>,
+) -> Arc<Mutex<Vec<String>>> {
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let a2 = acked.clone();
     on.spawn(async move {
-        let opts = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(3));
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(3));
         let Ok(mut c) = etcd_client::Client::connect([endpoint], Some(opts)).await else { return };
         let mut i = 0;
         while !stop.load(Ordering::Relaxed) {
@@ -419,7 +461,16 @@ impl Setup {
     }
 
     fn lock_loop(&self, region: &str, endpoints: String, name: &str, ttl_s: u32, hold_s: f64, who: &str) -> LockLoop {
-        LockLoop::start(self.g.c.launcher_in(region).unwrap(), endpoints, name, ttl_s, hold_s, who, &self.fence.path, false)
+        LockLoop::start(
+            self.g.c.launcher_in(region).unwrap(),
+            endpoints,
+            name,
+            ttl_s,
+            hold_s,
+            who,
+            &self.fence.path,
+            false,
+        )
     }
 
     fn keep_alives(&self, region: &str, endpoint: String, ttl: i64) -> KeepAlives {
@@ -457,7 +508,9 @@ impl Setup {
     fn leadership_log(&self) -> String {
         let mut out = String::new();
         for n in &self.g.c.nodes {
-            for l in self.g.c.log(&n.name).lines().filter(|l| l.contains("stepping down") || l.contains("acknowledges this leader") || l.contains("leader")) {
+            for l in self.g.c.log(&n.name).lines().filter(|l| {
+                l.contains("stepping down") || l.contains("acknowledges this leader") || l.contains("leader")
+            }) {
                 out.push_str(&format!("{}: {l}\n", n.name));
             }
         }
@@ -529,7 +582,10 @@ impl Setup {
         if let Some(cut) = cut {
             for (m, k) in &o.minority {
                 let until = k.acknowledged_until(cut);
-                assert!(until <= et + Duration::from_millis(500), "{m} acknowledged keep-alives {until:?} after the cut");
+                assert!(
+                    until <= et + Duration::from_millis(500),
+                    "{m} acknowledged keep-alives {until:?} after the cut"
+                );
                 keepalives.push((m.clone(), until));
             }
         }
@@ -562,14 +618,19 @@ fn a_leader_cut_off_in_a_minority_region_stops_answering_for_the_cluster() {
     s.stop.store(true, Ordering::Relaxed);
     let attempts: Vec<Attempt> = sides.into_iter().flat_map(LockLoop::finish).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
-    assert_eq!(granted_between(&attempts, "east", cut, healed), 0, "a client on the cut-off side was granted the lock: {attempts:#?}");
+    assert_eq!(
+        granted_between(&attempts, "east", cut, healed),
+        0,
+        "a client on the cut-off side was granted the lock: {attempts:#?}"
+    );
     assert!(
         granted_between(&attempts, "west", cut, healed) > 0,
         "the majority granted no lock while us-east was cut off: {attempts:#?}\n{}",
         s.leadership_log()
     );
     let figures = s.check(&o, Some(cut));
-    let elected = new_leader_at(&o.leaders.lock().unwrap(), cut, old).expect("no new leader elected").duration_since(cut);
+    let elected =
+        new_leader_at(&o.leaders.lock().unwrap(), cut, old).expect("no new leader elected").duration_since(cut);
     assert_ne!(s.leader_id(), old, "the cut-off leader still leads after the heal");
     eprintln!(
         "scenario 1 (the leader's region cut off): new leader named {elected:?} after the cut; {figures}; {grants} lock grants \
@@ -593,9 +654,17 @@ fn a_follower_region_cut_off_leaves_the_majority_working_and_catches_up() {
     s.stop.store(true, Ordering::Relaxed);
     let attempts: Vec<Attempt> = sides.into_iter().flat_map(LockLoop::finish).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
-    assert_eq!(granted_between(&attempts, "west", cut, healed), 0, "the cut-off side was granted the lock: {attempts:#?}");
+    assert_eq!(
+        granted_between(&attempts, "west", cut, healed),
+        0,
+        "the cut-off side was granted the lock: {attempts:#?}"
+    );
     let during = granted_between(&attempts, "east", cut, healed);
-    assert!(during > 0, "the majority granted no lock while us-west was cut off: {attempts:#?}\n{}", s.leadership_log());
+    assert!(
+        during > 0,
+        "the majority granted no lock while us-west was cut off: {attempts:#?}\n{}",
+        s.leadership_log()
+    );
     let majority = east_keepalives.acknowledged_until(cut);
     assert!(majority >= Duration::from_secs(14), "the majority side's keep-alives stopped {majority:?} after the cut");
     let figures = s.check(&o, Some(cut));
@@ -603,12 +672,19 @@ fn a_follower_region_cut_off_leaves_the_majority_working_and_catches_up() {
     // us-west catches up: its voters reach the leader's revision.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let rev = |n: &str| s.rt.block_on(geolock_testkit::geo::status(&s.g.c.node(n).endpoint())).map(|r| r.header.unwrap().revision).unwrap_or(0);
+        let rev = |n: &str| {
+            s.rt.block_on(geolock_testkit::geo::status(&s.g.c.node(n).endpoint()))
+                .map(|r| r.header.unwrap().revision)
+                .unwrap_or(0)
+        };
         let (lead, west) = (rev("node-1"), rev("node-3"));
         if west >= lead && lead > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "node-3 at revision {west} has not caught up with {lead} 20 s after the heal");
+        assert!(
+            Instant::now() < deadline,
+            "node-3 at revision {west} has not caught up with {lead} 20 s after the heal"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!(
@@ -636,26 +712,49 @@ fn with_no_majority_anywhere_nobody_answers_for_the_cluster_and_leases_outlive_t
     // Every lease outlived the cut, and its keep-alives go on.
     for (m, k) in &o.minority {
         let until = k.acknowledged_until(cut);
-        assert!(until >= Duration::from_secs(13), "via {m}: lease {:x} lost: keep-alives acknowledged only until {until:?}", k.id());
-        let ttl = s.rt.block_on(async { client(&s.voter("us-east")).await.lease_time_to_live(k.id(), None).await.unwrap().ttl() });
+        assert!(
+            until >= Duration::from_secs(13),
+            "via {m}: lease {:x} lost: keep-alives acknowledged only until {until:?}",
+            k.id()
+        );
+        let ttl = s.rt.block_on(async {
+            client(&s.voter("us-east")).await.lease_time_to_live(k.id(), None).await.unwrap().ttl()
+        });
         assert!(ttl > 0, "via {m}: lease {:x} revoked after the heal (TTL {ttl})", k.id());
     }
     s.stop.store(true, Ordering::Relaxed);
     let attempts: Vec<Attempt> = sides.into_iter().flat_map(LockLoop::finish).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
-    assert_eq!(granted_between(&attempts, "", cut, healed), 0, "a lock was granted while no side had a majority: {attempts:#?}");
+    assert_eq!(
+        granted_between(&attempts, "", cut, healed),
+        0,
+        "a lock was granted while no side had a majority: {attempts:#?}"
+    );
     // The old leader stops naming itself half an election timeout after its last quorum, its
     // followers an election timeout after its last heartbeat sent with a quorum.
     let samples = o.leaders.lock().unwrap().clone();
     let quiet_from = cut + et * 3 / 2 + Duration::from_millis(500);
-    let named: Vec<&StatusSample> = samples.iter().filter(|x| x.at > quiet_from && x.at < healed && x.leader != 0).collect();
+    let named: Vec<&StatusSample> =
+        samples.iter().filter(|x| x.at > quiet_from && x.at < healed && x.leader != 0).collect();
     assert!(named.is_empty(), "a leader was named while no side had a majority: {:?}", &named[..named.len().min(5)]);
-    let last_named = samples.iter().filter(|x| x.at > cut && x.at < healed && x.leader != 0).map(|x| x.at.duration_since(cut)).max();
+    let last_named =
+        samples.iter().filter(|x| x.at > cut && x.at < healed && x.leader != 0).map(|x| x.at.duration_since(cut)).max();
     // Only keep-alives sent before the heal are held to the cut's deadline.
     let during: Vec<(String, Duration)> = o
         .minority
         .iter()
-        .map(|(m, k)| (m.clone(), k.acks.lock().unwrap().iter().filter(|t| **t > cut && **t < healed).max().map_or(Duration::ZERO, |t| t.duration_since(cut))))
+        .map(|(m, k)| {
+            (
+                m.clone(),
+                k.acks
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|t| **t > cut && **t < healed)
+                    .max()
+                    .map_or(Duration::ZERO, |t| t.duration_since(cut)),
+            )
+        })
         .collect();
     for (m, until) in &during {
         assert!(*until <= et + Duration::from_millis(500), "via {m}: keep-alives acknowledged {until:?} after the cut");
@@ -698,31 +797,58 @@ fn the_specs_lease_expiry_timeline_tells_the_cut_off_holder_and_fences_it() {
     let mut s = Setup::start("node-3");
     let ttl = 5u32;
     // T0: A takes the lock from us-east, to hold it as long as it can.
-    let a = LockLoop::start(s.g.c.launcher_in("us-east").unwrap(), s.data_endpoints("us-east"), "timeline", ttl, 300.0, "A", &s.fence.path, true);
+    let a = LockLoop::start(
+        s.g.c.launcher_in("us-east").unwrap(),
+        s.data_endpoints("us-east"),
+        "timeline",
+        ttl,
+        300.0,
+        "A",
+        &s.fence.path,
+        true,
+    );
     let token_a = wait_holding(&s.fence, "A", Duration::from_secs(30));
     let o = s.observe(&["node-1", "node-2"], &["node-1", "node-3"]);
     s.sleep(Duration::from_secs(2));
     // T5: the partition isolates A's region; B, in the leader's region, asks for the lock.
     let cut = Instant::now();
     s.g.c.partition("us-east").unwrap();
-    let b = LockLoop::start(s.g.c.launcher_in("us-west").unwrap(), s.data_endpoints("us-west"), "timeline", ttl, 2.0, "B", &s.fence.path, true);
+    let b = LockLoop::start(
+        s.g.c.launcher_in("us-west").unwrap(),
+        s.data_endpoints("us-west"),
+        "timeline",
+        ttl,
+        2.0,
+        "B",
+        &s.fence.path,
+        true,
+    );
     let token_b = wait_holding(&s.fence, "B", Duration::from_secs(30));
     let b_at = first_write(&s.fence, "B").unwrap();
     // T35: the partition heals; T36: A uses its old token, and the resource rejects it.
     s.sleep(Duration::from_secs(3));
     s.g.c.heal("us-east").unwrap();
     s.sleep(Duration::from_secs(2));
-    assert!(!s.fence.write("timeline", "stale-A", token_a), "the resource accepted A's token {token_a} after B's {token_b}");
+    assert!(
+        !s.fence.write("timeline", "stale-A", token_a),
+        "the resource accepted A's token {token_a} after B's {token_b}"
+    );
     let b_attempts = b.finish();
     let a_attempts = a.finish();
     let a_told = a_attempts[0].ended;
-    assert!(a_attempts[0].lost_lease() && a_attempts[0].code != Some(0), "A's lockctl did not report the lost lock: {a_attempts:?}");
+    assert!(
+        a_attempts[0].lost_lease() && a_attempts[0].code != Some(0),
+        "A's lockctl did not report the lost lock: {a_attempts:?}"
+    );
     let a_last = last_write(&s.fence, "A").unwrap();
     assert!(a_last < b_at, "A wrote {:?} after B's first write", a_last.duration_since(b_at));
     assert!(token_b > token_a, "B's token {token_b} is not greater than A's {token_a}");
     assert_eq!(b_attempts[0].code, Some(0), "B: {b_attempts:?}");
     let told = a_told.duration_since(cut);
-    assert!(told <= Duration::from_secs(ttl as u64) + Duration::from_millis(1500), "A was told only {told:?} after the cut");
+    assert!(
+        told <= Duration::from_secs(ttl as u64) + Duration::from_millis(1500),
+        "A was told only {told:?} after the cut"
+    );
     let attempts: Vec<Attempt> = a_attempts.into_iter().chain(b_attempts).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
     s.stop.store(true, Ordering::Relaxed);
@@ -738,10 +864,22 @@ fn the_specs_lease_expiry_timeline_tells_the_cut_off_holder_and_fences_it() {
 
 /// A Lock request through `endpoint` with a fresh lease of `ttl_s` that nobody keeps alive
 /// unless `keep_alive_via` names a member; returns the lease and the outcome.
-async fn raw_lock(endpoint: String, name: &str, ttl_s: i64, keep_alive_via: Option<String>) -> (i64, Result<lpb::LockResponse, tonic::Status>) {
-    let channel = |ep: String| async move { tonic::transport::Channel::from_shared(format!("http://{ep}")).unwrap().connect().await.unwrap() };
+async fn raw_lock(
+    endpoint: String,
+    name: &str,
+    ttl_s: i64,
+    keep_alive_via: Option<String>,
+) -> (i64, Result<lpb::LockResponse, tonic::Status>) {
+    let channel = |ep: String| async move {
+        tonic::transport::Channel::from_shared(format!("http://{ep}")).unwrap().connect().await.unwrap()
+    };
     let ch = channel(endpoint).await;
-    let lease = pb::lease_client::LeaseClient::new(ch.clone()).lease_grant(pb::LeaseGrantRequest { ttl: ttl_s, id: 0 }).await.unwrap().into_inner().id;
+    let lease = pb::lease_client::LeaseClient::new(ch.clone())
+        .lease_grant(pb::LeaseGrantRequest { ttl: ttl_s, id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
     if let Some(via) = keep_alive_via {
         tokio::spawn(async move {
             let mut c = client(&via).await;
@@ -755,7 +893,8 @@ async fn raw_lock(endpoint: String, name: &str, ttl_s: i64, keep_alive_via: Opti
             }
         });
     }
-    let r = lpb::lock_client::LockClient::new(ch).lock(lpb::LockRequest { name: name.as_bytes().to_vec(), lease }).await;
+    let r =
+        lpb::lock_client::LockClient::new(ch).lock(lpb::LockRequest { name: name.as_bytes().to_vec(), lease }).await;
     (lease, r.map(|r| r.into_inner()))
 }
 
@@ -772,8 +911,17 @@ fn check_grant(rt: &tokio::runtime::Runtime, endpoint: &str, name: &str, r: &lpb
         let opts = etcd_client::GetOptions::new().with_prefix().with_revision(at);
         c.get(prefix.as_str(), Some(opts)).await.unwrap()
     });
-    let oldest = held.kvs().iter().min_by_key(|kv| kv.create_revision()).unwrap_or_else(|| panic!("{name}: no key at revision {at}"));
-    assert_eq!(oldest.key(), &r.key[..], "{name}: at revision {at} the holder is {:?}, not the granted key", oldest.key_str());
+    let oldest = held
+        .kvs()
+        .iter()
+        .min_by_key(|kv| kv.create_revision())
+        .unwrap_or_else(|| panic!("{name}: no key at revision {at}"));
+    assert_eq!(
+        oldest.key(),
+        &r.key[..],
+        "{name}: at revision {at} the holder is {:?}, not the granted key",
+        oldest.key_str()
+    );
     assert_eq!(oldest.create_revision(), token, "{name}: the granted key's create revision is not its token");
     token
 }
@@ -786,7 +934,16 @@ fn check_grant(rt: &tokio::runtime::Runtime, endpoint: &str, name: &str, r: &lpb
 #[test]
 fn a_waiter_cut_off_past_its_lease_is_not_granted_when_the_partition_heals() {
     let mut s = Setup::start("node-3");
-    let h = LockLoop::start(s.g.c.launcher_in("us-west").unwrap(), s.data_endpoints("us-west"), "w", 10, 5.0, "H", &s.fence.path, true);
+    let h = LockLoop::start(
+        s.g.c.launcher_in("us-west").unwrap(),
+        s.data_endpoints("us-west"),
+        "w",
+        10,
+        5.0,
+        "H",
+        &s.fence.path,
+        true,
+    );
     let token_h = wait_holding(&s.fence, "H", Duration::from_secs(30));
     let held_at = first_write(&s.fence, "H").unwrap();
     let o = s.observe(&["node-1", "node-2"], &["node-2", "node-4"]);
@@ -794,11 +951,28 @@ fn a_waiter_cut_off_past_its_lease_is_not_granted_when_the_partition_heals() {
     let waiter = s.regions["us-east"].spawn(async move { raw_lock(node1, "w", 8, None).await });
     // Its key queued behind H's, Q queues behind it from us-west.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while s.rt.block_on(async { client(&s.voter("us-west")).await.get("w/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only())).await.unwrap().count() }) < 2 {
+    while s.rt.block_on(async {
+        client(&s.voter("us-west"))
+            .await
+            .get("w/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+            .await
+            .unwrap()
+            .count()
+    }) < 2
+    {
         assert!(Instant::now() < deadline, "the waiter's key never appeared");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let q = LockLoop::start(s.g.c.launcher_in("us-west").unwrap(), s.data_endpoints("us-west"), "w", 10, 1.0, "Q", &s.fence.path, true);
+    let q = LockLoop::start(
+        s.g.c.launcher_in("us-west").unwrap(),
+        s.data_endpoints("us-west"),
+        "w",
+        10,
+        1.0,
+        "Q",
+        &s.fence.path,
+        true,
+    );
     s.sleep(Duration::from_millis(500));
     let cut = Instant::now();
     s.g.c.partition("us-east").unwrap();
@@ -818,7 +992,11 @@ fn a_waiter_cut_off_past_its_lease_is_not_granted_when_the_partition_heals() {
     let q_attempts = q.finish();
     let h_attempts = h.finish();
     match &outcome {
-        Ok(r) => panic!("the waiter with lease {lease:x}, gone since the cut, was granted {:?} with token {}", String::from_utf8_lossy(&r.key), r.geolock_fencing_token),
+        Ok(r) => panic!(
+            "the waiter with lease {lease:x}, gone since the cut, was granted {:?} with token {}",
+            String::from_utf8_lossy(&r.key),
+            r.geolock_fencing_token
+        ),
         Err(status) => assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}"),
     }
     assert!(token_q > token_h);
@@ -853,7 +1031,8 @@ fn a_follower_catching_up_grants_queued_locks_only_as_the_cluster_committed_them
     // their keys queued in.
     let waiters: Vec<_> = (0..4)
         .map(|k| {
-            let (node2, via, keep) = (node2.clone(), via.clone(), (k % 2 == 0).then(|| s.g.c.node("node-1").endpoint()));
+            let (node2, via, keep) =
+                (node2.clone(), via.clone(), (k % 2 == 0).then(|| s.g.c.node("node-1").endpoint()));
             let log = s.fence.writes.clone();
             s.rt.spawn(async move {
                 let (lease, outcome) = raw_lock(node2, "q", 6, keep.clone()).await;
@@ -869,7 +1048,15 @@ fn a_follower_catching_up_grants_queued_locks_only_as_the_cluster_committed_them
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(4);
-    while s.rt.block_on(async { client(&via).await.get("q/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only())).await.unwrap().count() }) < 5 {
+    while s.rt.block_on(async {
+        client(&via)
+            .await
+            .get("q/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only()))
+            .await
+            .unwrap()
+            .count()
+    }) < 5
+    {
         assert!(Instant::now() < deadline, "the waiters' keys did not all queue within 4 s");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -881,7 +1068,9 @@ fn a_follower_catching_up_grants_queued_locks_only_as_the_cluster_committed_them
     let mut report = Vec::new();
     for w in waiters {
         let (k, kept, lease, outcome) =
-            s.rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), w).await }).expect("a waiter never answered").unwrap();
+            s.rt.block_on(async { tokio::time::timeout(Duration::from_secs(60), w).await })
+                .expect("a waiter never answered")
+                .unwrap();
         match outcome {
             Ok(r) => {
                 assert!(kept, "waiter {k}, whose lease {lease:x} ended while node-2 was cut off, was granted");
@@ -943,14 +1132,17 @@ fn holders_keep_their_locks_and_leases_through_leader_changes() {
     s.g.lead_from(&s.rt, "node-1");
     changes += 1;
     assert!(started.elapsed() < Duration::from_secs(hold as u64 - 4), "the leader changes outlasted the holds");
-    let holder_attempts: Vec<Attempt> = holders.into_iter().flat_map(|h| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while h.attempts.lock().unwrap().is_empty() {
-            assert!(Instant::now() < deadline, "a holder never finished");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        h.finish()
-    }).collect();
+    let holder_attempts: Vec<Attempt> = holders
+        .into_iter()
+        .flat_map(|h| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while h.attempts.lock().unwrap().is_empty() {
+                assert!(Instant::now() < deadline, "a holder never finished");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            h.finish()
+        })
+        .collect();
     for a in &holder_attempts {
         assert_eq!(a.code, Some(0), "{} lost its lock through the leader changes: {}", a.who, a.stderr);
     }
@@ -959,7 +1151,8 @@ fn holders_keep_their_locks_and_leases_through_leader_changes() {
     for w in ["W1", "W2"] {
         wait_holding(&s.fence, w, Duration::from_secs(30));
     }
-    let attempts: Vec<Attempt> = holder_attempts.into_iter().chain(waiters.into_iter().flat_map(LockLoop::finish)).collect();
+    let attempts: Vec<Attempt> =
+        holder_attempts.into_iter().chain(waiters.into_iter().flat_map(LockLoop::finish)).collect();
     let grants = check_locks(&attempts, &s.fence, &[]);
     s.stop.store(true, Ordering::Relaxed);
     let figures = s.check(&o, None);

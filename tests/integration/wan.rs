@@ -60,7 +60,9 @@ fn a_commit_waits_for_the_nearest_majority_round_trip() {
     });
     latencies_ms.sort_by(f64::total_cmp);
     let p50 = latencies_ms[latencies_ms.len() / 2];
-    eprintln!("put p50 {p50:.1} ms across the emulated WAN (nearest majority round trip 60 ms); all: {latencies_ms:.0?}");
+    eprintln!(
+        "put p50 {p50:.1} ms across the emulated WAN (nearest majority round trip 60 ms); all: {latencies_ms:.0?}"
+    );
     assert!(p50 >= 60.0, "p50 {p50:.1} ms is under the 60 ms round trip: the relay did not delay");
     assert!(p50 < 95.0, "p50 {p50:.1} ms: the commit waited for the 100 ms round trip to europe");
 }

@@ -88,7 +88,12 @@ async fn events_from(c: &mut etcd_client::Client, prefix: &str, from: i64) -> Ve
         assert!(!resp.canceled(), "watch from {from} canceled: {}", resp.cancel_reason());
         for e in resp.events() {
             let kv = e.kv().unwrap();
-            seen.push((e.event_type() as i32, kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string(), kv.mod_revision()));
+            seen.push((
+                e.event_type() as i32,
+                kv.key_str().unwrap().to_string(),
+                kv.value_str().unwrap().to_string(),
+                kv.mod_revision(),
+            ));
         }
     }
     seen
@@ -122,7 +127,11 @@ fn a_watch_from_exactly_the_compact_revision_sees_what_etcd_sees() {
             let events = events_from(&mut c, "c/", r).await;
             let opts = etcd_client::GetOptions::new().with_prefix().with_revision(r);
             let read = c.get("c/", Some(opts)).await.unwrap();
-            seen.push((r, events, read.kvs().iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.mod_revision())).collect()));
+            seen.push((
+                r,
+                events,
+                read.kvs().iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.mod_revision())).collect(),
+            ));
         }
         seen
     };

@@ -71,7 +71,12 @@ pub fn range_in(r: pb::RangeRequest) -> Result<kv::RangeRequest, ApiError> {
 }
 
 pub fn range_out(r: kv::RangeResponse, header: pb::ResponseHeader) -> pb::RangeResponse {
-    pb::RangeResponse { header: Some(header), kvs: r.kvs.into_iter().map(kv_out).collect(), more: r.more, count: r.count }
+    pb::RangeResponse {
+        header: Some(header),
+        kvs: r.kvs.into_iter().map(kv_out).collect(),
+        more: r.more,
+        count: r.count,
+    }
 }
 
 pub fn put_in(p: pb::PutRequest) -> kv::PutRequest {
@@ -94,7 +99,11 @@ pub fn delete_in(d: pb::DeleteRangeRequest) -> kv::DeleteRangeRequest {
 }
 
 pub fn delete_out(d: kv::DeleteRangeResponse, header: pb::ResponseHeader) -> pb::DeleteRangeResponse {
-    pb::DeleteRangeResponse { header: Some(header), deleted: d.deleted, prev_kvs: d.prev_kvs.into_iter().map(kv_out).collect() }
+    pb::DeleteRangeResponse {
+        header: Some(header),
+        deleted: d.deleted,
+        prev_kvs: d.prev_kvs.into_iter().map(kv_out).collect(),
+    }
 }
 
 /// A Txn guard with etcd's meaning for every value the wire can carry: a union field that does

@@ -7,10 +7,10 @@
 
 use tonic::{Code, Status};
 
+use crate::raft::{MemberError, NodeError};
 use geolock_core::kv::KvError;
 use geolock_core::lease::LeaseError;
 use geolock_core::machine::ApplyError;
-use crate::raft::{MemberError, NodeError};
 
 /// Anything a client request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,15 @@ pub enum ApiError {
     ElectionNotLeader,
     #[error("election: no leader")]
     ElectionNoLeader,
+    /// A watch stream's queue overflowed with replies the client did not read.
+    #[error("etcdserver: watch stream queue full (watch_stream_queue_max {max})")]
+    WatchQueueFull { max: usize },
+    /// The state machine answered a command with a result of another kind: a bug.
+    #[error("geolock: unexpected apply result {got}")]
+    UnexpectedApply { got: String },
+    /// A Txn that found the lock key already created did not read it back: a bug.
+    #[error("geolock: lock key {key} vanished during its creation")]
+    LockKeyVanished { key: String },
 }
 
 impl From<ApplyError> for ApiError {
@@ -129,7 +138,7 @@ impl From<ApiError> for Status {
                 // etcd has no gRPC status for it: its table leaves it Unknown.
                 NodeError::Member(MemberError::TransferTimeout { .. }) => Code::Unknown,
                 NodeError::Member(_) => Code::FailedPrecondition,
-                NodeError::Storage(_) | NodeError::Internal(_) => Code::Internal,
+                NodeError::Membership(_) | NodeError::Remote(_) => Code::Internal,
             },
             ApiError::RequestTooLarge { .. } | ApiError::InvalidArgument(_) | ApiError::InvalidSortOption => {
                 Code::InvalidArgument
@@ -137,6 +146,8 @@ impl From<ApiError> for Status {
             ApiError::Unimplemented(_) => Code::Unimplemented,
             ApiError::ParentNotHeld { .. } | ApiError::ElectionNotLeader => Code::FailedPrecondition,
             ApiError::LockLost { .. } | ApiError::ElectionNoLeader => Code::NotFound,
+            ApiError::WatchQueueFull { .. } => Code::ResourceExhausted,
+            ApiError::UnexpectedApply { .. } | ApiError::LockKeyVanished { .. } => Code::Internal,
         };
         let detail = e.to_string();
         match etcd_text(&e) {
@@ -159,7 +170,10 @@ mod tests {
     #[test]
     fn statuses_carry_etcds_codes_and_messages() {
         let s: Status = ApiError::Kv(KvError::Compacted { requested: 2, compact_revision: 5 }).into();
-        assert_eq!((s.code(), s.message()), (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted")
+        );
         let s: Status = ApiError::Node(NodeError::Apply(ApplyError::Lease(LeaseError::NotFound { lease: 1 }))).into();
         assert_eq!((s.code(), s.message()), (Code::NotFound, "etcdserver: requested lease not found"));
         // etcd's text alone in the message; the limit in the metadata.
@@ -168,10 +182,18 @@ mod tests {
         assert!(s.metadata().get(DETAIL_METADATA).unwrap().to_str().unwrap().contains("txn_ops_max 128"));
         let s: Status = ApiError::Node(NodeError::TooManyProposals { max: 4 }).into();
         assert_eq!((s.code(), s.message()), (Code::ResourceExhausted, "etcdserver: too many requests"));
-        let s: Status = ApiError::Node(NodeError::Peer("connection refused".into())).into();
-        assert_eq!((s.code(), s.message()), (Code::Unavailable, "etcdserver: request timed out, possibly due to connection lost"));
+        let s: Status =
+            ApiError::Node(NodeError::Peer(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into())).into();
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unavailable, "etcdserver: request timed out, possibly due to connection lost")
+        );
         assert!(s.metadata().get(DETAIL_METADATA).unwrap().to_str().unwrap().contains("connection refused"));
-        let s: Status = ApiError::Node(NodeError::Member(MemberError::TransferTimeout { to: 2, waited_ms: 5000 })).into();
-        assert_eq!((s.code(), s.message()), (Code::Unknown, "etcdserver: request timed out, leader transfer took too long"));
+        let s: Status =
+            ApiError::Node(NodeError::Member(MemberError::TransferTimeout { to: 2, waited_ms: 5000 })).into();
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::Unknown, "etcdserver: request timed out, leader transfer took too long")
+        );
     }
 }

@@ -10,10 +10,10 @@ use tonic::{Request, Response, Status};
 use super::proto::v3electionpb as epb;
 use super::proto::v3lockpb as lpb;
 use super::{convert, Api, ApiError, Stream_};
+use crate::raft::LockWake;
 use geolock_core::kv::{self, Compare, CompareResult, CompareTarget, RequestOp, ResponseOp};
 use geolock_core::lock::{self, prefix_end, prefix_of};
 use geolock_core::machine::{Command, Response as Done};
-use crate::raft::LockWake;
 use geolock_core::watch::{Reply, WatchSpec};
 
 fn created_at(key: &[u8], rev: i64) -> Compare {
@@ -35,9 +35,9 @@ impl Api {
                 Some(ResponseOp::Range(kv::RangeResponse { kvs, .. })) if !kvs.is_empty() => {
                     Ok((kvs[0].create_revision, Some(kvs[0].value.clone())))
                 }
-                other => Err(ApiError::InvalidArgument(format!("lock key vanished during its creation: {other:?}"))),
+                _ => Err(ApiError::LockKeyVanished { key: String::from_utf8_lossy(key).into_owned() }),
             },
-            (other, _) => Err(ApiError::InvalidArgument(format!("unexpected apply result {other:?}"))),
+            (other, _) => Err(ApiError::UnexpectedApply { got: format!("{other:?}") }),
         }
     }
 
@@ -46,7 +46,7 @@ impl Api {
         let t = kv::TxnRequest { compare: vec![created_at(key, rev)], success: vec![then], failure: vec![] };
         match self.propose(Command::Txn(t)).await? {
             (Done::Txn(r), rev) => Ok((r.succeeded, rev)),
-            (other, _) => Err(ApiError::InvalidArgument(format!("unexpected apply result {other:?}"))),
+            (other, _) => Err(ApiError::UnexpectedApply { got: format!("{other:?}") }),
         }
     }
 
@@ -169,7 +169,12 @@ impl epb::election_server::Election for Api {
         let key = lock::key_of(&r.name, r.lease);
         let (rev, existing) = self.create_or_get(&key, r.value.clone(), r.lease).await?;
         if existing.is_some_and(|v| v != r.value) {
-            let put = RequestOp::Put(kv::PutRequest { key: key.clone(), value: r.value.clone(), lease: r.lease, ..Default::default() });
+            let put = RequestOp::Put(kv::PutRequest {
+                key: key.clone(),
+                value: r.value.clone(),
+                lease: r.lease,
+                ..Default::default()
+            });
             self.if_created_at(&key, rev, put).await?;
         }
         let grant = self.acquire(&r.name, &key, rev).await?;
@@ -182,7 +187,8 @@ impl epb::election_server::Election for Api {
     async fn proclaim(&self, req: Request<epb::ProclaimRequest>) -> Result<Response<epb::ProclaimResponse>, Status> {
         let r = req.into_inner();
         let l = leader_key(r.leader)?;
-        let put = RequestOp::Put(kv::PutRequest { key: l.key.clone(), value: r.value, lease: l.lease, ..Default::default() });
+        let put =
+            RequestOp::Put(kv::PutRequest { key: l.key.clone(), value: r.value, lease: l.lease, ..Default::default() });
         match self.if_created_at(&l.key, l.rev, put).await? {
             (true, rev) => Ok(Response::new(epb::ProclaimResponse { header: Some(self.header(rev)) })),
             (false, _) => Err(ApiError::ElectionNotLeader.into()),

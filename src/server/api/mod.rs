@@ -18,12 +18,12 @@ pub use errors::ApiError;
 use geolock_proto::MEMBER_NAME_HEADER;
 use proto::etcdserverpb as pb;
 
+use crate::config::Role;
+use crate::raft::{Member, MemberChange, Node, NodeError};
 use geolock_core::kv::KvError;
 use geolock_core::lease::Lessor;
 use geolock_core::limits::{GRPC_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX};
 use geolock_core::machine::{Command, Response as Done};
-use crate::config::Role;
-use crate::raft::{Member, MemberChange, Node, NodeError};
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -53,7 +53,10 @@ pub async fn serve(
     // with an error that says so, before any handler runs.
     let role = api.node.role();
     let serves = move |req: Request<()>| match role {
-        Role::Witness => Err(Status::from(ApiError::Node(NodeError::Role { role, what: "key-space requests (KV, Lease, Watch, Lock, Election)" }))),
+        Role::Witness => Err(Status::from(ApiError::Node(NodeError::Role {
+            role,
+            what: "key-space requests (KV, Lease, Watch, Lock, Election)",
+        }))),
         Role::Voter | Role::Learner => Ok(req),
     };
     use tonic::service::interceptor::InterceptedService as Guarded;
@@ -64,16 +67,17 @@ pub async fn serve(
         .add_service(sized!(MaintenanceServer::new(api.clone())))
         .add_service(sized!(ClusterServer::new(api.clone())))
         .add_service(Guarded::new(sized!(proto::v3lockpb::lock_server::LockServer::new(api.clone())), serves))
-        .add_service(Guarded::new(sized!(proto::v3electionpb::election_server::ElectionServer::new(api.clone())), serves))
+        .add_service(Guarded::new(
+            sized!(proto::v3electionpb::election_server::ElectionServer::new(api.clone())),
+            serves,
+        ))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
 }
 
 /// Accepted connections with Nagle's algorithm off: a response written in two frames must not
 /// wait for the client's delayed ACK (40 ms) between them.
-fn incoming(
-    listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+fn incoming(listener: tokio::net::TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use futures::StreamExt;
     tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
         let conn = conn?;
@@ -158,7 +162,7 @@ impl Api {
 }
 
 fn unexpected(d: Done) -> Status {
-    Status::internal(format!("geolock: unexpected apply result {d:?}"))
+    ApiError::UnexpectedApply { got: format!("{d:?}") }.into()
 }
 
 #[tonic::async_trait]
@@ -209,10 +213,7 @@ impl pb::kv_server::Kv for Api {
         }
     }
 
-    async fn compact(
-        &self,
-        req: Request<pb::CompactionRequest>,
-    ) -> Result<Response<pb::CompactionResponse>, Status> {
+    async fn compact(&self, req: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
         let c = req.into_inner();
         // Refuse before proposing when the answer is already known.
         self.node.read(|m| m.kv.check_compact(c.revision)).map_err(ApiError::from)?;
@@ -271,10 +272,18 @@ impl pb::lease_server::Lease for Api {
         let out = async_stream_from(move |tx| async move {
             while let Ok(Some(k)) = inbound.message().await {
                 let reply = match api.node.lease_keep_alive(k.id).await {
-                    Ok(ttl) => Ok(pb::LeaseKeepAliveResponse { header: Some(api.header(api.node.current_rev())), id: k.id, ttl }),
+                    Ok(ttl) => Ok(pb::LeaseKeepAliveResponse {
+                        header: Some(api.header(api.node.current_rev())),
+                        id: k.id,
+                        ttl,
+                    }),
                     // etcd answers a keep-alive for a lease that is gone with TTL 0.
                     Err(NodeError::Apply(geolock_core::machine::ApplyError::Lease(_))) => {
-                        Ok(pb::LeaseKeepAliveResponse { header: Some(api.header(api.node.current_rev())), id: k.id, ttl: 0 })
+                        Ok(pb::LeaseKeepAliveResponse {
+                            header: Some(api.header(api.node.current_rev())),
+                            id: k.id,
+                            ttl: 0,
+                        })
                     }
                     Err(e) if e.is_transient() => {
                         tracing::debug!("keep-alive of lease {:x} not answered: {e}", k.id);
@@ -306,13 +315,15 @@ impl pb::lease_server::Lease for Api {
                 keys: info.keys,
             })),
             // etcd reports a missing lease as TTL -1, not as an error.
-            Err(NodeError::Apply(geolock_core::machine::ApplyError::Lease(_))) => Ok(Response::new(pb::LeaseTimeToLiveResponse {
-                header: Some(self.header(rev)),
-                id: r.id,
-                ttl: -1,
-                granted_ttl: 0,
-                keys: vec![],
-            })),
+            Err(NodeError::Apply(geolock_core::machine::ApplyError::Lease(_))) => {
+                Ok(Response::new(pb::LeaseTimeToLiveResponse {
+                    header: Some(self.header(rev)),
+                    id: r.id,
+                    ttl: -1,
+                    granted_ttl: 0,
+                    keys: vec![],
+                }))
+            }
             Err(e) => Err(ApiError::from(e).into()),
         }
     }
@@ -450,8 +461,10 @@ impl Api {
 
 /// The `host:port` of a member's first peer URL; a member must have one.
 fn peer_addr(urls: &[String]) -> Result<String, ApiError> {
-    let first = urls.first().ok_or_else(|| ApiError::InvalidArgument("given member URLs are invalid: none given".into()))?;
-    crate::config::host_port(first).map_err(|e| ApiError::InvalidArgument(format!("given member URLs are invalid: {e}")))
+    let first =
+        urls.first().ok_or_else(|| ApiError::InvalidArgument("given member URLs are invalid: none given".into()))?;
+    crate::config::host_port(first)
+        .map_err(|e| ApiError::InvalidArgument(format!("given member URLs are invalid: {e}")))
 }
 
 #[tonic::async_trait]
@@ -513,10 +526,7 @@ impl pb::cluster_server::Cluster for Api {
         }))
     }
 
-    async fn member_list(
-        &self,
-        r: Request<pb::MemberListRequest>,
-    ) -> Result<Response<pb::MemberListResponse>, Status> {
+    async fn member_list(&self, r: Request<pb::MemberListRequest>) -> Result<Response<pb::MemberListResponse>, Status> {
         // A linearizable list (etcd 3.5's field, which lockctl sets) is answered only by a
         // member that reaches the leader; a cut-off member would list a stale membership with
         // lags it cannot know.

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::proto::etcdserverpb as pb;
-use super::{convert, Api, Stream_};
+use super::{convert, Api, ApiError, Stream_};
 use geolock_core::limits::WATCH_STREAM_QUEUE_MAX;
 use geolock_core::watch::{Reply, WatchSpec};
 
@@ -85,9 +85,12 @@ impl pb::watch_server::Watch for Api {
         tokio::spawn(async move {
             while let Some(reply) = replies.recv().await {
                 let resp = match reply {
-                    Reply::Created { watch_id, revision } => {
-                        pb::WatchResponse { header: Some(api.header(revision)), watch_id, created: true, ..Default::default() }
-                    }
+                    Reply::Created { watch_id, revision } => pb::WatchResponse {
+                        header: Some(api.header(revision)),
+                        watch_id,
+                        created: true,
+                        ..Default::default()
+                    },
                     Reply::Events { watch_id, events, revision } => pb::WatchResponse {
                         header: Some(api.header(revision)),
                         watch_id,
@@ -113,11 +116,7 @@ impl pb::watch_server::Watch for Api {
             }
             // The node dropped our queue: it overflowed with control replies, or the node stops.
             if !reader.is_finished() {
-                let _ = out_tx
-                    .send(Err(Status::resource_exhausted(format!(
-                        "etcdserver: watch stream queue full (watch_stream_queue_max {WATCH_STREAM_QUEUE_MAX})"
-                    ))))
-                    .await;
+                let _ = out_tx.send(Err(ApiError::WatchQueueFull { max: WATCH_STREAM_QUEUE_MAX }.into())).await;
                 reader.abort();
             }
         });

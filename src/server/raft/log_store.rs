@@ -10,11 +10,11 @@
 //! leader with a warm database, twice on the path of each write; so the newest entries are also
 //! kept in memory ([`Tail`]), exactly as they are in the log, and served from there.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::mpsc;
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{LogState, OptionalSend, RaftLogReader};
 
+use super::format::encode;
 use super::TypeConfig;
 use geolock_core::limits::{LOG_APPEND_BATCH_ENTRIES_MAX, LOG_TAIL_CACHE_BYTES_MAX};
 use geolock_core::storage::{Cf, Engine, WriteBatch};
@@ -39,12 +40,8 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_allocvec(v).expect("raft types encode")
-}
-
 fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> io::Result<T> {
-    postcard::from_bytes(b).map_err(io_err)
+    Ok(super::format::decode(b)?)
 }
 
 /// The log store; clones share the engine and the flusher.
@@ -107,10 +104,7 @@ impl LogStore {
 /// machine. Under load a sync covers several entries (the writes that arrived during the last
 /// one are appended together), and it sleeps at once: spinning then only takes the CPU from
 /// the runtime (on two cores, 16-client put throughput fell by a tenth).
-fn next_callback(
-    rx: &mpsc::Receiver<(IOFlushed<TC>, usize)>,
-    spin: bool,
-) -> Option<(IOFlushed<TC>, usize)> {
+fn next_callback(rx: &mpsc::Receiver<(IOFlushed<TC>, usize)>, spin: bool) -> Option<(IOFlushed<TC>, usize)> {
     let spin_us = if spin { LOG_FLUSHER_SPIN_US } else { 0 };
     let spin_until = Instant::now() + Duration::from_micros(spin_us);
     while Instant::now() < spin_until {
@@ -208,10 +202,8 @@ impl RaftLogReader<TC> for LogStore {
             }
         }
         let to_key = to.map(index_key);
-        let pairs = self
-            .engine
-            .scan(Cf::Log, &index_key(from), to_key.as_ref().map(|k| &k[..]), usize::MAX)
-            .map_err(io_err)?;
+        let pairs =
+            self.engine.scan(Cf::Log, &index_key(from), to_key.as_ref().map(|k| &k[..]), usize::MAX).map_err(io_err)?;
         pairs.iter().map(|(_, v)| decode(v)).collect()
     }
 

@@ -8,12 +8,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use openraft::async_runtime::watch::WatchReceiver;
-use openraft::errors::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::errors::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 
-use super::network::{Kind, RemoteError};
-use super::{Member, Node, NodeError, PROPOSE_TIMEOUT};
+use super::network::Kind;
+use super::node::PROPOSE_TIMEOUT;
+use super::{Member, Node, NodeError};
 use geolock_core::limits::{LEARNER_CATCH_UP_WAIT, LEARNER_IN_SYNC_PERCENT};
 
 /// A membership change.
@@ -51,16 +52,15 @@ pub enum MemberError {
     LearnerNotReady { matched: u64, last: u64, percent: u64 },
     #[error("etcdserver: bad leader transferee")]
     BadTransferee,
-    #[error("etcdserver: re-configuration failed due to not enough started members (the last voter cannot be removed)")]
+    #[error(
+        "etcdserver: re-configuration failed due to not enough started members (the last voter cannot be removed)"
+    )]
     LastVoter,
     #[error("etcdserver: another membership change is in progress, retry")]
     InProgress,
     #[error("etcdserver: leader transfer to {to:x} did not complete within {waited_ms} ms")]
     TransferTimeout { to: u64, waited_ms: u64 },
 }
-
-/// The change's outcome on the wire between members.
-type Forwarded = Result<Result<u64, MemberError>, RemoteError>;
 
 impl Node {
     /// Make a membership change: here if this node leads, else through the leader. Returns once
@@ -73,37 +73,17 @@ impl Node {
 
     async fn change_members_once(self: &Arc<Self>, change: MemberChange) -> Result<(), NodeError> {
         let removes_me = matches!(change, MemberChange::Remove { id } if id == self.id);
-        match self.leader()? {
-            None => self.change_members_here(change).await.map(|_| ()),
-            Some((leader, member)) => {
-                let call = self.peers.call::<_, Forwarded>(leader, &member, Kind::ChangeMembers, &change);
-                let index = match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
-                    Err(_) => return Err(NodeError::Timeout),
-                    Ok(Err(e)) => return Err(NodeError::Peer(e.to_string())),
-                    Ok(Ok(Err(remote))) => return Err(remote.into()),
-                    Ok(Ok(Ok(Err(m)))) => return Err(NodeError::Member(m)),
-                    Ok(Ok(Ok(Ok(index)))) => index,
-                };
-                if removes_me {
-                    // The leader replicates nothing more to a member it removed.
-                    return Ok(());
-                }
-                self.wait_applied(index).await
-            }
+        let here = || self.change_members_here(change.clone());
+        let index = self.on_leader(Kind::ChangeMembers, &change, PROPOSE_TIMEOUT, here).await?;
+        if removes_me {
+            // The leader replicates nothing more to a member it removed.
+            return Ok(());
         }
-    }
-
-    /// Answer a change forwarded by another member.
-    pub(super) async fn answer_change(self: &Arc<Self>, change: MemberChange) -> Forwarded {
-        match self.change_members_here(change).await {
-            Ok(index) => Ok(Ok(index)),
-            Err(NodeError::Member(m)) => Ok(Err(m)),
-            Err(e) => Err(RemoteError::from(&e)),
-        }
+        self.wait_applied(index).await
     }
 
     /// Make the change on this node, which must lead. Returns the log index that carries it.
-    async fn change_members_here(self: &Arc<Self>, change: MemberChange) -> Result<u64, NodeError> {
+    pub(super) async fn change_members_here(self: &Arc<Self>, change: MemberChange) -> Result<u64, NodeError> {
         if !self.is_leader() {
             return Err(self.not_leader());
         }
@@ -118,18 +98,7 @@ impl Node {
         let found = |id: u64| nodes.get(&id).cloned().ok_or(NodeError::Member(MemberError::NotFound));
         let change = match change {
             MemberChange::Add { id, member, learner } => {
-                if nodes.contains_key(&id) {
-                    return Err(MemberError::Exists.into());
-                }
-                if nodes.values().any(|n| n.peer_addr == member.peer_addr) {
-                    return Err(MemberError::PeerUrlExists.into());
-                }
-                let index = self.write_membership(self.raft.add_learner(id, member, false)).await?;
-                if !learner {
-                    tokio::spawn(promote_when_caught_up(Arc::downgrade(self), id));
-                }
-                warn_if_even(voters.len());
-                return Ok(index);
+                return self.add_member(id, member, learner, &nodes, voters.len()).await
             }
             MemberChange::Promote { id } => {
                 found(id)?;
@@ -174,7 +143,7 @@ impl Node {
                 ChangeMembers::SetNodes(BTreeMap::from([(id, member)]))
             }
             MemberChange::MoveLeader { to } => {
-                if !voters.contains(&to) || nodes.get(&to).is_some_and(|n| n.role == crate::config::Role::Witness) {
+                if !voters.contains(&to) || nodes.get(&to).is_some_and(|n| n.role == super::MemberRole::Witness) {
                     return Err(MemberError::BadTransferee.into());
                 }
                 if to != self.id {
@@ -187,25 +156,42 @@ impl Node {
         self.write_membership(self.raft.change_membership(change, false)).await
     }
 
+    /// Add member `id` as a learner; unless `learner`, promote it once it has caught up.
+    async fn add_member(
+        self: &Arc<Self>,
+        id: u64,
+        member: Member,
+        learner: bool,
+        nodes: &BTreeMap<u64, Member>,
+        voters: usize,
+    ) -> Result<u64, NodeError> {
+        if nodes.contains_key(&id) {
+            return Err(MemberError::Exists.into());
+        }
+        if nodes.values().any(|n| n.peer_addr == member.peer_addr) {
+            return Err(MemberError::PeerUrlExists.into());
+        }
+        let index = self.write_membership(self.raft.add_learner(id, member, false)).await?;
+        if !learner {
+            tokio::spawn(promote_when_caught_up(Arc::downgrade(self), id));
+        }
+        warn_if_even(voters);
+        Ok(index)
+    }
+
     async fn write_membership(
         &self,
         call: impl std::future::Future<
-            Output = Result<openraft::raft::ClientWriteResponse<super::TypeConfig>, RaftError<super::TypeConfig, ClientWriteError<super::TypeConfig>>>,
+            Output = Result<
+                openraft::raft::ClientWriteResponse<super::TypeConfig>,
+                RaftError<super::TypeConfig, ClientWriteError<super::TypeConfig>>,
+            >,
         >,
     ) -> Result<u64, NodeError> {
         match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
             Err(_) => Err(NodeError::Timeout),
             Ok(Ok(resp)) => Ok(resp.log_id.index),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(NodeError::NotLeader { leader: f.leader_id })
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(match e {
-                ChangeMembershipError::InProgress(_) => MemberError::InProgress.into(),
-                ChangeMembershipError::LearnerNotFound(_) => MemberError::NotFound.into(),
-                other => NodeError::Internal(other.to_string()),
-            }),
-            Ok(Err(RaftError::APIError(e))) => Err(NodeError::Internal(e.to_string())),
-            Ok(Err(RaftError::Fatal(_))) => Err(NodeError::Stopped),
+            Ok(Err(e)) => Err(e.into()),
         }
     }
 

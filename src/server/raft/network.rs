@@ -19,11 +19,13 @@ use openraft::OptionalSend;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::membership::MemberError;
 use super::quorum::{QuorumView, Replicate};
 use super::{Member, TypeConfig};
 use crate::config::Role;
-use geolock_core::limits::{PEER_MESSAGE_BYTES_MAX, PEER_SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES};
 use crate::transport::{self, Connection, Transport, TransportError};
+use geolock_core::limits::{PEER_MESSAGE_BYTES_MAX, PEER_SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES};
+use geolock_core::machine::ApplyError;
 
 type TC = TypeConfig;
 
@@ -105,10 +107,7 @@ impl SnapshotInbox {
     /// Take a piece; returns the whole snapshot once its last piece has arrived.
     pub fn take(&self, c: &SnapshotChunk) -> Result<Option<Vec<u8>>, TransportError> {
         if c.total as usize > PEER_SNAPSHOT_BYTES_MAX {
-            return Err(TransportError::Stream(format!(
-                "snapshot of {} bytes is over peer_snapshot_bytes_max {PEER_SNAPSHOT_BYTES_MAX}",
-                c.total
-            )));
+            return Err(TransportError::SnapshotTooLarge { total: c.total, max: PEER_SNAPSHOT_BYTES_MAX });
         }
         let mut slot = self.assembling.lock().unwrap();
         if c.offset == 0 {
@@ -118,7 +117,7 @@ impl SnapshotInbox {
             Some(b) if b.len() as u64 == c.offset && c.offset + c.data.len() as u64 <= c.total => b,
             _ => {
                 *slot = None;
-                return Err(TransportError::Stream(format!("snapshot piece at offset {} out of order", c.offset)));
+                return Err(TransportError::SnapshotOutOfOrder { offset: c.offset });
             }
         };
         buf.extend_from_slice(&c.data);
@@ -129,7 +128,8 @@ impl SnapshotInbox {
     }
 }
 
-/// A peer refused or failed a forwarded request, in terms the client API maps to etcd's errors.
+/// A peer refused or failed a forwarded request: [`super::NodeError`] as it travels between
+/// members (`Other` carries the text of one that has no typed form on the wire).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum RemoteError {
     #[error("not leader")]
@@ -144,6 +144,12 @@ pub enum RemoteError {
     Other(String),
     #[error("leader changed")]
     LeaderChanged,
+    #[error(transparent)]
+    Apply(ApplyError),
+    #[error(transparent)]
+    Member(MemberError),
+    #[error("too many requests (proposals_in_flight_max {max})")]
+    TooManyProposals { max: usize },
 }
 
 /// Encode a message for a peer.
@@ -153,7 +159,7 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 /// Decode a message from a peer.
 pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, TransportError> {
-    postcard::from_bytes(b).map_err(|e| TransportError::Stream(format!("undecodable peer message: {e}")))
+    Ok(postcard::from_bytes(b)?)
 }
 
 /// Connections to peers, one per peer, made on first use and remade after a failure.
@@ -280,7 +286,10 @@ impl Peer {
     {
         let call = self.peers.call::<Req, Result<Rep, E>>(self.target, &self.member, kind, req);
         match tokio::time::timeout(option.soft_ttl(), call).await {
-            Err(_) => Err(RPCError::Unreachable(Unreachable::from_string(format!("{kind:?} to {} timed out", self.member.name)))),
+            Err(_) => Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                "{kind:?} to {} timed out",
+                self.member.name
+            )))),
             Ok(Err(e)) => Err(RPCError::Unreachable(unreachable(e))),
             Ok(Ok(Err(remote))) => Err(RPCError::Network(NetworkError::from_string(format!(
                 "{} answered {kind:?} with: {remote}",
@@ -317,13 +326,17 @@ impl RaftNetworkV2<TC> for Peer {
         _option: RPCOption,
     ) -> openraft::base::BoxFuture<
         's,
-        Result<openraft::base::BoxStream<'s, Result<openraft::raft::StreamAppendResult<TC>, RPCError<TC>>>, RPCError<TC>>,
+        Result<
+            openraft::base::BoxStream<'s, Result<openraft::raft::StreamAppendResult<TC>, RPCError<TC>>>,
+            RPCError<TC>,
+        >,
     >
     where
         S: futures::Stream<Item = AppendEntriesRequest<TC>> + OptionalSend + Unpin + 'static,
     {
         Box::pin(async move {
-            let conn = self.peers.conn(self.target, &self.member).await.map_err(|e| RPCError::Unreachable(unreachable(e)))?;
+            let conn =
+                self.peers.conn(self.target, &self.member).await.map_err(|e| RPCError::Unreachable(unreachable(e)))?;
             let (mut frames, replies) = transport::open_duplex(&conn, Kind::StreamAppend as u8)
                 .await
                 .map_err(|e| RPCError::Unreachable(unreachable(e)))?;
@@ -400,7 +413,7 @@ impl RaftNetworkV2<TC> for Peer {
             ))));
         }
         let (meta, mut data) = (snapshot.meta, snapshot.snapshot);
-        if self.member.role == Role::Witness {
+        if self.member.role == super::MemberRole::Witness {
             // It keeps the metadata only: spare the link the key space.
             data = Vec::new();
         }
@@ -420,7 +433,10 @@ impl RaftNetworkV2<TC> for Peer {
                     self.rpc::<_, _, openraft::errors::Fatal<TC>>(Kind::SnapshotChunk, &chunk, &option).await?;
                 if end == total {
                     return installed.ok_or_else(|| {
-                        RPCError::Network(NetworkError::from_string(format!("{} did not install the snapshot", self.member.name)))
+                        RPCError::Network(NetworkError::from_string(format!(
+                            "{} did not install the snapshot",
+                            self.member.name
+                        )))
                     });
                 }
                 offset = end;

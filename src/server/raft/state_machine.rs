@@ -14,9 +14,9 @@ use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StoredMembership};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::{self, error::TrySendError};
 
+use super::format::{decode, encode, SnapshotData};
 use super::{now_ms, TypeConfig};
 use geolock_core::lock::{LockQueues, WaiterId};
 use geolock_core::machine::{Applied, Machine, Response};
@@ -127,19 +127,9 @@ impl Shared {
 
 fn read_meta<T: serde::de::DeserializeOwned>(engine: &dyn Engine, key: &[u8]) -> io::Result<Option<T>> {
     match engine.get(Cf::SmMeta, key).map_err(io::Error::other)? {
-        Some(b) => postcard::from_bytes(&b).map(Some).map_err(io::Error::other),
+        Some(b) => Ok(Some(decode(&b)?)),
         None => Ok(None),
     }
-}
-
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_allocvec(v).expect("encodes")
-}
-
-/// A snapshot's contents: every pair of the state-machine column families.
-#[derive(Serialize, Deserialize)]
-struct SnapshotData {
-    pairs: Vec<(u8, Vec<u8>, Vec<u8>)>,
 }
 
 const SNAPSHOT_CFS: [Cf; 3] = [Cf::Kv, Cf::Lease, Cf::SmMeta];
@@ -180,16 +170,13 @@ impl RaftSnapshotBuilder<TC> for StateMachine {
                 .engine
                 .scan_at_instant(&SNAPSHOT_CFS, &mut || {
                     if let Some(st) = held.take() {
-                        meta = Some(SnapshotMeta { last_log_id: st.last_applied, last_membership: st.membership.clone() });
+                        meta =
+                            Some(SnapshotMeta { last_log_id: st.last_applied, last_membership: st.membership.clone() });
                     }
                 })
                 .map_err(io::Error::other)?;
             let meta = meta.expect("the scan calls back at its instant");
-            let mut pairs = Vec::new();
-            for (i, (_, cf_pairs)) in scanned.into_iter().enumerate() {
-                pairs.extend(cf_pairs.into_iter().map(|(k, v)| (i as u8, k, v)));
-            }
-            let data = encode(&SnapshotData { pairs });
+            let data = encode(&SnapshotData::new(scanned));
             save_snapshot_file(&path, &meta, &data)?;
             Ok(Snapshot { meta, snapshot: data })
         };
@@ -239,7 +226,9 @@ impl RaftStateMachine<TC> for StateMachine {
                         batch.put(Cf::SmMeta, MEMBERSHIP, encode(&st.membership));
                         Applied { revision: st.machine.kv.current_rev(), result: Ok(Response::Nothing) }
                     }
-                    EntryPayload::Blank => Applied { revision: st.machine.kv.current_rev(), result: Ok(Response::Nothing) },
+                    EntryPayload::Blank => {
+                        Applied { revision: st.machine.kv.current_rev(), result: Ok(Response::Nothing) }
+                    }
                 };
                 st.last_applied = Some(entry.log_id);
                 batch.put(Cf::SmMeta, APPLIED, encode(&st.last_applied));
@@ -278,16 +267,25 @@ impl RaftStateMachine<TC> for StateMachine {
         // The peer transport refuses a witness's data-less snapshot before it gets here; this
         // is the last line, because installing it would erase the key space.
         if snapshot.is_empty() {
-            return Err(io::Error::other("a snapshot without data (a witness's) cannot be installed on a data-bearing member"));
+            return Err(io::Error::other(
+                "a snapshot without data (a witness's) cannot be installed on a data-bearing member",
+            ));
         }
-        let data: SnapshotData = postcard::from_bytes(&snapshot).map_err(io::Error::other)?;
+        let data: SnapshotData = decode(&snapshot)?;
         let mut b = WriteBatch::default();
         for cf in SNAPSHOT_CFS {
             b.delete_range(cf, Vec::new(), vec![0xff; 64]);
         }
-        for (i, k, v) in data.pairs {
-            let cf = *SNAPSHOT_CFS.get(i as usize).ok_or_else(|| io::Error::other("snapshot: bad column family"))?;
-            b.put(cf, k, v);
+        for (cf, pairs) in data.into_families()? {
+            if !SNAPSHOT_CFS.contains(&cf) {
+                return Err(io::Error::other(format!(
+                    "a snapshot holds column family {}, which snapshots never hold",
+                    cf.name()
+                )));
+            }
+            for (k, v) in pairs {
+                b.put(cf, k, v);
+            }
         }
         b.put(Cf::SmMeta, APPLIED, encode(&meta.last_log_id));
         b.put(Cf::SmMeta, MEMBERSHIP, encode(&meta.last_membership));
@@ -304,8 +302,7 @@ impl RaftStateMachine<TC> for StateMachine {
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TC, Vec<u8>>>, io::Error> {
         match std::fs::read(self.snapshot_path()) {
             Ok(bytes) => {
-                let (meta, data): (SnapshotMetaOf<TC>, Vec<u8>) =
-                    postcard::from_bytes(&bytes).map_err(io::Error::other)?;
+                let (meta, data): (SnapshotMetaOf<TC>, Vec<u8>) = decode(&bytes)?;
                 Ok(Some(Snapshot { meta, snapshot: data }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

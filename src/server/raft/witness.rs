@@ -47,7 +47,7 @@ impl Node {
         let membership = m.membership_config.membership();
         membership
             .voter_ids()
-            .partition(|id| membership.get_node(id).is_none_or(|n| n.role != Role::Witness))
+            .partition(|id| membership.get_node(id).is_none_or(|n| n.role != super::MemberRole::Witness))
     }
 
     /// This member's last log id.
@@ -111,7 +111,8 @@ pub(super) async fn tell_witnesses(node: Weak<Node>) {
             let Some(member) = node.member_record(w) else { continue };
             let n = node.clone();
             tokio::spawn(async move {
-                let call = n.peers.call::<_, Result<(), super::RemoteError>>(w, &member, Kind::WitnessPurge, &upto);
+                let call =
+                    n.peers.call::<_, Result<(), super::network::RemoteError>>(w, &member, Kind::WitnessPurge, &upto);
                 match tokio::time::timeout(WITNESS_PURGE_INTERVAL, call).await {
                     Ok(Ok(Ok(()))) => {}
                     Ok(Ok(Err(e))) => tracing::debug!("witness {} purge to {upto}: {e}", member.name),

@@ -1,0 +1,133 @@
+//! The work a member does beside answering requests, as [`Task`]s; `roles` lists which each
+//! role runs.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use openraft::async_runtime::watch::WatchReceiver;
+
+use super::quorum::Leadership;
+use super::{now_ms, peer_server, witness, Node};
+use geolock_core::limits::LEASE_EXPIRIES_PER_PROPOSAL_MAX;
+use geolock_core::machine::Command;
+
+/// A background task of a member. Each runs until the [`Node`] is dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// Answer the other members over the peer transport (none without one).
+    PeerServer,
+    /// Follow this member's leadership: lease expiry, and members' lag while leading.
+    Leadership,
+    /// While leading, tell witnesses how far every data voter holds the log.
+    WitnessPurgePoint,
+    /// On a witness: campaign when only it can bring the data voters' logs up to date.
+    WitnessSupervisor,
+    /// A snapshot at least every `SNAPSHOT_INTERVAL`.
+    Snapshots,
+    /// State this member's addresses, role and region in the membership.
+    Publish,
+    /// Progress notifications for watchers that asked for them, every `every`.
+    WatchProgress { every: Duration },
+}
+
+impl Node {
+    /// Start `task` in the background.
+    pub fn spawn(self: &Arc<Self>, task: Task) {
+        let node = Arc::downgrade(self);
+        match task {
+            Task::PeerServer => tokio::spawn(peer_server::serve_peers(node)),
+            Task::Leadership => tokio::spawn(leadership_loop(node)),
+            Task::WitnessPurgePoint => tokio::spawn(witness::tell_witnesses(node)),
+            Task::WitnessSupervisor => tokio::spawn(witness::supervise(node, self.election_timeout)),
+            Task::Snapshots => tokio::spawn(snapshot_loop(node)),
+            Task::Publish => tokio::spawn(Node::publish_self(node, self.me.clone())),
+            Task::WatchProgress { every } => tokio::spawn(progress_notify_loop(node, every)),
+        };
+    }
+}
+
+/// Follows this node's leadership: a new leader takes over lease expiry (granting every lease a
+/// full TTL plus an election timeout), and while leading it revokes expired leases. A leader
+/// that no quorum has acknowledged within the lease stops here too (see `quorum`): it hands
+/// expiry back, so that it neither expires leases nobody could renew while no side had a
+/// majority, nor keeps clocks the next leader will reset anyway.
+async fn leadership_loop(node: Weak<Node>) {
+    let tick = Duration::from_millis(50);
+    let mut leading = false;
+    let mut was = Leadership::Follows;
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(node) = node.upgrade() else { return };
+        let now = node.quorum.leadership();
+        match (was, now) {
+            (Leadership::Leads, Leadership::LostQuorum { since_ack }) => tracing::warn!(
+                "stepping down: no quorum acknowledged this leader within {:?} (last {:?} ago); it answers no \
+                 keep-alive, lease or status query as leader until one does or another member is elected",
+                node.quorum.lease(),
+                since_ack
+            ),
+            (Leadership::LostQuorum { .. }, Leadership::Leads) => {
+                tracing::info!("a quorum acknowledges this leader again")
+            }
+            _ => {}
+        }
+        was = now;
+        let now_leader = now == Leadership::Leads;
+        if now_leader != leading {
+            leading = now_leader;
+            node.lag.lock().unwrap().clear();
+            let mut st = node.shared.lock();
+            if leading {
+                st.machine.leases.promote(now_ms(), node.election_timeout.as_millis() as u64);
+            } else {
+                st.machine.leases.demote();
+            }
+        }
+        if !leading {
+            continue;
+        }
+        let last = node.raft.metrics().borrow_watched().last_log_index.unwrap_or(0);
+        node.lag.lock().unwrap().record(last, now_ms());
+        let expired = node.shared.lock().machine.leases.take_expired(
+            now_ms(),
+            node.election_timeout.as_millis() as u64,
+            LEASE_EXPIRIES_PER_PROPOSAL_MAX,
+        );
+        for id in expired {
+            let n = node.clone();
+            tokio::spawn(async move {
+                if let Err(e) = n.propose(Command::LeaseRevoke { id }).await {
+                    tracing::debug!("expire lease {id:x}: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// A snapshot at least every [`SNAPSHOT_INTERVAL`], however few entries were applied, so the
+/// log behind it can be purged on a quiet cluster too.
+async fn snapshot_loop(node: Weak<Node>) {
+    let mut ticker = tokio::time::interval(geolock_core::limits::SNAPSHOT_INTERVAL);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if let Err(e) = node.raft.trigger().snapshot().await {
+            tracing::warn!("hourly snapshot: {e}");
+        }
+    }
+}
+
+/// Progress notifications for watchers that asked for them.
+async fn progress_notify_loop(node: Weak<Node>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let mut st = node.shared.lock();
+        let st = &mut *st;
+        let out = st.hub.progress_tick(&st.machine.kv);
+        st.deliver(out);
+    }
+}
