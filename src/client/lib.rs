@@ -2,7 +2,10 @@
 //! next the failover controller and the proxy): connections that move on to the next endpoint,
 //! a lease kept alive through leader changes, locks with their fencing tokens, elections.
 //!
-//! It prints nothing and chooses no exit codes; every failure is a [`ClientError`].
+//! It prints nothing and chooses no exit codes; every failure is a [`ClientError`]. The region
+//! failover runbook's decision machine is [`failover`].
+
+pub mod failover;
 
 use std::time::Duration;
 

@@ -1,0 +1,740 @@
+//! The region failover runbook (the spec's "Region Failover" procedure, DESIGN.md "Region
+//! failover") as a pure decision machine: events in, actions out, time passed in. It does no
+//! I/O and reads no clock; the controller's executor feeds it what it observes and carries out
+//! what it returns, in order.
+//!
+//! Durability and idempotence: every decision the machine makes reaches the executor first as an
+//! [`Action::Journal`] record, which the executor makes durable before it carries out any later
+//! action of the same batch. A step is journaled `Started` before it runs and `Finished` after;
+//! a controller killed at any point rebuilds the machine from its journal
+//! ([`Runbook::resume`]), which runs again only a step that was started and not finished. Each
+//! step's effect is idempotent (a DNS compare-and-swap that already happened is a no-op), so a
+//! step run twice has one effect.
+//!
+//! Steps after DETECT and DECIDE: FENCE, PROMOTE, REDIRECT, VERIFY, NOTIFY. PROMOTE waits until
+//! the old primary surely cannot write: its region write lease has lapsed (the last renewal plus
+//! the lease plus the stated clock-drift bound), or a majority of its voters recorded the fence.
+
+use std::collections::BTreeMap;
+
+/// How the runbook decides, once the primary looks lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Fail over as soon as DETECT triggers.
+    Auto,
+    /// Wait for `lockctl failover approve` with the token NOTIFY gave.
+    Approve,
+}
+
+/// The runbook's settings. Durations in milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub mode: Mode,
+    /// How long the primary must look unhealthy, from every vantage point counted.
+    pub detect_window_ms: u64,
+    /// How many vantage points must see it unhealthy for the whole window (at least 2: one
+    /// vantage point alone cannot tell a lost primary from its own partition).
+    pub vantages_required: usize,
+    /// A vantage point whose last report is older than this does not count.
+    pub report_max_age_ms: u64,
+    /// How long an approval token stays valid.
+    pub approval_ttl_ms: u64,
+    /// The old primary's region write lease, from its last renewal.
+    pub write_lease_ms: u64,
+    /// The most two clocks are taken to drift apart over one lease.
+    pub clock_drift_ms: u64,
+    /// How long after a failed step it is tried again.
+    pub step_retry_ms: u64,
+}
+
+impl Default for Settings {
+    /// The spec's five minutes of unhealthiness, seen from two vantage points.
+    fn default() -> Self {
+        Settings {
+            mode: Mode::Auto,
+            detect_window_ms: 5 * 60 * 1000,
+            vantages_required: 2,
+            report_max_age_ms: 30_000,
+            approval_ttl_ms: 15 * 60 * 1000,
+            write_lease_ms: 10_000,
+            clock_drift_ms: 1_000,
+            step_retry_ms: 5_000,
+        }
+    }
+}
+
+/// A step the executor carries out, in this order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    /// Run the fence hooks (firewall, certificate revocation) and ask the old voters to record
+    /// `fenced(epoch)`.
+    Fence,
+    /// Seed the new cluster, in the new epoch, from the standby learner with the most applied.
+    Promote,
+    /// Move the client name's DNS records to the new region (one compare-and-swap).
+    Redirect,
+    /// Resolve, connect, write and read back, take and release a probe lock.
+    Verify,
+    /// The webhook and the log record with the journal's timeline.
+    Notify,
+}
+
+impl Step {
+    fn next(self) -> Option<Step> {
+        match self {
+            Step::Fence => Some(Step::Promote),
+            Step::Promote => Some(Step::Redirect),
+            Step::Redirect => Some(Step::Verify),
+            Step::Verify => Some(Step::Notify),
+            Step::Notify => None,
+        }
+    }
+}
+
+/// What the controller observes or is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Vantage point `vantage` saw the primary healthy (a leader that commits) or not.
+    Health { vantage: String, healthy: bool, at_ms: u64 },
+    /// The vantage points renewed the primary's region write lease.
+    LeaseRenewed { at_ms: u64 },
+    /// Time passed.
+    Tick { now_ms: u64 },
+    /// An operator approved with `token`.
+    Approve { token: u64, at_ms: u64 },
+    /// The executor finished `step`.
+    Done { step: Step, at_ms: u64 },
+    /// The executor could not finish `step`; it is tried again.
+    Failed { step: Step, reason: String, at_ms: u64 },
+    /// A majority of the old voters durably recorded `fenced(epoch)`.
+    FencedByMajority { epoch: u64, at_ms: u64 },
+}
+
+/// A journal record: a decision, durable before what follows it is done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// DETECT triggered: these vantage points saw the primary unhealthy for the whole window.
+    Detected {
+        at_ms: u64,
+        vantages: Vec<String>,
+    },
+    /// DECIDE waits for an operator.
+    AwaitingApproval {
+        token: u64,
+        expires_at_ms: u64,
+    },
+    /// The primary looked healthy again before the decision: back to watching.
+    Recovered {
+        at_ms: u64,
+    },
+    /// DECIDE: fail over into `epoch`. From here on the write lease is not renewed; it lapses
+    /// for good at `lease_lapses_at_ms`.
+    Decided {
+        epoch: u64,
+        at_ms: u64,
+        lease_lapses_at_ms: u64,
+    },
+    Started {
+        step: Step,
+        at_ms: u64,
+    },
+    Finished {
+        step: Step,
+        at_ms: u64,
+    },
+    Failed {
+        step: Step,
+        at_ms: u64,
+        reason: String,
+    },
+    /// The old voters recorded the fence: PROMOTE need not wait for the lease.
+    Fenced {
+        epoch: u64,
+        at_ms: u64,
+    },
+}
+
+/// What the executor must do, in the order given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Make this record durable before carrying out any later action.
+    Journal(Record),
+    /// Stop renewing the old primary's region write lease.
+    StopRenewing,
+    /// Carry out `step` for the failover into `epoch`.
+    Run { step: Step, epoch: u64 },
+    /// Tell the operators a failover awaits approval with `token`.
+    RequestApproval { token: u64, expires_at_ms: u64 },
+    /// An approval was refused (wrong, used or expired token, or nothing to approve).
+    RefuseApproval { token: u64, why: &'static str },
+}
+
+/// Where the runbook stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// DETECT: the primary serves, or has not looked lost for long enough.
+    Watching,
+    /// DECIDE in approve mode.
+    AwaitingApproval { token: u64, expires_at_ms: u64 },
+    /// Failing over into `epoch`: `step` is running (or, after a failure, waits to run again at
+    /// `retry_at_ms`).
+    Running { epoch: u64, step: Step, retry_at_ms: Option<u64> },
+    /// FENCE is done; PROMOTE waits for the old primary's write lease to lapse.
+    WaitingForLease { epoch: u64 },
+    /// Every step finished.
+    Done { epoch: u64 },
+}
+
+/// The runbook for one failover out of `epoch` (the primary's current revision epoch).
+#[derive(Clone, Debug)]
+pub struct Runbook {
+    settings: Settings,
+    epoch: u64,
+    token_seed: u64,
+    tokens_issued: u64,
+    phase: Phase,
+    /// Per vantage point: when its current unhealthy streak began, and its last report.
+    views: BTreeMap<String, View>,
+    last_renewal_ms: u64,
+    lease_lapses_at_ms: u64,
+    fenced: bool,
+    /// Whether the running step's `Started` record is in the journal.
+    started_journaled: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct View {
+    unhealthy_since_ms: Option<u64>,
+    last_report_ms: u64,
+}
+
+impl Runbook {
+    /// A runbook watching a primary in `epoch`. Approval tokens derive from `token_seed` (the
+    /// executor draws it at random), so the machine itself stays deterministic.
+    /// `vantages_required` below 2 counts as 2: one vantage point cannot tell a lost primary
+    /// from its own partition.
+    pub fn new(mut settings: Settings, epoch: u64, token_seed: u64) -> Runbook {
+        settings.vantages_required = settings.vantages_required.max(2);
+        Runbook {
+            settings,
+            epoch,
+            token_seed,
+            tokens_issued: 0,
+            phase: Phase::Watching,
+            views: BTreeMap::new(),
+            last_renewal_ms: 0,
+            lease_lapses_at_ms: 0,
+            fenced: false,
+            started_journaled: false,
+        }
+    }
+
+    /// The runbook as `journal` left it, and what to do at `now_ms`: once decided, keep the
+    /// old primary's lease unrenewed; run again a step that was started and not finished, or
+    /// start the next one; ask again for an approval still awaited.
+    pub fn resume(
+        settings: Settings,
+        epoch: u64,
+        token_seed: u64,
+        journal: &[Record],
+        now_ms: u64,
+    ) -> (Runbook, Vec<Action>) {
+        let mut r = Runbook::new(settings, epoch, token_seed);
+        for record in journal {
+            r.replay(record);
+        }
+        let mut out = Vec::new();
+        if r.new_epoch().is_some() {
+            out.push(Action::StopRenewing);
+        }
+        match r.phase {
+            Phase::Running { epoch, step, retry_at_ms: None } => {
+                let journaled = r.started_journaled;
+                out.extend(r.start(step, epoch, (!journaled).then_some(now_ms)));
+            }
+            Phase::AwaitingApproval { token, expires_at_ms } => {
+                out.push(Action::RequestApproval { token, expires_at_ms })
+            }
+            _ => out.extend(r.evaluate(now_ms)),
+        }
+        (r, out)
+    }
+
+    /// Where the runbook stands.
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// Feed one event; returns what to do, in order.
+    pub fn on(&mut self, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::Health { vantage, healthy, at_ms } => {
+                let v = self.views.entry(vantage).or_default();
+                v.last_report_ms = v.last_report_ms.max(at_ms);
+                v.unhealthy_since_ms = if healthy { None } else { v.unhealthy_since_ms.or(Some(at_ms)) };
+                out.extend(self.evaluate(at_ms));
+            }
+            Event::LeaseRenewed { at_ms } => {
+                self.last_renewal_ms = self.last_renewal_ms.max(at_ms);
+                // A renewal reported after the decision still counts: the lease lapses only
+                // after the last grant the primary may hold.
+                if self.new_epoch().is_some() {
+                    self.lease_lapses_at_ms = self.lease_lapses_at_ms.max(self.lapse_after(at_ms));
+                }
+            }
+            Event::Tick { now_ms } => out.extend(self.evaluate(now_ms)),
+            Event::Approve { token, at_ms } => out.extend(self.approve(token, at_ms)),
+            Event::Done { step, at_ms } => out.extend(self.done(step, at_ms)),
+            Event::Failed { step, reason, at_ms } => {
+                if let Phase::Running { epoch, step: running, retry_at_ms: None } = self.phase {
+                    if running == step {
+                        let retry = at_ms + self.settings.step_retry_ms;
+                        self.phase = Phase::Running { epoch, step, retry_at_ms: Some(retry) };
+                        out.push(Action::Journal(Record::Failed { step, at_ms, reason }));
+                    }
+                }
+            }
+            Event::FencedByMajority { epoch, at_ms } => {
+                if self.new_epoch() == Some(epoch) && !self.fenced {
+                    self.fenced = true;
+                    out.push(Action::Journal(Record::Fenced { epoch, at_ms }));
+                    out.extend(self.evaluate(at_ms));
+                }
+            }
+        }
+        out
+    }
+
+    /// The epoch being failed over into, once decided.
+    fn new_epoch(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Running { epoch, .. } | Phase::WaitingForLease { epoch } | Phase::Done { epoch } => Some(epoch),
+            Phase::Watching | Phase::AwaitingApproval { .. } => None,
+        }
+    }
+
+    fn lapse_after(&self, renewal_ms: u64) -> u64 {
+        renewal_ms + self.settings.write_lease_ms + self.settings.clock_drift_ms
+    }
+
+    /// The vantage points that have seen the primary unhealthy for the whole window, with a
+    /// recent report; enough of them trigger DETECT.
+    fn lost_from(&self, now_ms: u64) -> Vec<String> {
+        let s = &self.settings;
+        self.views
+            .iter()
+            .filter(|(_, v)| v.last_report_ms + s.report_max_age_ms >= now_ms)
+            .filter(|(_, v)| v.unhealthy_since_ms.is_some_and(|t| t + s.detect_window_ms <= now_ms))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// What time and health call for now.
+    fn evaluate(&mut self, now_ms: u64) -> Vec<Action> {
+        let lost = self.lost_from(now_ms);
+        let triggered = lost.len() >= self.settings.vantages_required;
+        match self.phase.clone() {
+            Phase::Watching if triggered => {
+                let mut out = vec![Action::Journal(Record::Detected { at_ms: now_ms, vantages: lost })];
+                match self.settings.mode {
+                    Mode::Auto => out.extend(self.decide(now_ms)),
+                    Mode::Approve => out.extend(self.request_approval(now_ms)),
+                }
+                out
+            }
+            Phase::AwaitingApproval { .. } if !triggered => {
+                self.phase = Phase::Watching;
+                vec![Action::Journal(Record::Recovered { at_ms: now_ms })]
+            }
+            Phase::AwaitingApproval { expires_at_ms, .. } if now_ms >= expires_at_ms => self.request_approval(now_ms),
+            Phase::Running { epoch, step, retry_at_ms: Some(at) } if now_ms >= at => {
+                self.start(step, epoch, Some(now_ms))
+            }
+            Phase::WaitingForLease { epoch } if self.fenced || now_ms >= self.lease_lapses_at_ms => {
+                self.start(Step::Promote, epoch, Some(now_ms))
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn request_approval(&mut self, now_ms: u64) -> Vec<Action> {
+        self.tokens_issued += 1;
+        let token = splitmix64(self.token_seed ^ self.tokens_issued);
+        let expires_at_ms = now_ms + self.settings.approval_ttl_ms;
+        self.phase = Phase::AwaitingApproval { token, expires_at_ms };
+        vec![
+            Action::Journal(Record::AwaitingApproval { token, expires_at_ms }),
+            Action::RequestApproval { token, expires_at_ms },
+        ]
+    }
+
+    fn approve(&mut self, token: u64, at_ms: u64) -> Vec<Action> {
+        let why = match self.phase {
+            Phase::AwaitingApproval { token: wanted, expires_at_ms } if token == wanted && at_ms < expires_at_ms => {
+                return self.decide(at_ms);
+            }
+            Phase::AwaitingApproval { token: wanted, .. } if token == wanted => "the approval token has expired",
+            Phase::AwaitingApproval { .. } => "not the approval token this failover awaits",
+            Phase::Watching => "no failover awaits approval",
+            Phase::Running { .. } | Phase::WaitingForLease { .. } | Phase::Done { .. } => {
+                "the failover was already decided (a token is good once)"
+            }
+        };
+        vec![Action::RefuseApproval { token, why }]
+    }
+
+    /// DECIDE: journal the new epoch and when the old primary's lease surely lapses, stop
+    /// renewing it, and start FENCE.
+    fn decide(&mut self, now_ms: u64) -> Vec<Action> {
+        let epoch = self.epoch + 1;
+        // The lease is not renewed from now on: the last grant is the latest renewal seen, or
+        // any renewal that may still be in flight now.
+        self.lease_lapses_at_ms = self.lapse_after(self.last_renewal_ms.max(now_ms));
+        let decided = Record::Decided { epoch, at_ms: now_ms, lease_lapses_at_ms: self.lease_lapses_at_ms };
+        let mut out = vec![Action::Journal(decided), Action::StopRenewing];
+        out.extend(self.start(Step::Fence, epoch, Some(now_ms)));
+        out
+    }
+
+    /// Journal `step` as started (unless resuming one already journaled) and run it.
+    fn start(&mut self, step: Step, epoch: u64, at_ms: Option<u64>) -> Vec<Action> {
+        self.phase = Phase::Running { epoch, step, retry_at_ms: None };
+        let mut out = Vec::new();
+        if let Some(at_ms) = at_ms {
+            out.push(Action::Journal(Record::Started { step, at_ms }));
+        }
+        self.started_journaled = true;
+        out.push(Action::Run { step, epoch });
+        out
+    }
+
+    fn done(&mut self, step: Step, at_ms: u64) -> Vec<Action> {
+        let Phase::Running { epoch, step: running, .. } = self.phase else { return Vec::new() };
+        if running != step {
+            return Vec::new();
+        }
+        let mut out = vec![Action::Journal(Record::Finished { step, at_ms })];
+        match step.next() {
+            Some(Step::Promote) => {
+                self.phase = Phase::WaitingForLease { epoch };
+                out.extend(self.evaluate(at_ms));
+            }
+            Some(next) => out.extend(self.start(next, epoch, Some(at_ms))),
+            None => self.phase = Phase::Done { epoch },
+        }
+        out
+    }
+
+    /// Apply a journal record as the machine made it.
+    fn replay(&mut self, record: &Record) {
+        match record {
+            Record::Detected { .. } | Record::Recovered { .. } => self.phase = Phase::Watching,
+            Record::AwaitingApproval { token, expires_at_ms } => {
+                self.tokens_issued += 1;
+                self.phase = Phase::AwaitingApproval { token: *token, expires_at_ms: *expires_at_ms };
+            }
+            Record::Decided { epoch, lease_lapses_at_ms, .. } => {
+                self.lease_lapses_at_ms = *lease_lapses_at_ms;
+                self.phase = Phase::Running { epoch: *epoch, step: Step::Fence, retry_at_ms: None };
+                self.started_journaled = false;
+            }
+            Record::Started { step, .. } => {
+                if let Some(epoch) = self.new_epoch() {
+                    self.phase = Phase::Running { epoch, step: *step, retry_at_ms: None };
+                    self.started_journaled = true;
+                }
+            }
+            Record::Finished { step, .. } => {
+                if let Some(epoch) = self.new_epoch() {
+                    self.phase = match step.next() {
+                        Some(Step::Promote) => Phase::WaitingForLease { epoch },
+                        // The next step's Started record follows in the journal if it was
+                        // reached; if not, resuming starts it.
+                        Some(next) => Phase::Running { epoch, step: next, retry_at_ms: None },
+                        None => Phase::Done { epoch },
+                    };
+                    self.started_journaled = false;
+                }
+            }
+            Record::Failed { step, at_ms, .. } => {
+                if let Some(epoch) = self.new_epoch() {
+                    let retry = at_ms + self.settings.step_retry_ms;
+                    self.phase = Phase::Running { epoch, step: *step, retry_at_ms: Some(retry) };
+                }
+            }
+            Record::Fenced { .. } => self.fenced = true,
+        }
+    }
+}
+
+/// A 64-bit mix (Steele, Lea and Flood's SplitMix64 finaliser): distinct tokens from one seed.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Windows of seconds, as the tests run them; the lease lapses 1.5 s after its last grant.
+    fn settings(mode: Mode) -> Settings {
+        Settings {
+            mode,
+            detect_window_ms: 1_000,
+            report_max_age_ms: 500,
+            approval_ttl_ms: 10_000,
+            write_lease_ms: 1_200,
+            clock_drift_ms: 300,
+            step_retry_ms: 2_000,
+            ..Settings::default()
+        }
+    }
+
+    fn health(r: &mut Runbook, vantage: &str, healthy: bool, at_ms: u64) -> Vec<Action> {
+        r.on(Event::Health { vantage: vantage.into(), healthy, at_ms })
+    }
+
+    /// Both vantage points report the primary unhealthy every 100 ms over `[from, to]`; returns
+    /// the actions of the last report.
+    fn unhealthy_from_both(r: &mut Runbook, from: u64, to: u64) -> Vec<Action> {
+        let mut last = Vec::new();
+        for t in (from..=to).step_by(100) {
+            last = health(r, "standby", false, t);
+            last.extend(health(r, "arbiter", false, t));
+        }
+        last
+    }
+
+    fn started(step: Step, at_ms: u64) -> Action {
+        Action::Journal(Record::Started { step, at_ms })
+    }
+
+    #[test]
+    fn two_vantage_points_for_the_whole_window_decide_and_start_the_fence() {
+        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        r.on(Event::LeaseRenewed { at_ms: 400 });
+        assert_eq!(unhealthy_from_both(&mut r, 0, 900), vec![]);
+        assert_eq!(r.on(Event::Tick { now_ms: 999 }), vec![]);
+        assert_eq!(
+            r.on(Event::Tick { now_ms: 1_000 }),
+            vec![
+                Action::Journal(Record::Detected { at_ms: 1_000, vantages: vec!["arbiter".into(), "standby".into()] }),
+                // The lease may have been renewed up to now: it lapses 1.5 s after.
+                Action::Journal(Record::Decided { epoch: 1, at_ms: 1_000, lease_lapses_at_ms: 2_500 }),
+                Action::StopRenewing,
+                started(Step::Fence, 1_000),
+                Action::Run { step: Step::Fence, epoch: 1 },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_one_sided_partition_and_stale_reports_do_not_trigger() {
+        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        for t in (0..=5_000).step_by(100) {
+            // The standby cannot reach the primary; the arbiter can.
+            assert_eq!(health(&mut r, "standby", false, t), vec![]);
+            assert_eq!(health(&mut r, "arbiter", true, t), vec![]);
+        }
+        // The arbiter goes silent while the standby still sees nothing: one recent view only.
+        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        unhealthy_from_both(&mut r, 0, 400);
+        for t in (500..=3_000).step_by(100) {
+            assert_eq!(health(&mut r, "standby", false, t), vec![]);
+        }
+        assert_eq!(r.phase(), &Phase::Watching);
+    }
+
+    #[test]
+    fn health_that_returns_inside_the_window_starts_it_again() {
+        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        unhealthy_from_both(&mut r, 0, 500);
+        assert_eq!(health(&mut r, "arbiter", true, 600), vec![]);
+        assert_eq!(unhealthy_from_both(&mut r, 700, 1_600), vec![]);
+        let out = r.on(Event::Tick { now_ms: 1_700 });
+        assert_eq!(
+            out[0],
+            Action::Journal(Record::Detected { at_ms: 1_700, vantages: vec!["arbiter".into(), "standby".into()] })
+        );
+    }
+
+    #[test]
+    fn approve_mode_waits_for_its_one_token_which_expires() {
+        let mut r = Runbook::new(settings(Mode::Approve), 3, 7);
+        unhealthy_from_both(&mut r, 0, 900);
+        let out = r.on(Event::Tick { now_ms: 1_000 });
+        let Phase::AwaitingApproval { token, expires_at_ms } = *r.phase() else { panic!("{out:?}") };
+        assert_eq!(expires_at_ms, 11_000);
+        assert_eq!(
+            &out[1..],
+            [
+                Action::Journal(Record::AwaitingApproval { token, expires_at_ms }),
+                Action::RequestApproval { token, expires_at_ms },
+            ]
+        );
+        assert_eq!(
+            r.on(Event::Approve { token: token ^ 1, at_ms: 1_100 }),
+            vec![Action::RefuseApproval { token: token ^ 1, why: "not the approval token this failover awaits" }]
+        );
+        // Unapproved past its expiry, with the primary still lost: a new token, the old one dead.
+        unhealthy_from_both(&mut r, 1_000, 11_000);
+        let Phase::AwaitingApproval { token: second, .. } = *r.phase() else { panic!() };
+        assert_ne!(second, token);
+        assert_eq!(
+            r.on(Event::Approve { token, at_ms: 11_050 })[0],
+            Action::RefuseApproval { token, why: "not the approval token this failover awaits" }
+        );
+        let out = r.on(Event::Approve { token: second, at_ms: 11_100 });
+        assert_eq!(out[0], Action::Journal(Record::Decided { epoch: 4, at_ms: 11_100, lease_lapses_at_ms: 12_600 }));
+        assert_eq!(
+            r.on(Event::Approve { token: second, at_ms: 11_200 }),
+            vec![Action::RefuseApproval {
+                token: second,
+                why: "the failover was already decided (a token is good once)"
+            }]
+        );
+    }
+
+    #[test]
+    fn a_primary_that_recovers_while_approval_is_awaited_is_not_failed_over() {
+        let mut r = Runbook::new(settings(Mode::Approve), 0, 7);
+        unhealthy_from_both(&mut r, 0, 1_000);
+        let Phase::AwaitingApproval { token, .. } = *r.phase() else { panic!() };
+        assert_eq!(health(&mut r, "arbiter", true, 1_100), vec![Action::Journal(Record::Recovered { at_ms: 1_100 })]);
+        assert_eq!(
+            r.on(Event::Approve { token, at_ms: 1_200 }),
+            vec![Action::RefuseApproval { token, why: "no failover awaits approval" }]
+        );
+    }
+
+    #[test]
+    fn promote_waits_for_the_lease_to_lapse_or_for_the_fence_records() {
+        // The lease lapses at 2,500 (decided at 1,000, lease 1,200, drift 300).
+        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        unhealthy_from_both(&mut r, 0, 1_000);
+        assert_eq!(
+            r.on(Event::Done { step: Step::Fence, at_ms: 1_200 }),
+            vec![Action::Journal(Record::Finished { step: Step::Fence, at_ms: 1_200 })]
+        );
+        // A renewal granted just before the vantage points stopped, reported late, counts.
+        r.on(Event::LeaseRenewed { at_ms: 1_100 });
+        assert_eq!(r.on(Event::Tick { now_ms: 2_500 }), vec![]);
+        assert_eq!(
+            r.on(Event::Tick { now_ms: 2_600 }),
+            vec![started(Step::Promote, 2_600), Action::Run { step: Step::Promote, epoch: 1 }]
+        );
+        // With the old voters' fence records, it need not wait.
+        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        unhealthy_from_both(&mut r, 0, 1_000);
+        r.on(Event::Done { step: Step::Fence, at_ms: 1_200 });
+        assert_eq!(r.on(Event::FencedByMajority { epoch: 2, at_ms: 1_300 }), vec![], "another epoch's fence");
+        assert_eq!(
+            r.on(Event::FencedByMajority { epoch: 1, at_ms: 1_300 }),
+            vec![
+                Action::Journal(Record::Fenced { epoch: 1, at_ms: 1_300 }),
+                started(Step::Promote, 1_300),
+                Action::Run { step: Step::Promote, epoch: 1 }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_step_runs_again_after_its_retry_delay() {
+        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        unhealthy_from_both(&mut r, 0, 1_000);
+        let failed = Event::Failed { step: Step::Fence, reason: "firewall hook exited 1".into(), at_ms: 1_100 };
+        assert_eq!(
+            r.on(failed),
+            vec![Action::Journal(Record::Failed {
+                step: Step::Fence,
+                at_ms: 1_100,
+                reason: "firewall hook exited 1".into()
+            })]
+        );
+        assert_eq!(r.on(Event::Tick { now_ms: 3_000 }), vec![]);
+        assert_eq!(
+            r.on(Event::Tick { now_ms: 3_100 }),
+            vec![started(Step::Fence, 3_100), Action::Run { step: Step::Fence, epoch: 1 }]
+        );
+    }
+
+    /// An executor that finishes every step it is asked to run, checking that the journal has it
+    /// started first; returns the steps whose effect it carried out, in order.
+    fn execute(r: &mut Runbook, first: Vec<Action>, mut now_ms: u64, journal: &mut Vec<Record>) -> Vec<Step> {
+        let mut effects = Vec::new();
+        let mut pending = first;
+        while matches!(r.phase(), Phase::Running { .. } | Phase::WaitingForLease { .. }) || !pending.is_empty() {
+            let mut next = Vec::new();
+            for a in pending {
+                match a {
+                    Action::Journal(rec) => journal.push(rec),
+                    Action::Run { step, .. } => {
+                        // The journal says it started, and not that it finished, before it runs.
+                        let last = journal
+                            .iter()
+                            .rev()
+                            .find(|x| matches!(x, Record::Started { .. } | Record::Finished { .. }));
+                        assert!(
+                            matches!(last, Some(Record::Started { step: s, .. }) if *s == step),
+                            "{step:?} run unjournaled"
+                        );
+                        effects.push(step);
+                        now_ms += 10;
+                        next.extend(r.on(Event::Done { step, at_ms: now_ms }));
+                    }
+                    _ => {}
+                }
+            }
+            if next.is_empty() {
+                now_ms += 100;
+                next = r.on(Event::Tick { now_ms });
+            }
+            pending = next;
+        }
+        effects
+    }
+
+    #[test]
+    fn a_controller_killed_after_any_journal_record_resumes_and_finishes_each_step_once() {
+        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        let mut journal = Vec::new();
+        let first = unhealthy_from_both(&mut r, 0, 1_000);
+        let effects = execute(&mut r, first, 1_000, &mut journal);
+        let all = [Step::Fence, Step::Promote, Step::Redirect, Step::Verify, Step::Notify];
+        assert_eq!(effects, all);
+        assert_eq!(r.phase(), &Phase::Done { epoch: 1 });
+        for crash in 0..=journal.len() {
+            let prefix = journal[..crash].to_vec();
+            let (mut resumed, actions) = Runbook::resume(settings(Mode::Auto), 0, 7, &prefix, 10_000);
+            let mut rest = prefix.clone();
+            let again = execute(&mut resumed, actions, 10_000, &mut rest);
+            if !prefix.iter().any(|x| matches!(x, Record::Decided { .. })) {
+                // Nothing was decided: the resumed controller watches the primary afresh, for a
+                // whole window, before it acts.
+                assert_eq!(
+                    (resumed.phase(), again.as_slice()),
+                    (&Phase::Watching, &[][..]),
+                    "crash after record {crash}"
+                );
+                continue;
+            }
+            assert_eq!(resumed.phase(), &Phase::Done { epoch: 1 }, "crash after record {crash}: {prefix:?}");
+            // Every step finishes exactly once across the crash; only a step started and not
+            // finished before it runs again (its effect is idempotent).
+            for step in &all {
+                let finished =
+                    rest.iter().filter(|x| matches!(x, Record::Finished { step: s, .. } if s == step)).count();
+                assert_eq!(finished, 1, "crash after record {crash}: {step:?} finished {finished} times");
+            }
+            let done_before: Vec<Step> = prefix
+                .iter()
+                .filter_map(|x| if let Record::Finished { step, .. } = x { Some(*step) } else { None })
+                .collect();
+            assert!(again.iter().all(|s| !done_before.contains(s)), "crash after record {crash}: reran {again:?}");
+        }
+    }
+}
