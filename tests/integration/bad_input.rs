@@ -136,22 +136,7 @@ fn etcdctl_sees_the_same_answers_and_error_texts_from_geolock_and_etcd() {
     }
     for (what, args, stdin) in cases {
         let [g, e] = [geo.endpoint(), etcd.endpoint()].map(|ep| etcdctl(&ep, &args, stdin));
-        // etcdctl's client logs its retries as JSON with a time and a client ID of its own:
-        // everything else it prints is compared.
-        let show = |o: &std::process::Output| {
-            let stderr: Vec<String> = String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .filter(|l| !l.starts_with("{\"level\""))
-                .map(str::to_string)
-                .collect();
-            format!(
-                "status {:?}, stdout {:?}, stderr {:?}",
-                o.status.code(),
-                String::from_utf8_lossy(&o.stdout),
-                stderr
-            )
-        };
-        assert_eq!(show(&g), show(&e), "{what}: geolock (left) and etcd (right) differ");
+        assert_eq!(shown(&g), shown(&e), "{what}: geolock (left) and etcd (right) differ");
     }
 }
 
@@ -276,13 +261,16 @@ fn database_space_exceeded_reads_as_etcds() {
         assert!(refused_after[1] >= 8, "etcd refused after {} puts of 64 KiB", refused_after[1]);
     });
     let [g, e] = [geo.endpoint(), etcd.endpoint()].map(|ep| etcdctl(&ep, &["put", "one-more", &value], None));
-    let show = |o: &std::process::Output| {
-        let stderr: Vec<String> = String::from_utf8_lossy(&o.stderr)
-            .lines()
-            .filter(|l| !l.starts_with("{\"level\""))
-            .map(str::to_string)
-            .collect();
-        format!("status {:?}, stdout {:?}, stderr {stderr:?}", o.status.code(), String::from_utf8_lossy(&o.stdout))
-    };
-    assert_eq!(show(&g), show(&e), "etcdctl put over the quota: geolock (left) and etcd (right) differ");
+    assert_eq!(shown(&g), shown(&e), "etcdctl put over the quota: geolock (left) and etcd (right) differ");
+}
+
+/// What etcdctl printed, for comparing two runs: its exit status, stdout, and stderr without the
+/// JSON lines its client logs retries with (they carry a time and a client ID of their own).
+fn shown(o: &std::process::Output) -> String {
+    let stderr: Vec<String> = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("{\"level\""))
+        .map(str::to_string)
+        .collect();
+    format!("status {:?}, stdout {:?}, stderr {stderr:?}", o.status.code(), String::from_utf8_lossy(&o.stdout))
 }

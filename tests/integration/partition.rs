@@ -460,6 +460,12 @@ impl Setup {
         self.g.c.nodes.iter().find(|n| n.region == region && n.role == Role::Voter).unwrap().endpoint()
     }
 
+    /// One `lockctl lock` run (not a loop) from `region`, through its data members.
+    fn lock_once(&self, region: &str, name: &str, ttl_s: u32, hold_s: f64, who: &str) -> LockLoop {
+        let launcher = self.g.c.launcher_in(region).unwrap();
+        LockLoop::start(launcher, self.data_endpoints(region), name, ttl_s, hold_s, who, &self.fence.path, true)
+    }
+
     fn lock_loop(&self, region: &str, endpoints: String, name: &str, ttl_s: u32, hold_s: f64, who: &str) -> LockLoop {
         LockLoop::start(
             self.g.c.launcher_in(region).unwrap(),
@@ -797,32 +803,14 @@ fn the_specs_lease_expiry_timeline_tells_the_cut_off_holder_and_fences_it() {
     let mut s = Setup::start("node-3");
     let ttl = 5u32;
     // T0: A takes the lock from us-east, to hold it as long as it can.
-    let a = LockLoop::start(
-        s.g.c.launcher_in("us-east").unwrap(),
-        s.data_endpoints("us-east"),
-        "timeline",
-        ttl,
-        300.0,
-        "A",
-        &s.fence.path,
-        true,
-    );
+    let a = s.lock_once("us-east", "timeline", ttl, 300.0, "A");
     let token_a = wait_holding(&s.fence, "A", Duration::from_secs(30));
     let o = s.observe(&["node-1", "node-2"], &["node-1", "node-3"]);
     s.sleep(Duration::from_secs(2));
     // T5: the partition isolates A's region; B, in the leader's region, asks for the lock.
     let cut = Instant::now();
     s.g.c.partition("us-east").unwrap();
-    let b = LockLoop::start(
-        s.g.c.launcher_in("us-west").unwrap(),
-        s.data_endpoints("us-west"),
-        "timeline",
-        ttl,
-        2.0,
-        "B",
-        &s.fence.path,
-        true,
-    );
+    let b = s.lock_once("us-west", "timeline", ttl, 2.0, "B");
     let token_b = wait_holding(&s.fence, "B", Duration::from_secs(30));
     let b_at = first_write(&s.fence, "B").unwrap();
     // T35: the partition heals; T36: A uses its old token, and the resource rejects it.
@@ -934,16 +922,7 @@ fn check_grant(rt: &tokio::runtime::Runtime, endpoint: &str, name: &str, r: &lpb
 #[test]
 fn a_waiter_cut_off_past_its_lease_is_not_granted_when_the_partition_heals() {
     let mut s = Setup::start("node-3");
-    let h = LockLoop::start(
-        s.g.c.launcher_in("us-west").unwrap(),
-        s.data_endpoints("us-west"),
-        "w",
-        10,
-        5.0,
-        "H",
-        &s.fence.path,
-        true,
-    );
+    let h = s.lock_once("us-west", "w", 10, 5.0, "H");
     let token_h = wait_holding(&s.fence, "H", Duration::from_secs(30));
     let held_at = first_write(&s.fence, "H").unwrap();
     let o = s.observe(&["node-1", "node-2"], &["node-2", "node-4"]);
@@ -963,16 +942,7 @@ fn a_waiter_cut_off_past_its_lease_is_not_granted_when_the_partition_heals() {
         assert!(Instant::now() < deadline, "the waiter's key never appeared");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let q = LockLoop::start(
-        s.g.c.launcher_in("us-west").unwrap(),
-        s.data_endpoints("us-west"),
-        "w",
-        10,
-        1.0,
-        "Q",
-        &s.fence.path,
-        true,
-    );
+    let q = s.lock_once("us-west", "w", 10, 1.0, "Q");
     s.sleep(Duration::from_millis(500));
     let cut = Instant::now();
     s.g.c.partition("us-east").unwrap();
