@@ -3,11 +3,12 @@
 # libclang-dev (RocksDB's bindings), protobuf-compiler and libprotobuf-dev (protoc and the well-known
 # .proto files it imports, for the etcd-client crate's build),
 # etcd-client (etcdctl, the reference client), etcd-server (etcd, for side-by-side tests),
-# iproute2 (`ip`, for the multi-region harness's network namespaces) and python3 (the programs
-# the partition tests' lock holders run).
+# iproute2 (`ip`, for the multi-region harness's network namespaces), python3 (the programs
+# the partition tests' lock holders run), bind9 (named, the DNS server the failover controller
+# updates) and bind9-dnsutils (dig, to read what named serves independently of our own reader).
 set -euo pipefail
 need=()
-for p in libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server iproute2 python3; do
+for p in libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server iproute2 python3 bind9 bind9-dnsutils; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

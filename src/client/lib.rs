@@ -3,8 +3,9 @@
 //! a lease kept alive through leader changes, locks with their fencing tokens, elections.
 //!
 //! It prints nothing and chooses no exit codes; every failure is a [`ClientError`]. The region
-//! failover runbook's decision machine is [`failover`].
+//! failover runbook's decision machine is [`failover`]; its DNS change (REDIRECT) is [`dns`].
 
+pub mod dns;
 pub mod failover;
 
 use std::time::Duration;

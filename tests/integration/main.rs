@@ -6,6 +6,7 @@ mod cluster;
 mod common;
 mod crash;
 mod differential;
+mod failover_dns;
 mod geo;
 mod kv;
 mod lease;
