@@ -14,8 +14,29 @@ use serde::{Deserialize, Serialize};
 use crate::storage::{Cf, Engine, StorageError, WriteBatch};
 
 /// A revision, numbered as etcd numbers them: 1 for the empty key space, then one more for each
-/// write (a Txn's writes share one).
+/// write (a Txn's writes share one). Across a region failover the revision jumps to the next
+/// revision epoch's first: a revision is `epoch << REV_COUNTER_BITS | counter` (DESIGN.md
+/// "Region failover"), so every revision, and every lock's fencing token (its key's create
+/// revision), issued after a failover is greater than any issued before it, whatever the lost
+/// window held.
 pub type Rev = i64;
+
+/// Bits of a revision that count writes within one epoch: 2^40 revisions is 35 years of 1,000
+/// writes a second.
+pub const REV_COUNTER_BITS: u32 = 40;
+
+/// The highest revision epoch: a revision is a positive i64, so 23 bits are left for it.
+pub const EPOCH_MAX: u64 = (1 << (63 - REV_COUNTER_BITS)) - 1;
+
+/// The revision epoch `rev` belongs to (0 for a cluster that never failed over).
+pub fn epoch_of(rev: Rev) -> u64 {
+    (rev.max(0) as u64) >> REV_COUNTER_BITS
+}
+
+/// The first revision of `epoch`.
+pub fn epoch_start(epoch: u64) -> Rev {
+    (epoch.min(EPOCH_MAX) << REV_COUNTER_BITS) as Rev
+}
 
 /// One key at one revision, as clients see it (mvccpb.KeyValue).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +265,11 @@ pub enum KvError {
     TxnTooDeep { max: usize },
     #[error("etcdserver: mvcc: database space exceeded ({bytes} bytes of keys and values, quota {max})")]
     NoSpace { bytes: u64, max: u64 },
+    /// A failover's new epoch must come after the one the key space is in.
+    #[error("geolock: revision epoch {epoch} does not come after the current epoch {current}")]
+    EpochNotAfter { epoch: u64, current: u64 },
+    #[error("geolock: revision epoch {epoch} is above the highest, {EPOCH_MAX}")]
+    EpochTooLarge { epoch: u64 },
 }
 
 /// One stored version of a key. `value == None` marks a deletion (tombstone).
@@ -700,6 +726,28 @@ impl Mvcc {
         Ok(())
     }
 
+    /// Enter revision epoch `epoch` (a failover's new primary does, before any write): the
+    /// revision jumps to the epoch's first, and history before it is compacted away, so a read or
+    /// a watch from an older revision gets `Compacted` and re-reads, rather than missing what the
+    /// old primary committed and this key space never received. Live keys keep their values and
+    /// revisions. Returns the new revision.
+    ///
+    /// Errors: `EpochNotAfter` unless `epoch` is above the current revision's; `EpochTooLarge`.
+    pub fn enter_epoch(&mut self, epoch: u64, batch: &mut WriteBatch) -> Result<Rev, KvError> {
+        if epoch > EPOCH_MAX {
+            return Err(KvError::EpochTooLarge { epoch });
+        }
+        let current = epoch_of(self.current_rev);
+        if epoch <= current {
+            return Err(KvError::EpochNotAfter { epoch, current });
+        }
+        debug_assert_eq!(self.pending_subs, 0, "an epoch starts between operations");
+        self.current_rev = epoch_start(epoch);
+        batch.put(Cf::SmMeta, META_CURRENT_REV, self.current_rev.to_be_bytes().to_vec());
+        self.compact(self.current_rev, batch)?;
+        Ok(self.current_rev)
+    }
+
     /// Drop history at and below `rev`, keeping each key's version as of `rev` if it is live.
     pub fn compact(&mut self, rev: Rev, batch: &mut WriteBatch) -> Result<(), KvError> {
         self.check_compact(rev)?;
@@ -1045,6 +1093,40 @@ mod tests {
         assert_eq!(l.index, m.index);
         assert_eq!(l.changes, m.changes);
         assert_eq!(l.bytes(), m.bytes());
+    }
+
+    #[test]
+    fn a_new_epoch_jumps_the_revision_past_every_earlier_one_and_compacts_what_came_before() {
+        let engine = MemEngine::new();
+        let mut m = Mvcc::new();
+        let mut b = WriteBatch::default();
+        put(&mut m, &mut b, "a", "1");
+        put(&mut m, &mut b, "a", "2");
+        assert_eq!(put(&mut m, &mut b, "b", "x"), 4);
+        assert_eq!(m.enter_epoch(1, &mut b), Ok(1 << 40));
+        assert_eq!((m.current_rev(), m.compact_rev(), epoch_of(m.current_rev())), (1 << 40, 1 << 40, 1));
+        // A read or a watch from before the epoch is told to re-read.
+        assert_eq!(m.check_rev(3), Err(KvError::Compacted { requested: 3, compact_revision: 1 << 40 }));
+        let a = m.get(b"a").unwrap();
+        assert_eq!((a.value, a.create_revision, a.mod_revision, a.version), (b"2".to_vec(), 2, 3, 2));
+        // The next write, and a key (a lock's fencing token) created by it, come after all before.
+        assert_eq!(put(&mut m, &mut b, "c", "y"), (1 << 40) + 1);
+        assert_eq!(m.get(b"c").unwrap().create_revision, (1 << 40) + 1);
+        for (epoch, err) in [
+            (1, KvError::EpochNotAfter { epoch: 1, current: 1 }),
+            (0, KvError::EpochNotAfter { epoch: 0, current: 1 }),
+            (EPOCH_MAX + 1, KvError::EpochTooLarge { epoch: EPOCH_MAX + 1 }),
+        ] {
+            assert_eq!(m.enter_epoch(epoch, &mut b), Err(err));
+        }
+        assert_eq!(m.current_rev(), (1 << 40) + 1, "a refused epoch changes nothing");
+        assert_eq!(m.enter_epoch(EPOCH_MAX, &mut b), Ok(epoch_start(EPOCH_MAX)));
+        // The last epoch's last revision is the last i64.
+        assert_eq!(epoch_start(EPOCH_MAX) + ((1 << REV_COUNTER_BITS) - 1), i64::MAX);
+        engine.write(b, false).unwrap();
+        let l = Mvcc::load(&*engine).unwrap();
+        assert_eq!((l.current_rev(), l.compact_rev()), (epoch_start(EPOCH_MAX), epoch_start(EPOCH_MAX)));
+        assert_eq!(l.index, m.index);
     }
 
     #[test]

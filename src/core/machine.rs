@@ -30,6 +30,11 @@ pub enum Command {
     LeaseRevoke {
         id: i64,
     },
+    /// A failover's new primary enters revision epoch `epoch` ([`Mvcc::enter_epoch`]): its first
+    /// entry, before any write.
+    EnterEpoch {
+        epoch: u64,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -42,6 +47,7 @@ impl std::fmt::Display for Command {
             Command::Compact { revision } => write!(f, "compact {revision}"),
             Command::LeaseGrant { id, ttl_s } => write!(f, "lease-grant {id:x} {ttl_s}s"),
             Command::LeaseRevoke { id } => write!(f, "lease-revoke {id:x}"),
+            Command::EnterEpoch { epoch } => write!(f, "enter-epoch {epoch}"),
         }
     }
 }
@@ -58,6 +64,8 @@ pub enum Response {
         ttl_s: i64,
     },
     LeaseRevoke,
+    /// The key space is in the new epoch, at [`Applied::revision`]; every watcher must start again.
+    EnterEpoch,
     /// A log entry that carried no command (blank or membership).
     Nothing,
 }
@@ -182,6 +190,10 @@ impl Machine {
                 // The lease is gone already; its keys' moves need no mirroring.
                 events.append(&mut fx.events);
                 Ok(Response::LeaseRevoke)
+            }
+            Command::EnterEpoch { epoch } => {
+                self.kv.enter_epoch(*epoch, batch)?;
+                Ok(Response::EnterEpoch)
             }
         }
     }
@@ -323,7 +335,10 @@ pub fn validate(cmd: &Command) -> Result<(), KvError> {
         Command::Put(p) => kv::check_put(p),
         Command::DeleteRange(d) => kv::check_key(&d.key),
         Command::Txn(t) => kv::validate_txn(t),
-        Command::Compact { .. } | Command::LeaseGrant { .. } | Command::LeaseRevoke { .. } => Ok(()),
+        Command::Compact { .. }
+        | Command::LeaseGrant { .. }
+        | Command::LeaseRevoke { .. }
+        | Command::EnterEpoch { .. } => Ok(()),
     }
 }
 

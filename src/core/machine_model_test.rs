@@ -1,5 +1,5 @@
 //! Model-based test of the state machine: random sequences of puts, deletes, Txns, compactions,
-//! lease grants and revokes, applied both to [`Machine`] and to a deliberately naive model of
+//! lease grants and revokes, revision epochs, applied both to [`Machine`] and to a deliberately naive model of
 //! etcd's MVCC (a full copy of the key space per revision), must give the same responses, the
 //! same events and the same reads at every revision.
 
@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 
 use super::*;
-use crate::kv::{Compare, CompareResult, CompareTarget, Event, EventKind, KeyValue};
+use crate::kv::{epoch_of, epoch_start, Compare, CompareResult, CompareTarget, Event, EventKind, KeyValue, EPOCH_MAX};
 use crate::storage::WriteBatch;
 
 type State = BTreeMap<Vec<u8>, KeyValue>;
@@ -239,6 +239,20 @@ impl Model {
                     Err(LeaseError::NotFound { lease: *id }.into())
                 }
             }
+            Command::EnterEpoch { epoch } => {
+                let current = epoch_of(self.rev());
+                if *epoch > EPOCH_MAX {
+                    Err(KvError::EpochTooLarge { epoch: *epoch }.into())
+                } else if *epoch <= current {
+                    Err(KvError::EpochNotAfter { epoch: *epoch, current }.into())
+                } else {
+                    // The state carries over to the epoch's first revision; all before is gone.
+                    let start = epoch_start(*epoch);
+                    self.history.push((start, work.clone()));
+                    self.compacted = start;
+                    Ok(Response::EnterEpoch)
+                }
+            }
         };
         if result.is_err() {
             ev.clear();
@@ -353,6 +367,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0i64..14).prop_map(|revision| Step::Apply(Command::Compact { revision })),
         1 => (1i64..3).prop_map(|id| Step::Apply(Command::LeaseGrant { id, ttl_s: 10 })),
         1 => (1i64..3).prop_map(|id| Step::Apply(Command::LeaseRevoke { id })),
+        1 => (0u64..3).prop_map(|epoch| Step::Apply(Command::EnterEpoch { epoch })),
         3 => range().prop_map(Step::Read),
     ]
 }
@@ -443,6 +458,7 @@ fn any_command() -> impl Strategy<Value = Command> {
         1 => (-2i64..14).prop_map(|revision| Command::Compact { revision }),
         1 => (-1i64..3, -1i64..20).prop_map(|(id, ttl_s)| Command::LeaseGrant { id, ttl_s }),
         1 => (-1i64..3).prop_map(|id| Command::LeaseRevoke { id }),
+        1 => prop_oneof![Just(0), Just(1), Just(EPOCH_MAX + 1)].prop_map(|epoch| Command::EnterEpoch { epoch }),
     ]
 }
 

@@ -202,6 +202,24 @@ impl Hub {
         out
     }
 
+    /// The key space entered a new revision epoch, whose first revision is `revision` (a region
+    /// failover): every watcher is cancelled with that revision as its compact revision, so etcd's
+    /// clients take it as a compaction (re-read, then watch again from the new revision), and
+    /// with a reason that says why.
+    pub fn enter_epoch(&mut self, revision: Rev) -> Vec<Output> {
+        let reason = format!(
+            "geolock: the cluster entered revision epoch {} after a region failover; re-read and watch again",
+            crate::kv::epoch_of(revision)
+        );
+        let all = std::mem::take(&mut self.watchers);
+        all.into_keys()
+            .map(|(stream, watch_id)| Output {
+                stream,
+                reply: Reply::Canceled { watch_id, reason: reason.clone(), compact_revision: revision, created: false },
+            })
+            .collect()
+    }
+
     /// The reply for `watch_id` could not be queued: resend from `from_rev` by catching up.
     pub fn unsync(&mut self, stream: StreamId, watch_id: i64, from_rev: Rev) {
         if let Some(w) = self.watchers.get_mut(&(stream, watch_id)) {
@@ -313,6 +331,30 @@ mod tests {
                 _ => vec![],
             })
             .collect()
+    }
+
+    #[test]
+    fn a_new_epoch_cancels_every_watcher_as_compacted_and_says_why() {
+        let mut kv = Mvcc::new();
+        let mut hub = Hub::new();
+        put(&mut kv, "a"); // 2
+        for stream in [1, 2] {
+            let spec = WatchSpec { key: b"a".to_vec(), ..Default::default() };
+            assert!(matches!(hub.create(stream, spec, &kv).reply, Reply::Created { .. }));
+        }
+        let first = kv.enter_epoch(3, &mut WriteBatch::default()).unwrap();
+        let reason = "geolock: the cluster entered revision epoch 3 after a region failover; re-read and watch again";
+        let canceled = |stream| Output {
+            stream,
+            reply: Reply::Canceled { watch_id: 0, reason: reason.into(), compact_revision: 3 << 40, created: false },
+        };
+        assert_eq!(hub.enter_epoch(first), vec![canceled(1), canceled(2)]);
+        assert!(hub.is_empty());
+        // Watching again from the revision the client last saw is refused as compacted.
+        let again = WatchSpec { key: b"a".to_vec(), start_revision: 3, ..Default::default() };
+        hub.create(1, again, &kv);
+        let out = hub.catch_up(1, &kv);
+        assert!(matches!(out[0].reply, Reply::Canceled { compact_revision, .. } if compact_revision == 3 << 40));
     }
 
     #[test]

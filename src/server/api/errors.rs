@@ -62,6 +62,7 @@ fn kv_code(e: &KvError) -> Code {
         KvError::Compacted { .. } | KvError::FutureRev { .. } => Code::OutOfRange,
         KvError::LeaseNotFound { .. } => Code::NotFound,
         KvError::NoSpace { .. } => Code::ResourceExhausted,
+        KvError::EpochNotAfter { .. } => Code::FailedPrecondition,
         KvError::KeyNotFound
         | KvError::DuplicateKey
         | KvError::TooManyOps { .. }
@@ -69,7 +70,8 @@ fn kv_code(e: &KvError) -> Code {
         | KvError::KeyTooLarge { .. }
         | KvError::ValueProvided
         | KvError::LeaseProvided
-        | KvError::TxnTooDeep { .. } => Code::InvalidArgument,
+        | KvError::TxnTooDeep { .. }
+        | KvError::EpochTooLarge { .. } => Code::InvalidArgument,
     }
 }
 

@@ -171,6 +171,10 @@ mod tests {
         out.push(encode(&stored));
         out.push(encode(&data));
         out.push(encode(&(&meta, encode(&data))));
+        // Added to version 1 with revision epochs: a new command is a new variant at the end,
+        // which leaves every record above as it was (an older member cannot read it, so a
+        // failover's new cluster runs one build).
+        out.push(encode(&Entry::new_normal(log_id(2, 16), Command::EnterEpoch { epoch: 3 })));
         out
     }
 

@@ -238,6 +238,10 @@ impl RaftStateMachine<TC> for StateMachine {
                     let out = st.hub.on_apply(&events, applied.revision);
                     st.deliver(out);
                 }
+                if applied.result == Ok(Response::EnterEpoch) {
+                    let out = st.hub.enter_epoch(applied.revision);
+                    st.deliver(out);
+                }
                 applied
             };
             if let Some(r) = responder {
