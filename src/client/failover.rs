@@ -17,6 +17,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::ClientError;
+
 /// How the runbook decides, once the primary looks lost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -466,6 +468,30 @@ impl Runbook {
             Record::Fenced { .. } => self.fenced = true,
         }
     }
+}
+
+/// Fence the member at `endpoint` (one member: not the first of a list that answers) out of the
+/// old primary, for the failover into `epoch` (see `geolockpb.Failover.Fence`). Returns what the
+/// member recorded: the epoch it is fenced by, and how far it had applied.
+///
+/// Errors: [`ClientError::Connect`] when the member cannot be reached; the member's refusal as
+/// [`ClientError::Rpc`] (an epoch of 0 or above the highest).
+pub async fn fence(endpoint: &str, epoch: u64) -> Result<geolock_proto::geolockpb::FenceResponse, ClientError> {
+    let ch = crate::connect(endpoint).await?;
+    let mut c = geolock_proto::geolockpb::failover_client::FailoverClient::new(ch);
+    Ok(c.fence(geolock_proto::geolockpb::FenceRequest { epoch }).await?.into_inner())
+}
+
+/// PROMOTE the learner at `endpoint`: it seeds a new cluster, in revision epoch `epoch`, from
+/// the state it applied (see `geolockpb.Failover.Promote`); it restarts to do so, and serves
+/// again shortly after as the new cluster's leader.
+///
+/// Errors: [`ClientError::Connect`]; the member's refusal as [`ClientError::Rpc`] (not a
+/// learner, fenced, or an epoch not above its own).
+pub async fn promote(endpoint: &str, epoch: u64) -> Result<geolock_proto::geolockpb::PromoteResponse, ClientError> {
+    let ch = crate::connect(endpoint).await?;
+    let mut c = geolock_proto::geolockpb::failover_client::FailoverClient::new(ch);
+    Ok(c.promote(geolock_proto::geolockpb::PromoteRequest { epoch }).await?.into_inner())
 }
 
 /// A 64-bit mix (Steele, Lea and Flood's SplitMix64 finaliser): distinct tokens from one seed.

@@ -37,6 +37,11 @@ enum Command {
         #[command(subcommand)]
         what: crate::commands::MemberCommand,
     },
+    /// Region failover by hand: the steps of the runbook the controller runs.
+    Failover {
+        #[command(subcommand)]
+        what: crate::commands::FailoverCommand,
+    },
     /// Run a local cluster of voters on loopback with generated certificates, until interrupted.
     Dev {
         /// Where the members keep their data, certificates and logs.
@@ -98,10 +103,10 @@ enum CertsCommand {
 
 /// Where client commands connect.
 #[derive(Args, Debug)]
-struct ClientArgs {
+pub struct ClientArgs {
     /// Comma-separated client endpoints (`host:port`); the first that answers is used.
     #[arg(long, global = true, default_value = "127.0.0.1:2379", env = "LOCKCTL_ENDPOINTS")]
-    endpoints: String,
+    pub endpoints: String,
 }
 
 /// Flags of `lockctl start`. Each overrides the file and the environment.
@@ -232,6 +237,7 @@ pub fn main() -> ExitCode {
             run_client(crate::commands::lock(&client.endpoints, &name, ttl, &command))
         }
         Command::Member { client, what } => run_client(crate::commands::member(&client.endpoints, what)),
+        Command::Failover { what } => run_client(crate::commands::failover(what)),
         Command::Elect { client, name, proposal, ttl } => {
             run_client(crate::commands::elect(&client.endpoints, &name, proposal.as_deref(), ttl))
         }

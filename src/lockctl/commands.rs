@@ -1,4 +1,4 @@
-//! `lockctl`'s client commands `lock`, `elect` and `member`, shaped like etcdctl's: what they
+//! `lockctl`'s client commands `lock`, `elect`, `member` and `failover`, shaped like etcdctl's: what they
 //! print and their exit codes, over the client library.
 
 use geolock_client::{acquire, campaign, connect, resign, unlock, ClientError, Held, Session};
@@ -214,4 +214,62 @@ pub async fn member(endpoints: &str, cmd: MemberCommand) -> Result<u8, CommandEr
         }
     }
     Ok(0)
+}
+
+/// `lockctl failover ...`
+#[derive(clap::Subcommand)]
+pub enum FailoverCommand {
+    /// FENCE: record on each member of ENDPOINTS (every one, not the first that answers) that
+    /// the failover into revision epoch EPOCH fenced it out: it refuses writes from then on,
+    /// also after a restart, until `lockctl failover rejoin`.
+    Fence {
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+        #[arg(long)]
+        epoch: u64,
+    },
+    /// PROMOTE: the learner at ENDPOINTS (one member) seeds a new cluster from the state it
+    /// applied, in revision epoch EPOCH, and restarts as its leader.
+    Promote {
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+        #[arg(long)]
+        epoch: u64,
+    },
+}
+
+/// Run a `lockctl failover` command. Prints one line a member; exits 1 if any member was not
+/// fenced.
+pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
+    match cmd {
+        FailoverCommand::Fence { client, epoch } => {
+            let mut failed = 0;
+            for endpoint in client.endpoints.split(',').filter(|e| !e.is_empty()) {
+                match geolock_client::failover::fence(endpoint, epoch).await {
+                    Ok(r) => println!(
+                        "{endpoint}: member {:x} fenced by epoch {}, applied index {}",
+                        r.header.unwrap_or_default().member_id,
+                        r.fenced_epoch,
+                        r.applied_index
+                    ),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{endpoint}: not fenced: {e}");
+                    }
+                }
+            }
+            Ok(u8::from(failed > 0))
+        }
+        FailoverCommand::Promote { client, epoch } => {
+            let r = geolock_client::failover::promote(&client.endpoints, epoch).await?;
+            println!(
+                "member {:x} seeds cluster {:x} in revision epoch {epoch} from applied index {} ({} received entries dropped)",
+                r.header.unwrap_or_default().member_id,
+                r.cluster_id,
+                r.applied_index,
+                r.dropped_entries
+            );
+            Ok(0)
+        }
+    }
 }

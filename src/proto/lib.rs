@@ -1,4 +1,5 @@
-//! Code generated from `proto/`: etcd's packages, services and messages.
+//! Code generated from `proto/`: etcd's packages, services and messages, and geolock's own
+//! `geolockpb.Failover` (the region failover controller's calls).
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
 /// The gRPC metadata key that carries a new member's name in MemberAdd (etcd's request has no
@@ -19,4 +20,8 @@ pub mod v3lockpb {
 }
 pub mod v3electionpb {
     tonic::include_proto!("v3electionpb");
+}
+/// geolock's own calls, for the region failover controller.
+pub mod geolockpb {
+    tonic::include_proto!("geolockpb");
 }

@@ -16,6 +16,8 @@ pub enum RunError {
     Start(#[from] StartError),
     #[error("client API: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("starting again after PROMOTE: {0}")]
+    Restart(std::io::Error),
 }
 
 /// Run a node with this configuration until SIGINT or SIGTERM.
@@ -51,7 +53,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         }));
     }
     tracing::info!(name = %cfg.name, client = ?addrs, data_dir = %cfg.data_dir().display(), "geolock node ready");
-    until_signal().await;
+    let restart = tokio::select! {
+        _ = until_signal() => false,
+        _ = node.restart_requested() => true,
+    };
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     for s in servers {
@@ -60,7 +65,22 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         }
     }
     Arc::clone(&node).shutdown().await;
+    if restart {
+        return Err(exec_self());
+    }
     Ok(())
+}
+
+/// Start this process again in place, same PID, arguments and output, once PROMOTE rewrote its
+/// storage: it comes up as the new cluster, as from a restart after SIGKILL (what the seed
+/// wrote is synced; the rest is in RocksDB's log). Returns only if the exec failed.
+fn exec_self() -> RunError {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return RunError::Restart(e),
+    };
+    RunError::Restart(std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec())
 }
 
 /// What a member runs beside the client API, by role. A learner runs what a voter runs, since it

@@ -7,6 +7,8 @@ mod common;
 mod crash;
 mod differential;
 mod failover_dns;
+mod failover_fence;
+mod failover_promote;
 mod geo;
 mod kv;
 mod lease;

@@ -141,6 +141,11 @@ impl From<ApiError> for Status {
                 NodeError::Member(MemberError::TransferTimeout { .. }) => Code::Unknown,
                 NodeError::Member(_) => Code::FailedPrecondition,
                 NodeError::Membership(_) | NodeError::Remote(_) => Code::Internal,
+                // For writes this member is gone for good; etcd's clients retry Unavailable on
+                // another endpoint, and re-resolve the client name, which by then names the new
+                // primary.
+                NodeError::Fenced { .. } => Code::Unavailable,
+                NodeError::NotPromotable { .. } => Code::FailedPrecondition,
             },
             ApiError::RequestTooLarge { .. } | ApiError::InvalidArgument(_) | ApiError::InvalidSortOption => {
                 Code::InvalidArgument

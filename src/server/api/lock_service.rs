@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::proto::v3electionpb as epb;
 use super::proto::v3lockpb as lpb;
 use super::{convert, Api, ApiError, Stream_};
-use crate::raft::LockWake;
+use crate::raft::{LockWake, NodeError};
 use geolock_core::kv::{self, Compare, CompareResult, CompareTarget, RequestOp, ResponseOp};
 use geolock_core::lock::{self, prefix_end, prefix_of};
 use geolock_core::machine::{Command, Response as Done};
@@ -83,6 +83,10 @@ impl Api {
         let lost = || ApiError::LockLost { key: String::from_utf8_lossy(key).into_owned() };
         let mut release = ReleaseOnDrop { api: Some(self.clone()), key: key.to_vec(), rev };
         let woken = self.node.wait_for_lock(&prefix_of(name), rev).await;
+        if let Some(epoch) = self.node.fenced_epoch() {
+            // The wait ended because the member was fenced: say so, not that the lock was lost.
+            return Err(NodeError::Fenced { epoch }.into());
+        }
         if woken == LockWake::Lost {
             release.api = None;
             return Err(lost());

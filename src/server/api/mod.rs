@@ -3,6 +3,7 @@
 
 mod convert;
 mod errors;
+mod failover_service;
 mod lock_service;
 use geolock_proto as proto;
 mod watch_service;
@@ -66,6 +67,7 @@ pub async fn serve(
         .add_service(Guarded::new(sized!(WatchServer::new(api.clone())), serves))
         .add_service(sized!(MaintenanceServer::new(api.clone())))
         .add_service(sized!(ClusterServer::new(api.clone())))
+        .add_service(sized!(proto::geolockpb::failover_server::FailoverServer::new(api.clone())))
         .add_service(Guarded::new(sized!(proto::v3lockpb::lock_server::LockServer::new(api.clone())), serves))
         .add_service(Guarded::new(
             sized!(proto::v3electionpb::election_server::ElectionServer::new(api.clone())),

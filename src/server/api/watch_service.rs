@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::proto::etcdserverpb as pb;
 use super::{convert, Api, ApiError, Stream_};
+use crate::raft::NodeError;
 use geolock_core::limits::WATCH_STREAM_QUEUE_MAX;
 use geolock_core::watch::{Reply, WatchSpec};
 
@@ -47,6 +48,9 @@ impl pb::watch_server::Watch for Api {
     type WatchStream = Stream_<pb::WatchResponse>;
 
     async fn watch(&self, req: Request<Streaming<pb::WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        if let Some(epoch) = self.node.fenced_epoch() {
+            return Err(ApiError::from(NodeError::Fenced { epoch }).into());
+        }
         let mut inbound = req.into_inner();
         let (tx, mut replies) = mpsc::channel::<Reply>(WATCH_STREAM_QUEUE_MAX);
         let stream = self.node.watch_open(tx);
@@ -114,9 +118,14 @@ impl pb::watch_server::Watch for Api {
                     break;
                 }
             }
-            // The node dropped our queue: it overflowed with control replies, or the node stops.
+            // The node dropped our queue: it overflowed with control replies, the member was
+            // fenced, or the node stops.
             if !reader.is_finished() {
-                let _ = out_tx.send(Err(ApiError::WatchQueueFull { max: WATCH_STREAM_QUEUE_MAX }.into())).await;
+                let why = match api.node.fenced_epoch() {
+                    Some(epoch) => ApiError::from(NodeError::Fenced { epoch }),
+                    None => ApiError::WatchQueueFull { max: WATCH_STREAM_QUEUE_MAX },
+                };
+                let _ = out_tx.send(Err(why.into())).await;
                 reader.abort();
             }
         });

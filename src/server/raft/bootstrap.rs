@@ -14,6 +14,7 @@ use super::log_store::LogStore;
 use super::network::{self, Peers, SnapshotInbox};
 use super::quorum::QuorumView;
 use super::state_machine::{Shared, StateMachine};
+use super::{fence, promote};
 use super::{Member, Node, Raft, StartError};
 use crate::config::{Config, InitialMember, Role};
 use crate::rocks::{Footprint, RocksEngine};
@@ -27,6 +28,11 @@ impl Node {
     /// Nothing runs in the background yet: `roles` starts what the member's role needs.
     pub async fn start(cfg: &Config) -> Result<Arc<Node>, StartError> {
         let (engine, shared) = open_storage(cfg)?;
+        let fenced_epoch = fence::load(&*engine)?;
+        // A learner that seeded a new cluster (PROMOTE) is that cluster's voter, whatever the
+        // flags it was started with say of the old one.
+        let seeded = promote::seeded_cluster_id(&*engine)?;
+        let role = if seeded.is_some() && cfg.role == Role::Learner { Role::Voter } else { cfg.role };
         let id = member_id(&cfg.name);
         let members = cfg.initial_members()?;
         let raft_cfg = Arc::new(raft_config(cfg)?);
@@ -35,10 +41,15 @@ impl Node {
         // openraft's leader lease is election_timeout_max: a quorum's acknowledgement counts for
         // as long as openraft itself lets the leader propose on it.
         let quorum = Arc::new(QuorumView::new(id, Duration::from_millis(raft_cfg.election_timeout_max)));
-        let network = network::Network { peers: peers.clone(), role: cfg.role, quorum: quorum.clone() };
+        let network = network::Network { peers: peers.clone(), role, quorum: quorum.clone() };
         let raft =
             Raft::new(id, raft_cfg, network, LogStore::new(engine), StateMachine { shared: shared.clone() }).await?;
         quorum.attach(raft.clone());
+        if fenced_epoch > 0 {
+            // Before the first election timeout can pass: a fenced member never campaigns.
+            fence::stop_taking_part(&raft);
+            tracing::warn!("fenced by the failover to revision epoch {fenced_epoch}: refusing writes and Raft traffic");
+        }
         if !raft.is_initialized().await? && cfg.initial_cluster_state() == "new" {
             initialize(&raft, cfg, &members).await?;
         }
@@ -47,7 +58,7 @@ impl Node {
             peer_addr: cfg.peer_addr()?,
             peer_urls: cfg.peer_urls(),
             client_urls: cfg.client_urls(),
-            role: cfg.role.into(),
+            role: role.into(),
             region: cfg.region.clone(),
         };
         Ok(Arc::new(Node {
@@ -56,11 +67,11 @@ impl Node {
             id,
             me,
             founders: members.iter().map(|m| m.name.clone()).collect(),
-            role: cfg.role,
+            role,
             lag: std::sync::Mutex::new(LagClock::default()),
             leader_contact_ms: std::sync::atomic::AtomicU64::new(0),
             quorum,
-            cluster_id: cluster_id(&cfg.cluster.name),
+            cluster_id: seeded.unwrap_or_else(|| cluster_id(&cfg.cluster.name)),
             ttl_bounds: cfg.ttl_bounds(),
             quota_bytes: cfg.quota_bytes(),
             election_timeout: cfg.raft.election_timeout,
@@ -71,12 +82,15 @@ impl Node {
             transport,
             snapshot_inbox: SnapshotInbox::default(),
             published: tokio::sync::watch::Sender::new(false),
+            fenced_epoch: std::sync::atomic::AtomicU64::new(fenced_epoch),
+            fence_lock: tokio::sync::Mutex::new(()),
+            restart: tokio::sync::watch::Sender::new(false),
         }))
     }
 }
 
 /// The cluster's ID, from its name alone, so that a member added later computes the same one.
-fn cluster_id(name: &str) -> u64 {
+pub(super) fn cluster_id(name: &str) -> u64 {
     member_id(&format!("cluster/{name}"))
 }
 

@@ -54,6 +54,16 @@ pub enum NodeError {
     /// The leader failed a forwarded request in a way that has no typed form between members.
     #[error("geolock: the leader failed the request: {0}")]
     Remote(String),
+    /// This member (or the leader it forwarded to) belongs to an old primary that a region
+    /// failover fenced out (DESIGN.md "Region failover", FENCE).
+    #[error(
+        "geolock: this member was fenced by the failover to revision epoch {epoch}: it accepts no writes; \
+         the new primary does (lockctl failover rejoin makes this member its learner)"
+    )]
+    Fenced { epoch: u64 },
+    /// PROMOTE asked of a member that cannot seed a new primary.
+    #[error("geolock: this member cannot seed the new primary: {why}")]
+    NotPromotable { why: &'static str },
 }
 
 impl NodeError {
@@ -115,6 +125,7 @@ impl From<&NodeError> for RemoteError {
             NodeError::Apply(a) => RemoteError::Apply(a.clone()),
             NodeError::Member(m) => RemoteError::Member(m.clone()),
             NodeError::TooManyProposals { max } => RemoteError::TooManyProposals { max: *max },
+            NodeError::Fenced { epoch } => RemoteError::Fenced { epoch: *epoch },
             other => RemoteError::Other(other.to_string()),
         }
     }
@@ -132,6 +143,7 @@ impl From<RemoteError> for NodeError {
             RemoteError::Member(m) => NodeError::Member(m),
             RemoteError::TooManyProposals { max } => NodeError::TooManyProposals { max },
             RemoteError::Other(m) => NodeError::Remote(m),
+            RemoteError::Fenced { epoch } => NodeError::Fenced { epoch },
         }
     }
 }

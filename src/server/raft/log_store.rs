@@ -33,7 +33,7 @@ type TC = TypeConfig;
 /// each sync: about one put's turnaround outside the sync.
 const LOG_FLUSHER_SPIN_US: u64 = 300;
 
-const VOTE: &[u8] = b"vote";
+pub(super) const VOTE: &[u8] = b"vote";
 const PURGED: &[u8] = b"purged";
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {

@@ -8,10 +8,12 @@
 //! - `log_store`, `state_machine`: openraft's storage on RocksDB
 //! - `membership`, `witness`, `quorum`, `lag`: membership changes, the witness role,
 //!   CheckQuorum, members' lag
+//! - `fence`, `promote`: a member fenced out by a region failover; a learner seeding the new primary
 //! - `error`: what requests and starts fail with; `format`: the replicated and persisted formats
 
 mod bootstrap;
 mod error;
+mod fence;
 mod format;
 mod forward;
 mod lag;
@@ -20,6 +22,7 @@ mod membership;
 mod network;
 mod node;
 mod peer_server;
+mod promote;
 mod quorum;
 mod state_machine;
 mod tasks;

@@ -150,6 +150,8 @@ pub enum RemoteError {
     Member(MemberError),
     #[error("too many requests (proposals_in_flight_max {max})")]
     TooManyProposals { max: usize },
+    #[error("fenced by the failover to revision epoch {epoch}")]
+    Fenced { epoch: u64 },
 }
 
 /// Encode a message for a peer.

@@ -96,6 +96,12 @@ pub struct Node {
     pub(super) snapshot_inbox: SnapshotInbox,
     /// Whether this member's own addresses are in the membership.
     pub(super) published: tokio::sync::watch::Sender<bool>,
+    /// The epoch of the failover that fenced this member, 0 if none (see `fence`).
+    pub(super) fenced_epoch: std::sync::atomic::AtomicU64,
+    /// Held while a fence is recorded or a promotion seeds: one failover step at a time.
+    pub(super) fence_lock: tokio::sync::Mutex<()>,
+    /// Set once PROMOTE has rewritten this member's storage: the process must start again.
+    pub(super) restart: tokio::sync::watch::Sender<bool>,
 }
 
 impl Node {
@@ -172,6 +178,7 @@ impl Node {
     /// follower through the leader, then until this node has applied it too (so a read here
     /// after the write sees it).
     pub async fn propose(&self, cmd: Command) -> Result<Applied, NodeError> {
+        self.refuse_if_fenced()?;
         let _permit =
             self.proposals.try_acquire().map_err(|_| NodeError::TooManyProposals { max: PROPOSALS_IN_FLIGHT_MAX })?;
         self.with_leader(|| async {
@@ -185,6 +192,7 @@ impl Node {
 
     /// Propose on this node, which must lead. Returns the result and the entry's log index.
     pub(super) async fn propose_here(&self, cmd: Command) -> Result<(Applied, u64), NodeError> {
+        self.refuse_if_fenced()?;
         self.serves_clients_as_leader()?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd)).await {
             Err(_) => Err(NodeError::Timeout),
@@ -216,6 +224,7 @@ impl Node {
 
     /// The read index on this node, which must lead; waits until it is applied here.
     pub(super) async fn read_index_here(&self) -> Result<u64, NodeError> {
+        self.refuse_if_fenced()?;
         self.serves_clients_as_leader()?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
             Err(_) => Err(NodeError::Timeout),
@@ -291,6 +300,7 @@ impl Node {
     }
 
     pub(super) fn lease_keep_alive_here(&self, id: i64) -> Result<i64, NodeError> {
+        self.refuse_if_fenced()?;
         self.serves_clients_as_leader()?;
         if !self.quorum.leads() {
             return Err(self.not_leader());

@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 use openraft::async_runtime::watch::WatchReceiver;
 
 use super::network::{self, Kind, RemoteError};
-use super::{quorum, Node, NodeError, TypeConfig};
+use super::{fence, quorum, Node, NodeError, TypeConfig};
 use crate::config::Role;
 use crate::transport;
 
@@ -39,6 +39,9 @@ pub(super) async fn serve_peers(node: Weak<Node>) {
                     Ok(transport::Incoming::Call(r)) => r,
                     Ok(transport::Incoming::Duplex { frames, replies, .. }) => {
                         let Some(n) = node.upgrade() else { return };
+                        if n.fenced_epoch().is_some() {
+                            continue;
+                        }
                         tokio::spawn(n.answer_append_stream(frames, replies));
                         continue;
                     }
@@ -48,6 +51,10 @@ pub(super) async fn serve_peers(node: Weak<Node>) {
                     }
                 };
                 let Some(n) = node.upgrade() else { return };
+                // A fenced member is, to Raft, as if cut off: no answer at all.
+                if n.fenced_epoch().is_some() && !Kind::of(req.kind).is_some_and(fence::answered_when_fenced) {
+                    continue;
+                }
                 tokio::spawn(async move {
                     let reply = match Kind::of(req.kind) {
                         Some(kind) => n.answer_peer(kind, &req.body).await,
@@ -76,6 +83,8 @@ impl Node {
         use futures::StreamExt;
         let requests = futures::stream::unfold((frames, self.clone()), |(mut frames, me)| async move {
             match frames.read(geolock_core::limits::PEER_MESSAGE_BYTES_MAX).await {
+                // A stream opened before the fence ends at it: no entry is taken after.
+                Ok(Some(_)) if me.fenced_epoch().is_some() => None,
                 Ok(Some(bytes)) => {
                     match network::decode::<quorum::Replicate<openraft::raft::AppendEntriesRequest<TypeConfig>>>(&bytes)
                     {

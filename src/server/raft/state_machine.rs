@@ -25,7 +25,7 @@ use geolock_core::watch::{Hub, Output, Reply, StreamId};
 
 type TC = TypeConfig;
 
-const APPLIED: &[u8] = b"raft/applied";
+pub(super) const APPLIED: &[u8] = b"raft/applied";
 const MEMBERSHIP: &[u8] = b"raft/membership";
 
 /// Everything the apply path and the readers share, behind one lock.
@@ -62,6 +62,15 @@ impl SmState {
         }
     }
 
+    /// End every watch stream and lock wait of this member's clients (a fenced member does, so
+    /// they reconnect, through DNS, to the new primary).
+    pub fn close_client_streams(&mut self) {
+        for (stream, _) in self.streams.drain() {
+            self.hub.close_stream(stream);
+        }
+        self.lock_waiters.clear();
+    }
+
     /// Queue replies to their streams. A watcher whose events do not fit falls back to catching
     /// up; a stream that cannot take a control reply is closed (its client reconnects and resumes).
     pub fn deliver(&mut self, outputs: Vec<Output>) {
@@ -85,7 +94,7 @@ impl SmState {
 /// The shared handle.
 pub struct Shared {
     state: Mutex<SmState>,
-    engine: Arc<dyn Engine>,
+    pub(super) engine: Arc<dyn Engine>,
     snapshot_dir: PathBuf,
     /// A witness applies nothing to the key space.
     witness: bool,

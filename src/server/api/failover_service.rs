@@ -1,0 +1,40 @@
+//! `geolockpb.Failover`: the region failover controller's calls on a member (served on every
+//! role: a witness votes, so fencing one counts toward the old voters' majority).
+
+use tonic::{Request, Response, Status};
+
+use super::{Api, ApiError};
+use geolock_core::kv::EPOCH_MAX;
+use geolock_proto::geolockpb as fpb;
+
+#[tonic::async_trait]
+impl fpb::failover_server::Failover for Api {
+    async fn fence(&self, req: Request<fpb::FenceRequest>) -> Result<Response<fpb::FenceResponse>, Status> {
+        let epoch = req.into_inner().epoch;
+        if epoch == 0 || epoch > EPOCH_MAX {
+            return Err(ApiError::InvalidArgument(format!(
+                "geolock: a fence names the new primary's revision epoch, from 1 to {EPOCH_MAX}; got {epoch}"
+            ))
+            .into());
+        }
+        let fenced_epoch = self.node.fence(epoch).await.map_err(ApiError::from)?;
+        let status = self.node.status();
+        Ok(Response::new(fpb::FenceResponse {
+            header: Some(self.header(status.revision)),
+            fenced_epoch,
+            applied_index: status.applied_index,
+        }))
+    }
+
+    async fn promote(&self, req: Request<fpb::PromoteRequest>) -> Result<Response<fpb::PromoteResponse>, Status> {
+        let epoch = req.into_inner().epoch;
+        let header = self.header(self.node.current_rev());
+        let seeded = self.node.promote(epoch).await.map_err(ApiError::from)?;
+        Ok(Response::new(fpb::PromoteResponse {
+            header: Some(header),
+            applied_index: seeded.applied_index,
+            dropped_entries: seeded.dropped_entries,
+            cluster_id: seeded.cluster_id,
+        }))
+    }
+}
