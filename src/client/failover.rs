@@ -494,6 +494,66 @@ pub async fn promote(endpoint: &str, epoch: u64) -> Result<geolock_proto::geoloc
     Ok(c.promote(geolock_proto::geolockpb::PromoteRequest { epoch }).await?.into_inner())
 }
 
+/// A vantage point's side of the region write lease: it grants the primary's leader its share
+/// while granting is on, and remembers when it last granted (on its own clock, at the grant: the
+/// controller waits the lease plus the clock-drift bound from then before it promotes). Cheap to
+/// clone; clones share their state.
+#[derive(Clone, Debug, Default)]
+pub struct Vantage {
+    state: std::sync::Arc<VantageState>,
+}
+
+#[derive(Debug, Default)]
+struct VantageState {
+    granting: std::sync::atomic::AtomicBool,
+    last_grant: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Vantage {
+    /// A vantage point that grants from the start, or not.
+    pub fn new(granting: bool) -> Vantage {
+        let v = Vantage::default();
+        v.set_granting(granting);
+        v
+    }
+
+    /// Grant from now on, or stop (the runbook's `StopRenewing`).
+    pub fn set_granting(&self, on: bool) {
+        self.state.granting.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// When this vantage point last granted the lease.
+    pub fn last_grant(&self) -> Option<std::time::Instant> {
+        *self.state.last_grant.lock().unwrap()
+    }
+
+    /// Answer `geolockpb.Vantage` on `listener` until the task is dropped.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(geolock_proto::geolockpb::vantage_server::VantageServer::new(self))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    }
+}
+
+#[tonic::async_trait]
+impl geolock_proto::geolockpb::vantage_server::Vantage for Vantage {
+    async fn grant_write_lease(
+        &self,
+        _req: tonic::Request<geolock_proto::geolockpb::GrantWriteLeaseRequest>,
+    ) -> Result<tonic::Response<geolock_proto::geolockpb::GrantWriteLeaseResponse>, tonic::Status> {
+        // The grant is recorded before it is answered: a grant the leader may act on is never
+        // one the controller does not count.
+        let mut last = self.state.last_grant.lock().unwrap();
+        let granted = self.state.granting.load(std::sync::atomic::Ordering::SeqCst);
+        if granted {
+            *last = Some(std::time::Instant::now());
+        }
+        let reason = if granted { String::new() } else { "this vantage point has stopped granting".into() };
+        Ok(tonic::Response::new(geolock_proto::geolockpb::GrantWriteLeaseResponse { granted, reason }))
+    }
+}
+
 /// A 64-bit mix (Steele, Lea and Flood's SplitMix64 finaliser): distinct tokens from one seed.
 fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);

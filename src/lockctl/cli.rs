@@ -158,6 +158,13 @@ struct StartArgs {
     /// Bytes of keys and values past which writes are refused (etcd's flag; 0 = 2 GiB).
     #[arg(long)]
     quota_backend_bytes: Option<u64>,
+    /// Vantage points (`host:port`, comma-separated) whose majority must grant the leader its
+    /// region write lease before it takes writes (an active-passive primary).
+    #[arg(long)]
+    failover_vantages: Option<String>,
+    /// The region write lease, in milliseconds.
+    #[arg(long)]
+    failover_write_lease_ms: Option<u64>,
 }
 
 impl StartArgs {
@@ -185,6 +192,8 @@ impl StartArgs {
         add("raft.heartbeat_interval", &self.heartbeat_interval.map(|ms| format!("{ms}ms")));
         add("raft.snapshot_count", &self.snapshot_count.map(|n| n.to_string()));
         add("quota_backend_bytes", &self.quota_backend_bytes.map(|n| n.to_string()));
+        add("failover.vantages", &self.failover_vantages);
+        add("failover.write_lease", &self.failover_write_lease_ms.map(|ms| format!("{ms}ms")));
         o
     }
 }

@@ -120,6 +120,26 @@ pub struct LockSection {
     pub hierarchical_prefixes: Vec<String>,
 }
 
+/// `failover:` section: the region write lease of an active-passive primary (DESIGN.md "Region
+/// failover", FENCE).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FailoverSection {
+    /// The vantage points' gRPC endpoints (`host:port`, comma-separated). Empty: no write lease
+    /// (a cluster without a failover controller writes as ever).
+    pub vantages: String,
+    /// How long a leader writes on a majority of grants, from before it asked for them.
+    #[serde(with = "duration_text")]
+    pub write_lease: Duration,
+}
+
+impl Default for FailoverSection {
+    /// The controller's default lease (`client::failover::Settings`): 10 s.
+    fn default() -> Self {
+        FailoverSection { vantages: String::new(), write_lease: Duration::from_secs(10) }
+    }
+}
+
 /// Everything a node needs to start.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -157,6 +177,7 @@ pub struct Config {
     pub lease: LeaseSection,
     pub watch: WatchSection,
     pub lock: LockSection,
+    pub failover: FailoverSection,
 }
 
 impl Default for Config {
@@ -182,6 +203,7 @@ impl Default for Config {
             lease: LeaseSection::default(),
             watch: WatchSection::default(),
             lock: LockSection::default(),
+            failover: FailoverSection::default(),
         }
     }
 }

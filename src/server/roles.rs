@@ -85,7 +85,7 @@ fn exec_self() -> RunError {
 
 /// What a member runs beside the client API, by role. A learner runs what a voter runs, since it
 /// becomes one when promoted; a witness also runs its supervisor, which decides when it
-/// campaigns.
+/// campaigns. An active-passive primary's members renew the region write lease while leading.
 fn tasks(cfg: &Config) -> Vec<Task> {
     let voter = [
         Task::PeerServer,
@@ -95,10 +95,14 @@ fn tasks(cfg: &Config) -> Vec<Task> {
         Task::Publish,
         Task::WatchProgress { every: cfg.watch.progress_notify_interval },
     ];
-    match cfg.role {
+    let mut tasks = match cfg.role {
         Role::Voter | Role::Learner => voter.to_vec(),
         Role::Witness => [&voter[..], &[Task::WitnessSupervisor]].concat(),
+    };
+    if !cfg.failover.vantages.is_empty() {
+        tasks.push(Task::WriteLease);
     }
+    tasks
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -8,6 +8,7 @@ mod crash;
 mod differential;
 mod failover_dns;
 mod failover_fence;
+mod failover_lease;
 mod failover_promote;
 mod geo;
 mod kv;

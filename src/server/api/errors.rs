@@ -146,6 +146,8 @@ impl From<ApiError> for Status {
                 // primary.
                 NodeError::Fenced { .. } => Code::Unavailable,
                 NodeError::NotPromotable { .. } => Code::FailedPrecondition,
+                // Transient as a leaderless cluster is: etcd's clients retry.
+                NodeError::NoWriteLease { .. } => Code::Unavailable,
             },
             ApiError::RequestTooLarge { .. } | ApiError::InvalidArgument(_) | ApiError::InvalidSortOption => {
                 Code::InvalidArgument

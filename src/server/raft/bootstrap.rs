@@ -14,6 +14,7 @@ use super::log_store::LogStore;
 use super::network::{self, Peers, SnapshotInbox};
 use super::quorum::QuorumView;
 use super::state_machine::{Shared, StateMachine};
+use super::write_lease::WriteLease;
 use super::{fence, promote};
 use super::{Member, Node, Raft, StartError};
 use crate::config::{Config, InitialMember, Role};
@@ -85,8 +86,16 @@ impl Node {
             fenced_epoch: std::sync::atomic::AtomicU64::new(fenced_epoch),
             fence_lock: tokio::sync::Mutex::new(()),
             restart: tokio::sync::watch::Sender::new(false),
+            write_lease: write_lease(cfg),
         }))
     }
+}
+
+/// The region write lease, when the configuration names vantage points.
+fn write_lease(cfg: &Config) -> Option<WriteLease> {
+    let vantages: Vec<String> =
+        cfg.failover.vantages.split(',').filter(|v| !v.is_empty()).map(str::to_string).collect();
+    (!vantages.is_empty()).then(|| WriteLease::new(vantages, cfg.failover.write_lease))
 }
 
 /// The cluster's ID, from its name alone, so that a member added later computes the same one.

@@ -61,6 +61,12 @@ pub enum NodeError {
          the new primary does (lockctl failover rejoin makes this member its learner)"
     )]
     Fenced { epoch: u64 },
+    /// An active-passive primary's leader without its region write lease (see `write_lease`).
+    #[error(
+        "geolock: this primary holds no region write lease (a majority of its {vantages} vantage points grants it, \
+         {lease_ms} ms at a time): it takes no writes until they grant it again, or fail the region over"
+    )]
+    NoWriteLease { vantages: usize, lease_ms: u64 },
     /// PROMOTE asked of a member that cannot seed a new primary.
     #[error("geolock: this member cannot seed the new primary: {why}")]
     NotPromotable { why: &'static str },
@@ -126,6 +132,9 @@ impl From<&NodeError> for RemoteError {
             NodeError::Member(m) => RemoteError::Member(m.clone()),
             NodeError::TooManyProposals { max } => RemoteError::TooManyProposals { max: *max },
             NodeError::Fenced { epoch } => RemoteError::Fenced { epoch: *epoch },
+            NodeError::NoWriteLease { vantages, lease_ms } => {
+                RemoteError::NoWriteLease { vantages: *vantages, lease_ms: *lease_ms }
+            }
             other => RemoteError::Other(other.to_string()),
         }
     }
@@ -144,6 +153,7 @@ impl From<RemoteError> for NodeError {
             RemoteError::TooManyProposals { max } => NodeError::TooManyProposals { max },
             RemoteError::Other(m) => NodeError::Remote(m),
             RemoteError::Fenced { epoch } => NodeError::Fenced { epoch },
+            RemoteError::NoWriteLease { vantages, lease_ms } => NodeError::NoWriteLease { vantages, lease_ms },
         }
     }
 }

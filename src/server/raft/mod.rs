@@ -8,7 +8,8 @@
 //! - `log_store`, `state_machine`: openraft's storage on RocksDB
 //! - `membership`, `witness`, `quorum`, `lag`: membership changes, the witness role,
 //!   CheckQuorum, members' lag
-//! - `fence`, `promote`: a member fenced out by a region failover; a learner seeding the new primary
+//! - `fence`, `promote`, `write_lease`: a member fenced out by a region failover; a learner
+//!   seeding the new primary; an active-passive primary's region write lease
 //! - `error`: what requests and starts fail with; `format`: the replicated and persisted formats
 
 mod bootstrap;
@@ -27,6 +28,7 @@ mod quorum;
 mod state_machine;
 mod tasks;
 mod witness;
+mod write_lease;
 
 use std::sync::OnceLock;
 use std::time::Instant;

@@ -152,6 +152,8 @@ pub enum RemoteError {
     TooManyProposals { max: usize },
     #[error("fenced by the failover to revision epoch {epoch}")]
     Fenced { epoch: u64 },
+    #[error("no region write lease ({vantages} vantage points, {lease_ms} ms)")]
+    NoWriteLease { vantages: usize, lease_ms: u64 },
 }
 
 /// Encode a message for a peer.

@@ -100,6 +100,8 @@ pub struct Node {
     pub(super) fenced_epoch: std::sync::atomic::AtomicU64,
     /// Held while a fence is recorded or a promotion seeds: one failover step at a time.
     pub(super) fence_lock: tokio::sync::Mutex<()>,
+    /// An active-passive primary's region write lease, when vantage points are configured.
+    pub(super) write_lease: Option<super::write_lease::WriteLease>,
     /// Set once PROMOTE has rewritten this member's storage: the process must start again.
     pub(super) restart: tokio::sync::watch::Sender<bool>,
 }
@@ -193,6 +195,7 @@ impl Node {
     /// Propose on this node, which must lead. Returns the result and the entry's log index.
     pub(super) async fn propose_here(&self, cmd: Command) -> Result<(Applied, u64), NodeError> {
         self.refuse_if_fenced()?;
+        self.check_write_lease()?;
         self.serves_clients_as_leader()?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd)).await {
             Err(_) => Err(NodeError::Timeout),
@@ -225,6 +228,8 @@ impl Node {
     /// The read index on this node, which must lead; waits until it is applied here.
     pub(super) async fn read_index_here(&self) -> Result<u64, NodeError> {
         self.refuse_if_fenced()?;
+        // After a failover the old primary's reads are stale: it answers none past its lease.
+        self.check_write_lease()?;
         self.serves_clients_as_leader()?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
             Err(_) => Err(NodeError::Timeout),
@@ -301,6 +306,7 @@ impl Node {
 
     pub(super) fn lease_keep_alive_here(&self, id: i64) -> Result<i64, NodeError> {
         self.refuse_if_fenced()?;
+        self.check_write_lease()?;
         self.serves_clients_as_leader()?;
         if !self.quorum.leads() {
             return Err(self.not_leader());

@@ -28,6 +28,8 @@ pub enum Task {
     Publish,
     /// Progress notifications for watchers that asked for them, every `every`.
     WatchProgress { every: Duration },
+    /// While leading an active-passive primary, renew the region write lease.
+    WriteLease,
 }
 
 impl Node {
@@ -42,6 +44,7 @@ impl Node {
             Task::Snapshots => tokio::spawn(snapshot_loop(node)),
             Task::Publish => tokio::spawn(Node::publish_self(node, self.me.clone())),
             Task::WatchProgress { every } => tokio::spawn(progress_notify_loop(node, every)),
+            Task::WriteLease => tokio::spawn(super::write_lease::renew_loop(node)),
         };
     }
 }

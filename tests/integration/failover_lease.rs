@@ -1,0 +1,69 @@
+//! The region write lease on real members: an active-passive primary's leader takes writes, and
+//! answers linearizable reads, only while a majority of its vantage points grant it the lease; it
+//! stops by itself within the lease once they stop, before the controller's own wait (lease from
+//! its last grant) ends; and takes writes again once they grant again. A vantage point that
+//! cannot be reached counts as one that does not grant.
+
+use std::time::{Duration, Instant};
+
+use geolock_client::failover::Vantage;
+
+use crate::common::{etcdctl, rt, Cluster};
+
+const LEASE_MS: u64 = 1_500;
+const NO_LEASE: &str = "geolock: this primary holds no region write lease (a majority of its 3 vantage points";
+
+/// `etcdctl put` on `endpoint`: whether it succeeded, and what it printed.
+fn put(endpoint: &str, key: &str) -> (bool, String) {
+    let out = etcdctl(endpoint, &["--command-timeout=2s", "put", key, "v"], None);
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn a_primary_writes_only_while_a_majority_of_its_vantage_points_grant_its_lease() {
+    let rt = rt();
+    let vantages = [Vantage::new(true), Vantage::new(true)];
+    let mut addrs = Vec::new();
+    for v in &vantages {
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        addrs.push(listener.local_addr().unwrap().to_string());
+        rt.spawn(v.clone().serve(listener));
+    }
+    // A third vantage point that is gone: it counts as one that does not grant, so two of three
+    // grant while both above do, and one of three when one stops.
+    addrs.push(format!("127.0.0.1:{}", geolock_testkit::launch::free_port()));
+    let lease = LEASE_MS.to_string();
+    let c = Cluster::start_with(3, &["--failover-vantages", &addrs.join(","), "--failover-write-lease-ms", &lease]);
+    let ep = c.endpoints();
+    assert!(put(&ep, "k0").0);
+
+    // One of the two live ones stops granting: no majority. Every write invoked before the lease ran
+    // out (from the last grant) may succeed; none invoked after it does.
+    vantages[0].set_granting(false);
+    let stopped = Instant::now();
+    let mut last_ok_invoked = None;
+    let refused = loop {
+        let invoked = Instant::now();
+        let (ok, out) = put(&ep, "k1");
+        if !ok {
+            break out;
+        }
+        last_ok_invoked = Some(invoked);
+        assert!(stopped.elapsed() < Duration::from_secs(10), "writes go on without a lease");
+    };
+    assert!(refused.contains(NO_LEASE), "{refused}");
+    let lapse = vantages[0].last_grant().unwrap() + Duration::from_millis(LEASE_MS);
+    assert!(last_ok_invoked.is_none_or(|t| t < lapse), "a write invoked after the lease lapsed succeeded");
+    let lin = etcdctl(&ep, &["--command-timeout=2s", "get", "k0"], None);
+    assert!(String::from_utf8_lossy(&lin.stderr).contains(NO_LEASE), "{lin:?}");
+    let ser = etcdctl(&ep, &["get", "k0", "--consistency=s", "--print-value-only"], None);
+    assert_eq!(String::from_utf8_lossy(&ser.stdout).trim(), "v");
+
+    // Granting again: writes resume within a renewal round or two.
+    vantages[0].set_granting(true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !put(&ep, "k2").0 {
+        assert!(Instant::now() < deadline, "no writes after the vantage points granted again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
