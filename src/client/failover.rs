@@ -66,7 +66,7 @@ impl Default for Settings {
 }
 
 /// A step the executor carries out, in this order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Step {
     /// Run the fence hooks (firewall, certificate revocation) and ask the old voters to record
     /// `fenced(epoch)`.
@@ -113,7 +113,7 @@ pub enum Event {
 }
 
 /// A journal record: a decision, durable before what follows it is done.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Record {
     /// DETECT triggered: these vantage points saw the primary unhealthy for the whole window.
     Detected {

@@ -3,10 +3,12 @@
 //! a lease kept alive through leader changes, locks with their fencing tokens, elections.
 //!
 //! It prints nothing and chooses no exit codes; every failure is a [`ClientError`]. The region
-//! failover runbook's decision machine is [`failover`]; its DNS change (REDIRECT) is [`dns`].
+//! failover runbook's decision machine is [`failover`], its durable record [`journal`]; its DNS change
+//! (REDIRECT) is [`dns`].
 
 pub mod dns;
 pub mod failover;
+pub mod journal;
 
 use std::time::Duration;
 
