@@ -507,6 +507,51 @@ pub struct Vantage {
 struct VantageState {
     granting: std::sync::atomic::AtomicBool,
     last_grant: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The last probe of the primary: when, and what it found.
+    seen: std::sync::Mutex<Option<(std::time::Instant, Health)>>,
+}
+
+/// What one probe found of the primary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// Some member of the primary names a leader.
+    pub healthy: bool,
+    /// Which member, or why none did.
+    pub detail: String,
+}
+
+/// Probe the primary at `endpoints` (each member's, comma-separated), each within `timeout`, in
+/// parallel: healthy when any member names a leader. A follower stops naming one an election
+/// timeout after it last heard from it, and a leader cut off from its quorum steps down, so
+/// "a member names a leader" means a leader a quorum hears. (Not a linearizable read: a primary
+/// that lost its region write lease refuses those, and a one-sided partition that keeps the
+/// standby from granting would then look like a lost primary to the arbiter too.)
+pub async fn probe_primary(endpoints: &str, timeout: std::time::Duration) -> Health {
+    let asks = endpoints.split(',').filter(|e| !e.is_empty()).map(|ep| async move {
+        let status = async {
+            let ch = crate::connect(ep).await?;
+            let mut m = geolock_proto::etcdserverpb::maintenance_client::MaintenanceClient::new(ch);
+            Ok::<_, ClientError>(m.status(geolock_proto::etcdserverpb::StatusRequest {}).await?.into_inner())
+        };
+        let seen = match tokio::time::timeout(timeout, status).await {
+            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(s)) if s.leader != 0 => Ok(s.leader),
+            Ok(Ok(_)) => Err("no leader".to_string()),
+        };
+        (ep.to_string(), seen)
+    });
+    judge(futures::future::join_all(asks).await)
+}
+
+/// The primary's health from each member's answer: its leader, or why it named none.
+fn judge(answers: Vec<(String, Result<u64, String>)>) -> Health {
+    if let Some((ep, Ok(leader))) = answers.iter().find(|(_, a)| a.is_ok()) {
+        return Health { healthy: true, detail: format!("{ep} names leader {leader:x}") };
+    }
+    let why: Vec<String> = answers.iter().map(|(ep, a)| format!("{ep}: {}", a.as_ref().err().unwrap())).collect();
+    let detail = if why.is_empty() { "no endpoints to probe".to_string() } else { why.join("; ") };
+    Health { healthy: false, detail }
 }
 
 impl Vantage {
@@ -525,6 +570,26 @@ impl Vantage {
     /// When this vantage point last granted the lease.
     pub fn last_grant(&self) -> Option<std::time::Instant> {
         *self.state.last_grant.lock().unwrap()
+    }
+
+    /// Keep what a probe of the primary found.
+    pub fn record(&self, health: Health) {
+        *self.state.seen.lock().unwrap() = Some((std::time::Instant::now(), health));
+    }
+
+    /// The last probe's finding, and how long ago it was made.
+    pub fn observation(&self) -> Option<(std::time::Duration, Health)> {
+        self.state.seen.lock().unwrap().as_ref().map(|(at, h)| (at.elapsed(), h.clone()))
+    }
+
+    /// Probe the primary at `endpoints` every `every` (each probe bounded by it), and keep what
+    /// each found; until the task is dropped.
+    pub async fn watch_primary(self, endpoints: String, every: std::time::Duration) {
+        loop {
+            let next = tokio::time::sleep(every);
+            self.record(probe_primary(&endpoints, every).await);
+            next.await;
+        }
     }
 
     /// Answer `geolockpb.Vantage` on `listener` until the task is dropped.
@@ -552,6 +617,33 @@ impl geolock_proto::geolockpb::vantage_server::Vantage for Vantage {
         let reason = if granted { String::new() } else { "this vantage point has stopped granting".into() };
         Ok(tonic::Response::new(geolock_proto::geolockpb::GrantWriteLeaseResponse { granted, reason }))
     }
+
+    async fn observe(
+        &self,
+        _req: tonic::Request<geolock_proto::geolockpb::ObserveRequest>,
+    ) -> Result<tonic::Response<geolock_proto::geolockpb::ObserveResponse>, tonic::Status> {
+        let answer = match self.observation() {
+            None => geolock_proto::geolockpb::ObserveResponse::default(),
+            Some((age, h)) => geolock_proto::geolockpb::ObserveResponse {
+                observed: true,
+                healthy: h.healthy,
+                age_ms: age.as_millis() as u64,
+                detail: h.detail,
+            },
+        };
+        Ok(tonic::Response::new(answer))
+    }
+}
+
+/// How vantage point `endpoint` last saw the primary: `None` if it has not probed it yet.
+///
+/// Errors: [`ClientError::Connect`]; [`ClientError::Rpc`].
+pub async fn observe(endpoint: &str) -> Result<Option<(std::time::Duration, Health)>, ClientError> {
+    let ch = crate::connect(endpoint).await?;
+    let mut c = geolock_proto::geolockpb::vantage_client::VantageClient::new(ch);
+    let r = c.observe(geolock_proto::geolockpb::ObserveRequest {}).await?.into_inner();
+    Ok(r.observed
+        .then(|| (std::time::Duration::from_millis(r.age_ms), Health { healthy: r.healthy, detail: r.detail })))
 }
 
 /// A 64-bit mix (Steele, Lea and Flood's SplitMix64 finaliser): distinct tokens from one seed.
@@ -597,6 +689,20 @@ mod tests {
 
     fn started(step: Step, at_ms: u64) -> Action {
         Action::Journal(Record::Started { step, at_ms })
+    }
+
+    #[test]
+    fn the_primary_is_healthy_when_any_member_names_a_leader() {
+        let a = |ep: &str, r: Result<u64, &str>| (ep.to_string(), r.map_err(str::to_string));
+        assert_eq!(
+            judge(vec![a("e1", Err("no leader")), a("e2", Ok(0x2a))]),
+            Health { healthy: true, detail: "e2 names leader 2a".into() }
+        );
+        assert_eq!(
+            judge(vec![a("e1", Err("no leader")), a("e2", Err("cannot reach any of e2"))]),
+            Health { healthy: false, detail: "e1: no leader; e2: cannot reach any of e2".into() }
+        );
+        assert_eq!(judge(vec![]), Health { healthy: false, detail: "no endpoints to probe".into() });
     }
 
     #[test]

@@ -17,6 +17,9 @@ pub enum CommandError {
     /// The command to run while holding the lock could not be started or waited for.
     #[error("cannot run {cmd}: {source}")]
     Exec { cmd: String, source: std::io::Error },
+    /// `lockctl failover vantage` could not listen.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
     /// `lockctl member` named a member the cluster does not have.
     #[error("no member named {name} (members: {known})")]
     NoSuchMember { name: String, known: String },
@@ -228,6 +231,25 @@ pub enum FailoverCommand {
         #[arg(long)]
         epoch: u64,
     },
+    /// Run a vantage point of an active-passive pair (the arbiter in a third region): grant the
+    /// primary's leader its region write lease, and probe the primary for DETECT, until
+    /// interrupted.
+    Vantage {
+        /// Where to serve `geolockpb.Vantage` (`host:port`).
+        #[arg(long)]
+        listen: String,
+        /// The primary's members' client endpoints, comma-separated.
+        #[arg(long)]
+        primary: String,
+        /// How often to probe the primary, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        probe_interval_ms: u64,
+    },
+    /// How the vantage point at ENDPOINTS last saw the primary.
+    Observe {
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+    },
     /// PROMOTE: the learner at ENDPOINTS (one member) seeds a new cluster from the state it
     /// applied, in revision epoch EPOCH, and restarts as its leader.
     Promote {
@@ -259,6 +281,32 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
                 }
             }
             Ok(u8::from(failed > 0))
+        }
+        FailoverCommand::Vantage { listen, primary, probe_interval_ms } => {
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .map_err(|source| CommandError::Listen { addr: listen.clone(), source })?;
+            let vantage = geolock_client::failover::Vantage::new(true);
+            let every = std::time::Duration::from_millis(probe_interval_ms.max(1));
+            tokio::spawn(vantage.clone().watch_primary(primary, every));
+            eprintln!("lockctl: vantage point on {listen}, granting the region write lease");
+            tokio::select! {
+                served = vantage.serve(listener) => served.map_err(|e| tonic::Status::unavailable(e.to_string()))?,
+                _ = geolock_server::roles::until_signal() => {}
+            }
+            Ok(0)
+        }
+        FailoverCommand::Observe { client } => {
+            match geolock_client::failover::observe(&client.endpoints).await? {
+                None => println!("not yet observed"),
+                Some((age, h)) => println!(
+                    "{} {} ms ago: {}",
+                    if h.healthy { "healthy" } else { "unhealthy" },
+                    age.as_millis(),
+                    h.detail
+                ),
+            }
+            Ok(0)
         }
         FailoverCommand::Promote { client, epoch } => {
             let r = geolock_client::failover::promote(&client.endpoints, epoch).await?;

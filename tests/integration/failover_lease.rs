@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use geolock_client::failover::Vantage;
 
-use crate::common::{etcdctl, rt, Cluster};
+use crate::common::{etcdctl, free_port, lockctl_bg, rt, Cluster};
 
 const LEASE_MS: u64 = 1_500;
 const NO_LEASE: &str = "geolock: this primary holds no region write lease (a majority of its 3 vantage points";
@@ -31,7 +31,7 @@ fn a_primary_writes_only_while_a_majority_of_its_vantage_points_grant_its_lease(
     }
     // A third vantage point that is gone: it counts as one that does not grant, so two of three
     // grant while both above do, and one of three when one stops.
-    addrs.push(format!("127.0.0.1:{}", geolock_testkit::launch::free_port()));
+    addrs.push(format!("127.0.0.1:{}", free_port()));
     let lease = LEASE_MS.to_string();
     let c = Cluster::start_with(3, &["--failover-vantages", &addrs.join(","), "--failover-write-lease-ms", &lease]);
     let ep = c.endpoints();
@@ -65,5 +65,54 @@ fn a_primary_writes_only_while_a_majority_of_its_vantage_points_grant_its_lease(
     while !put(&ep, "k2").0 {
         assert!(Instant::now() < deadline, "no writes after the vantage points granted again");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `lockctl failover observe` of the vantage point at `endpoint`.
+fn observe(endpoint: &str) -> String {
+    let out = crate::common::lockctl(&["failover", "observe", "--endpoints", endpoint]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_vantage_process_grants_the_lease_and_sees_the_primary_lose_its_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port())).map(|(c, p)| (c, p, p)).collect();
+    let primary = ports.iter().map(|p| format!("127.0.0.1:{}", p.0)).collect::<Vec<_>>().join(",");
+    let arbiter = format!("127.0.0.1:{}", free_port());
+    let _arbiter = lockctl_bg(
+        "",
+        &["failover", "vantage", "--listen", &arbiter, "--primary", &primary, "--probe-interval-ms", "200"],
+        &dir.path().join("arbiter.log"),
+    );
+    let rt = rt();
+    let standby = Vantage::new(true);
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let standby_addr = listener.local_addr().unwrap().to_string();
+    rt.spawn(standby.clone().serve(listener));
+    // Two vantage points: the primary serves only once the arbiter process grants too.
+    let mut c = Cluster::start_on(
+        ports,
+        &["--failover-vantages", &format!("{arbiter},{standby_addr}"), "--failover-write-lease-ms", "1500"],
+    );
+    assert!(put(&c.endpoints(), "k").0);
+    let seen = observe(&arbiter);
+    assert!(seen.starts_with("healthy") && seen.contains("names leader"), "{seen}");
+
+    // Two of three members gone: no leader, as the arbiter sees it within a few probes.
+    c.kill(0);
+    c.kill(1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = observe(&arbiter);
+        if seen.starts_with("unhealthy") {
+            // The killed members cannot be reached; the one left names no leader (or, busy
+            // looking for one, does not answer within the probe).
+            assert_eq!(seen.matches("cannot reach any of").count(), 2, "{seen}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the arbiter still sees a healthy primary: {seen}");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

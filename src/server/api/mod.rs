@@ -364,7 +364,13 @@ impl pb::maintenance_server::Maintenance for Api {
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let s = self.node.status();
         let me = self.node.header().member_id;
-        let lag = self.node.lags().await.get(&me).copied().unwrap_or_default();
+        // Lag is the leader's figure: a member that names no leader answers at once, without it
+        // (asking for it would wait for a leader, and status probes time out on a lost primary).
+        let lag = if s.leader == 0 {
+            Default::default()
+        } else {
+            self.node.lags().await.get(&me).copied().unwrap_or_default()
+        };
         let region = self.node.members().into_iter().find(|m| m.id == me).map(|m| m.region).unwrap_or_default();
         Ok(Response::new(pb::StatusResponse {
             header: Some(self.header(s.revision)),
