@@ -6,6 +6,7 @@
 //! failover runbook's decision machine is [`failover`], its durable record [`journal`]; its DNS change
 //! (REDIRECT) is [`dns`].
 
+pub mod controller;
 pub mod dns;
 pub mod failover;
 pub mod journal;

@@ -37,6 +37,14 @@ enum Command {
         #[command(subcommand)]
         what: crate::commands::MemberCommand,
     },
+    /// Run the region failover controller: watch the primary with the other vantage points, and
+    /// when it is lost run the runbook (fence, promote, redirect, verify, notify), journaled so
+    /// that a restarted controller resumes where it stopped. Exits once the failover is done.
+    FailoverController {
+        /// The controller's configuration (YAML or TOML; `geolock_client::controller::ControllerConfig`).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Region failover by hand: the steps of the runbook the controller runs.
     Failover {
         #[command(subcommand)]
@@ -247,6 +255,7 @@ pub fn main() -> ExitCode {
         }
         Command::Member { client, what } => run_client(crate::commands::member(&client.endpoints, what)),
         Command::Failover { what } => run_client(crate::commands::failover(what)),
+        Command::FailoverController { config } => run_client(crate::commands::failover_controller(&config)),
         Command::Elect { client, name, proposal, ttl } => {
             run_client(crate::commands::elect(&client.endpoints, &name, proposal.as_deref(), ttl))
         }

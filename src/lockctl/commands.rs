@@ -17,6 +17,12 @@ pub enum CommandError {
     /// The command to run while holding the lock could not be started or waited for.
     #[error("cannot run {cmd}: {source}")]
     Exec { cmd: String, source: std::io::Error },
+    /// The failover controller stopped.
+    #[error(transparent)]
+    Controller(#[from] geolock_client::controller::ControllerError),
+    /// The failover controller's configuration file does not read.
+    #[error("{path}: {detail}")]
+    ControllerConfig { path: String, detail: String },
     /// `lockctl failover vantage` could not listen.
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
@@ -145,7 +151,7 @@ pub async fn member(endpoints: &str, cmd: MemberCommand) -> Result<u8, CommandEr
     };
     let warn_even = |members: &[pb::Member]| {
         let voters = members.iter().filter(|m| !m.is_learner).count();
-        if voters % 2 == 0 {
+        if voters.is_multiple_of(2) {
             eprintln!(
                 "warning: the cluster has {voters} voters; an even count tolerates no more failures than {} voters",
                 voters - 1
@@ -320,4 +326,17 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
             Ok(0)
         }
     }
+}
+
+/// `lockctl failover-controller --config FILE`: run the controller until the failover is done.
+pub async fn failover_controller(path: &std::path::Path) -> Result<u8, CommandError> {
+    let bad = |detail: String| CommandError::ControllerConfig { path: path.display().to_string(), detail };
+    let cfg: geolock_client::controller::ControllerConfig = config::Config::builder()
+        .add_source(config::File::from(path))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| bad(e.to_string()))?;
+    let epoch = geolock_client::controller::run(cfg).await?;
+    println!("failed over into revision epoch {epoch}");
+    Ok(0)
 }

@@ -434,9 +434,14 @@ impl Cluster {
     /// it with `--initial-cluster-state existing`, and wait until it serves. Returns its index
     /// and the output of `member add`.
     pub fn add_learner(&mut self, name: &str, via: usize) -> (usize, String) {
+        self.add_learner_on(name, via, free_port())
+    }
+
+    /// [`Cluster::add_learner`], its client port `client_port`.
+    pub fn add_learner_on(&mut self, name: &str, via: usize, client_port: u16) -> (usize, String) {
         let certs = self.tmp.path().join("certs");
         lockctl_ok(&["certs", "issue", "--dir", certs.to_str().unwrap(), "--name", name, "--host", "127.0.0.1"]);
-        let (cp, pp) = (free_port(), free_port());
+        let (cp, pp) = (client_port, free_port());
         let peer = format!("http://127.0.0.1:{pp}");
         let (out, _) =
             lockctl_ok(&["member", "add", name, "--peer-urls", &peer, "--learner", "--endpoints", &self.endpoint(via)]);
@@ -446,6 +451,12 @@ impl Cluster {
         let i = self.nodes.len() - 1;
         self.wait_ready(i);
         (i, out)
+    }
+
+    /// The flags every member started from now on gets beyond etcd's (replacing those given to
+    /// `start_with`).
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
     }
 
     /// SIGTERM member `i` and wait for it to exit.

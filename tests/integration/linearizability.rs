@@ -214,7 +214,7 @@ fn kv_history_under_leader_kills_is_linearizable() {
                     let key = format!("lin/{}", (n * 7 + w) % 4);
                     let conn = &mut conns[(n + w) % endpoints.len()];
                     let call = now();
-                    let (input, outcome) = if n % 2 == 0 {
+                    let (input, outcome) = if n.is_multiple_of(2) {
                         let v = format!("{w}-{n}");
                         let r =
                             tokio::time::timeout(Duration::from_millis(500), conn.put(key.clone(), v.clone(), None))

@@ -6,6 +6,7 @@ mod cluster;
 mod common;
 mod crash;
 mod differential;
+mod failover_controller;
 mod failover_dns;
 mod failover_fence;
 mod failover_lease;

@@ -275,7 +275,7 @@ impl Node {
 }
 
 fn warn_if_even(voters: usize) {
-    if voters % 2 == 0 {
+    if voters.is_multiple_of(2) {
         tracing::warn!(
             "the cluster will have {voters} voters: an even count tolerates no more failures than one voter fewer; add or remove one more"
         );

@@ -1,0 +1,430 @@
+//! The failover controller's executor (`lockctl failover-controller --config FILE`): it feeds the
+//! runbook ([`crate::failover::Runbook`]) what it observes and carries out what the runbook
+//! returns, in order, each journal record synced ([`crate::journal`]) before the next action.
+//!
+//! It is itself a vantage point: it serves `geolockpb.Vantage` (granting the primary's leader its
+//! region write lease until the runbook decides, and answering Observe), probes the primary, and
+//! asks the other vantage points (arbiters) for their views. Only one controller acts: it holds
+//! an exclusive lock on its journal file (`flock`), and a second one started on the same journal
+//! waits for it.
+//!
+//! Each step is idempotent, so a step the journal shows started and not finished runs again
+//! with one effect: FENCE records the same epoch again; PROMOTE first looks for a standby member
+//! already in the new epoch; REDIRECT's DNS compare-and-swap finds the records already moved.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+use crate::dns::{DnsError, Endpoint, SrvTarget, TsigKey, Updater};
+use crate::failover::{self, Action, Event, Mode, Phase, Record, Runbook, Settings, Step, Vantage};
+use crate::journal::{Journal, JournalError};
+use crate::ClientError;
+
+/// The controller's configuration file (YAML or TOML). Durations in milliseconds.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// This vantage point's name in the runbook's records (`standby`).
+    pub name: String,
+    /// Where it serves `geolockpb.Vantage` (`host:port`): the primary's `--failover-vantages`
+    /// names it.
+    pub listen: String,
+    /// The journal file; its lock keeps a second controller out.
+    pub journal: PathBuf,
+    /// The primary's members' client endpoints, comma-separated (probed, and fenced).
+    pub primary: String,
+    /// The standby's members' client endpoints, comma-separated (one is promoted).
+    pub standby: String,
+    /// The other vantage points' endpoints (`lockctl failover vantage`), whose views count.
+    #[serde(default)]
+    pub arbiters: Vec<String>,
+    /// The primary's revision epoch; the failover goes into the next.
+    #[serde(default)]
+    pub epoch: u64,
+    /// `auto` or `approve`.
+    #[serde(default = "auto")]
+    pub mode: String,
+    #[serde(default = "default_detect_window_ms")]
+    pub detect_window_ms: u64,
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// The primary's `--failover-write-lease-ms`.
+    #[serde(default = "default_write_lease_ms")]
+    pub write_lease_ms: u64,
+    #[serde(default = "default_clock_drift_ms")]
+    pub clock_drift_ms: u64,
+    #[serde(default = "default_step_retry_ms")]
+    pub step_retry_ms: u64,
+    /// Commands FENCE runs first (a firewall rule, a certificate revocation), each an argument
+    /// vector; `GEOLOCK_FAILOVER_EPOCH` is set for them. A command that fails fails the step.
+    #[serde(default)]
+    pub fence_hooks: Vec<Vec<String>>,
+    /// REDIRECT's DNS change; none, and REDIRECT does nothing.
+    #[serde(default)]
+    pub dns: Option<DnsConfig>,
+}
+
+fn auto() -> String {
+    "auto".into()
+}
+fn default_detect_window_ms() -> u64 {
+    Settings::default().detect_window_ms
+}
+fn default_probe_interval_ms() -> u64 {
+    1_000
+}
+fn default_write_lease_ms() -> u64 {
+    Settings::default().write_lease_ms
+}
+fn default_clock_drift_ms() -> u64 {
+    Settings::default().clock_drift_ms
+}
+fn default_step_retry_ms() -> u64 {
+    Settings::default().step_retry_ms
+}
+
+/// The client name's records before and after, and the server that takes the update.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// `host:port` of the zone's primary server.
+    pub server: String,
+    pub zone: String,
+    /// The client name (`clients.example.com.`).
+    pub name: String,
+    /// The TSIG key's name and base64 secret (hmac-sha256); none sends the update unsigned.
+    pub key_name: Option<String>,
+    pub key_secret: Option<String>,
+    pub primary: RegionRecords,
+    pub standby: RegionRecords,
+}
+
+/// A region's records: its client addresses and its members' `host:port` for SRV.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionRecords {
+    #[serde(default)]
+    pub addrs: Vec<std::net::IpAddr>,
+    #[serde(default)]
+    pub srv: Vec<String>,
+}
+
+impl RegionRecords {
+    fn endpoint(&self) -> Result<Endpoint, ControllerError> {
+        let mut members = std::collections::BTreeSet::new();
+        for hp in &self.srv {
+            let (host, port) =
+                hp.rsplit_once(':').ok_or_else(|| ControllerError::Config(format!("srv {hp:?}: not host:port")))?;
+            let port = port.parse().map_err(|_| ControllerError::Config(format!("srv {hp:?}: bad port")))?;
+            let mut host = host.to_lowercase();
+            if !host.ends_with('.') {
+                host.push('.');
+            }
+            members.insert(SrvTarget { host, port });
+        }
+        Ok(Endpoint { addrs: self.addrs.iter().copied().collect(), members })
+    }
+}
+
+/// Why the controller stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("controller configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("journal lock {path}: {source}")]
+    Lock { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+}
+
+/// Milliseconds of wall-clock time: journal records outlive the process, so a restarted
+/// controller compares its clock with the times they hold (the drift bound covers the rest).
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl ControllerConfig {
+    fn settings(&self) -> Result<Settings, ControllerError> {
+        let mode = match self.mode.as_str() {
+            "auto" => Mode::Auto,
+            "approve" => Mode::Approve,
+            other => return Err(ControllerError::Config(format!("mode {other:?}: auto or approve"))),
+        };
+        Ok(Settings {
+            mode,
+            detect_window_ms: self.detect_window_ms,
+            vantages_required: 2,
+            // Three probes missed, and a vantage point's view no longer counts.
+            report_max_age_ms: self.probe_interval_ms * 3,
+            write_lease_ms: self.write_lease_ms,
+            clock_drift_ms: self.clock_drift_ms,
+            step_retry_ms: self.step_retry_ms,
+            ..Settings::default()
+        })
+    }
+}
+
+/// Hold the journal's lock: exclusive, for as long as the returned file is open. Waits while
+/// another controller holds it.
+async fn lock_journal(path: &std::path::Path) -> Result<std::fs::File, ControllerError> {
+    let lock_path = path.with_extension("lock");
+    let err = |source| ControllerError::Lock { path: lock_path.clone(), source };
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(err)?;
+    let mut waiting = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if !waiting {
+                    tracing::warn!("another controller holds {}: waiting", lock_path.display());
+                    waiting = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
+        }
+    }
+}
+
+/// Run the controller until the runbook is done. Returns the epoch it failed over into.
+pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
+    let settings = cfg.settings()?;
+    let dns = match &cfg.dns {
+        None => None,
+        Some(d) => {
+            let server = d.server.parse().map_err(|_| ControllerError::Config(format!("dns.server {:?}", d.server)))?;
+            let key = match (&d.key_name, &d.key_secret) {
+                (Some(n), Some(s)) => Some(TsigKey::from_base64(n, s)?),
+                _ => None,
+            };
+            Some((Updater::new(server, &d.zone, &d.name, key)?, d.primary.endpoint()?, d.standby.endpoint()?))
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|source| ControllerError::Listen { addr: cfg.listen.clone(), source })?;
+    let _lock = lock_journal(&cfg.journal).await?;
+    let (mut journal, records, torn) = Journal::open(&cfg.journal)?;
+    if torn > 0 {
+        tracing::warn!("dropped {torn} bytes of a journal record cut short by a crash");
+    }
+    let (mut runbook, first) = Runbook::resume(settings, cfg.epoch, rand::random(), &records, now_ms());
+    let decided = records.iter().any(|r| matches!(r, Record::Decided { .. }));
+    let vantage = Vantage::new(!decided);
+    tokio::spawn(vantage.clone().serve(listener));
+    let every = Duration::from_millis(cfg.probe_interval_ms.max(1));
+    tokio::spawn(vantage.clone().watch_primary(cfg.primary.clone(), every));
+    tracing::info!("controller {} resumes at {:?} after {} journal records", cfg.name, runbook.phase(), records.len());
+
+    let mut pending: VecDeque<Action> = first.into();
+    let mut running: Option<(Step, tokio::task::JoinHandle<Vec<Event>>)> = None;
+    loop {
+        while let Some(action) = pending.pop_front() {
+            match action {
+                Action::Journal(record) => {
+                    tracing::info!("journal: {record:?}");
+                    journal.append(&record)?;
+                }
+                Action::StopRenewing => vantage.set_granting(false),
+                Action::Run { step, epoch } => {
+                    let (cfg, dns) = (cfg.clone(), dns.clone());
+                    running = Some((step, tokio::spawn(async move { run_step(&cfg, dns.as_ref(), step, epoch).await })));
+                }
+                Action::RequestApproval { token, expires_at_ms } => tracing::warn!(
+                    "failover awaits approval: lockctl failover approve --token {token:x} (valid until {expires_at_ms} ms)"
+                ),
+                Action::RefuseApproval { token, why } => tracing::warn!("approval {token:x} refused: {why}"),
+            }
+        }
+        if let Phase::Done { epoch } = runbook.phase() {
+            tracing::info!("failover into revision epoch {epoch} done");
+            return Ok(*epoch);
+        }
+        let step_done = async {
+            match running.as_mut() {
+                Some((step, h)) => h.await.unwrap_or_else(|e| {
+                    vec![Event::Failed { step: *step, reason: format!("step task: {e}"), at_ms: now_ms() }]
+                }),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            events = step_done => {
+                running = None;
+                for e in events {
+                    pending.extend(runbook.on(e));
+                }
+            }
+            _ = tokio::time::sleep(every) => {
+                let now = now_ms();
+                if let Some((age, h)) = vantage.observation() {
+                    let at_ms = now.saturating_sub(age.as_millis() as u64);
+                    pending.extend(runbook.on(Event::Health { vantage: cfg.name.clone(), healthy: h.healthy, at_ms }));
+                }
+                for arbiter in &cfg.arbiters {
+                    match failover::observe(arbiter).await {
+                        Ok(Some((age, h))) => {
+                            let at_ms = now.saturating_sub(age.as_millis() as u64);
+                            pending.extend(runbook.on(Event::Health { vantage: arbiter.clone(), healthy: h.healthy, at_ms }));
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::debug!("arbiter {arbiter}: {e}"),
+                    }
+                }
+                if let Some(t) = vantage.last_grant() {
+                    pending.extend(runbook.on(Event::LeaseRenewed { at_ms: now.saturating_sub(t.elapsed().as_millis() as u64) }));
+                }
+                pending.extend(runbook.on(Event::Tick { now_ms: now }));
+            }
+        }
+    }
+}
+
+/// Carry out `step` of the failover into `epoch`; the events that report it.
+async fn run_step(
+    cfg: &ControllerConfig,
+    dns: Option<&(Updater, Endpoint, Endpoint)>,
+    step: Step,
+    epoch: u64,
+) -> Vec<Event> {
+    let started = std::time::Instant::now();
+    let outcome = match step {
+        Step::Fence => fence(cfg, epoch).await,
+        Step::Promote => promote(cfg, epoch).await,
+        Step::Redirect => redirect(dns).await,
+        Step::Verify => verify(cfg, dns, epoch).await,
+        Step::Notify => Ok(vec![]),
+    };
+    let at_ms = now_ms();
+    match outcome {
+        Ok(mut events) => {
+            tracing::info!("{step:?} done in {} ms", started.elapsed().as_millis());
+            events.push(Event::Done { step, at_ms });
+            events
+        }
+        Err(reason) => {
+            tracing::warn!("{step:?} failed after {} ms: {reason}", started.elapsed().as_millis());
+            vec![Event::Failed { step, reason, at_ms }]
+        }
+    }
+}
+
+/// FENCE: the hooks, then `fenced(epoch)` on every old member that answers; a majority of them
+/// recorded lets PROMOTE go without waiting out the write lease.
+async fn fence(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String> {
+    for hook in &cfg.fence_hooks {
+        let Some((program, args)) = hook.split_first() else { continue };
+        let out = tokio::process::Command::new(program)
+            .args(args)
+            .env("GEOLOCK_FAILOVER_EPOCH", epoch.to_string())
+            .output()
+            .await
+            .map_err(|e| format!("fence hook {program}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "fence hook {program} {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    let members: Vec<&str> = cfg.primary.split(',').filter(|e| !e.is_empty()).collect();
+    let asks = members.iter().map(|ep| tokio::time::timeout(Duration::from_secs(3), failover::fence(ep, epoch)));
+    let fenced = futures::future::join_all(asks).await.into_iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    tracing::info!("fenced {fenced} of {} old members", members.len());
+    Ok(if fenced > members.len() / 2 { vec![Event::FencedByMajority { epoch, at_ms: now_ms() }] } else { vec![] })
+}
+
+/// Status of each standby member: (endpoint, revision epoch it is in, applied index, is learner).
+async fn standby_status(cfg: &ControllerConfig) -> Vec<(String, u64, u64, bool)> {
+    let mut out = Vec::new();
+    for ep in cfg.standby.split(',').filter(|e| !e.is_empty()) {
+        let ask = async {
+            let ch = crate::connect(ep).await?;
+            let mut m = geolock_proto::etcdserverpb::maintenance_client::MaintenanceClient::new(ch);
+            Ok::<_, ClientError>(m.status(geolock_proto::etcdserverpb::StatusRequest {}).await?.into_inner())
+        };
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(3), ask).await {
+            let rev = s.header.as_ref().map_or(0, |h| h.revision);
+            out.push((ep.to_string(), (rev.max(0) as u64) >> 40, s.raft_applied_index, s.is_learner));
+        }
+    }
+    out
+}
+
+/// PROMOTE: the standby learner that applied the most seeds the new cluster; if one already is
+/// in the new epoch (an earlier run did it), nothing more is done. Waits until it serves.
+async fn promote(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String> {
+    let seen = standby_status(cfg).await;
+    if !seen.iter().any(|(_, e, _, _)| *e >= epoch) {
+        let best = seen.iter().filter(|s| s.3).max_by_key(|s| s.2).ok_or("no standby learner answers")?;
+        let r = failover::promote(&best.0, epoch).await.map_err(|e| format!("promote {}: {e}", best.0))?;
+        tracing::info!(
+            "promoted {} from applied index {} ({} received entries dropped) into cluster {:x}",
+            best.0,
+            r.applied_index,
+            r.dropped_entries,
+            r.cluster_id
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !standby_status(cfg).await.iter().any(|(_, e, _, learner)| *e >= epoch && !learner) {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("no standby member serves revision epoch {epoch} 30 s after the promotion"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(vec![])
+}
+
+/// REDIRECT: the DNS compare-and-swap (a no-op when it already happened).
+async fn redirect(dns: Option<&(Updater, Endpoint, Endpoint)>) -> Result<Vec<Event>, String> {
+    let Some((updater, from, to)) = dns else {
+        tracing::warn!("no DNS configured: clients are not redirected");
+        return Ok(vec![]);
+    };
+    let done = updater.swap(from, to).await.map_err(|e| e.to_string())?;
+    tracing::info!("DNS: {done:?}");
+    Ok(vec![])
+}
+
+/// VERIFY: the name resolves to the standby's records, and the new primary takes a write, reads
+/// it back in the new epoch, and grants and releases a probe lock.
+async fn verify(
+    cfg: &ControllerConfig,
+    dns: Option<&(Updater, Endpoint, Endpoint)>,
+    epoch: u64,
+) -> Result<Vec<Event>, String> {
+    if let Some((updater, _, to)) = dns {
+        let found = updater.read().await.map_err(|e| e.to_string())?;
+        if found != *to {
+            return Err(format!("the client name resolves to {found}, not {to}"));
+        }
+    }
+    let ch = crate::connect(&cfg.standby).await.map_err(|e| e.to_string())?;
+    let mut kv = geolock_proto::etcdserverpb::kv_client::KvClient::new(ch);
+    let key = b"geolock/failover/verify".to_vec();
+    let put = geolock_proto::etcdserverpb::PutRequest {
+        key: key.clone(),
+        value: epoch.to_string().into_bytes(),
+        ..Default::default()
+    };
+    let rev = kv.put(put).await.map_err(|e| format!("probe write: {e}"))?.into_inner().header.map_or(0, |h| h.revision);
+    if (rev.max(0) as u64) >> 40 != epoch {
+        return Err(format!("probe write at revision {rev}, outside revision epoch {epoch}"));
+    }
+    let mut session = crate::Session::grant(&cfg.standby, 10).await.map_err(|e| e.to_string())?;
+    let held =
+        crate::acquire(&cfg.standby, "geolock/failover/verify-lock", &mut session).await.map_err(|e| e.to_string())?;
+    crate::unlock(&cfg.standby, &held.key).await.map_err(|e| e.to_string())?;
+    session.revoke(&cfg.standby).await;
+    tracing::info!("verified: probe write at revision {rev:#x}, probe lock token {:#x}", held.token);
+    Ok(vec![])
+}
