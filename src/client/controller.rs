@@ -207,10 +207,12 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
             Some((Updater::new(server, &d.zone, &d.name, key)?, d.primary.endpoint()?, d.standby.endpoint()?))
         }
     };
+    // The lock first: a second controller waits here, and takes over the vantage point's
+    // address only once the first is gone.
+    let _lock = lock_journal(&cfg.journal).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(|source| ControllerError::Listen { addr: cfg.listen.clone(), source })?;
-    let _lock = lock_journal(&cfg.journal).await?;
     let (mut journal, records, torn) = Journal::open(&cfg.journal)?;
     if torn > 0 {
         tracing::warn!("dropped {torn} bytes of a journal record cut short by a crash");
@@ -223,6 +225,8 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
     tokio::spawn(vantage.clone().watch_primary(cfg.primary.clone(), every));
     tracing::info!("controller {} resumes at {:?} after {} journal records", cfg.name, runbook.phase(), records.len());
 
+    let failpoint = Failpoint::from_env();
+    let mut progress_records = 0;
     let mut pending: VecDeque<Action> = first.into();
     let mut running: Option<(Step, tokio::task::JoinHandle<Vec<Event>>)> = None;
     loop {
@@ -231,11 +235,29 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
                 Action::Journal(record) => {
                     tracing::info!("journal: {record:?}");
                     journal.append(&record)?;
+                    if !matches!(record, Record::Detected { .. }) {
+                        progress_records += 1;
+                        if failpoint == Some(Failpoint::DieAfterRecords(progress_records)) {
+                            tracing::warn!("failpoint: dying after {progress_records} journal records");
+                            std::process::abort();
+                        }
+                    }
                 }
                 Action::StopRenewing => vantage.set_granting(false),
                 Action::Run { step, epoch } => {
                     let (cfg, dns) = (cfg.clone(), dns.clone());
-                    running = Some((step, tokio::spawn(async move { run_step(&cfg, dns.as_ref(), step, epoch).await })));
+                    let die = failpoint == Some(Failpoint::DieInStep(step));
+                    running = Some((
+                        step,
+                        tokio::spawn(async move {
+                            let events = run_step(&cfg, dns.as_ref(), step, epoch).await;
+                            if die {
+                                tracing::warn!("failpoint: dying in {step:?}, its effect done and not journaled");
+                                std::process::abort();
+                            }
+                            events
+                        }),
+                    ));
                 }
                 Action::RequestApproval { token, expires_at_ms } => tracing::warn!(
                     "failover awaits approval: lockctl failover approve --token {token:x} (valid until {expires_at_ms} ms)"
@@ -283,6 +305,31 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
                 }
                 pending.extend(runbook.on(Event::Tick { now_ms: now }));
             }
+        }
+    }
+}
+
+/// Test hooks, from `GEOLOCK_FAILPOINT` (as etcd's gofail failpoints): `die-after-records:N`
+/// aborts the process once it has journaled N records beyond `Detected` ones (so that a
+/// controller restarted each time dies at every step boundary in turn); `die-in-step:STEP`
+/// aborts once STEP's effect is done and before it is journaled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failpoint {
+    DieAfterRecords(usize),
+    DieInStep(Step),
+}
+
+impl Failpoint {
+    fn from_env() -> Option<Failpoint> {
+        let v = std::env::var("GEOLOCK_FAILPOINT").ok()?;
+        let (kind, arg) = v.split_once(':')?;
+        match kind {
+            "die-after-records" => arg.parse().ok().map(Failpoint::DieAfterRecords),
+            "die-in-step" => [Step::Fence, Step::Promote, Step::Redirect, Step::Verify, Step::Notify]
+                .into_iter()
+                .find(|s| format!("{s:?}") == arg)
+                .map(Failpoint::DieInStep),
+            _ => None,
         }
     }
 }

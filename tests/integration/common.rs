@@ -95,7 +95,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_logged(mut cmd: Command, log: &Path) -> Proc {
+pub fn spawn_logged(mut cmd: Command, log: &Path) -> Proc {
     let f = std::fs::File::create(log).unwrap();
     cmd.stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f);
     let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));

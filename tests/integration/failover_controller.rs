@@ -2,7 +2,8 @@
 //! voters are SIGKILLed; the controller and an arbiter see it lost for the detection window;
 //! the controller stops granting the write lease, fences (nobody answers), waits the lease out,
 //! promotes the standby learner into revision epoch 1, moves the client name's records, verifies
-//! with a probe write and lock, and exits. Run again on its journal, it does nothing more.
+//! with a probe write and lock, and exits. A second controller started beside it waits on the
+//! journal's lock, then finds the failover done and does nothing more.
 
 use std::path::Path;
 use std::process::Command;
@@ -61,100 +62,158 @@ fn wait_exit(p: &mut crate::common::Proc, limit: Duration) -> (bool, String) {
     }
 }
 
-#[test]
-fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_standby_by_dns() {
-    let dir = tempfile::tempdir().unwrap();
-    let bind = Bind::start(
-        dir.path(),
-        ZONE,
-        &[
+/// A primary of three voters with the write lease, a standby learner, an arbiter, BIND9 with the
+/// client name on the primary, and a controller configuration; the voters then SIGKILLed.
+struct Scenario {
+    dir: tempfile::TempDir,
+    bind: Bind,
+    c: Cluster,
+    learner: usize,
+    standby: String,
+    config: std::path::PathBuf,
+    _arbiter: crate::common::Proc,
+}
+
+impl Scenario {
+    /// Everything up, with `controllers` controller processes started on the configuration
+    /// (each `GEOLOCK_FAILPOINT`-free) before the primary, which needs one to grant its lease.
+    fn start(controllers: usize) -> (Scenario, Vec<crate::common::Proc>) {
+        let dir = tempfile::tempdir().unwrap();
+        let records = [
             format!("{NAME} IN A 10.0.1.1"),
             format!("_etcd-client._tcp.{NAME} IN SRV 0 0 2379 n1.us-east.geolock.test."),
-        ],
-    )
-    .unwrap();
-    let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port())).map(|(c, p)| (c, p, p)).collect();
-    let primary = ports.iter().map(|p| format!("127.0.0.1:{}", p.0)).collect::<Vec<_>>().join(",");
-    let (ctl, arb) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-    let learner_port = free_port();
-    let standby = format!("127.0.0.1:{learner_port}");
-    let config = write_config(dir.path(), &ctl, &arb, &primary, &standby, &bind);
-    let _arbiter = lockctl_bg(
-        "",
-        &["failover", "vantage", "--listen", &arb, "--primary", &primary, "--probe-interval-ms", "200"],
-        &dir.path().join("arbiter.log"),
-    );
-    let cfg = config.to_str().unwrap();
-    let mut controller = lockctl_bg("", &["failover-controller", "--config", cfg], &dir.path().join("controller.log"));
-
-    let vantages = format!("{ctl},{arb}");
-    let mut c = Cluster::start_on(ports, &["--failover-vantages", &vantages, "--failover-write-lease-ms", "1500"]);
-    // The standby learner is no primary of its own yet: no write lease for it.
-    c.set_extra(&[]);
-    let (l, _) = c.add_learner_on("l1", 0, learner_port);
-    assert!(etcdctl(&c.endpoint(0), &["put", "k", "before"], None).status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while String::from_utf8_lossy(
-        &etcdctl(&standby, &["get", "k", "--consistency=s", "--print-value-only"], None).stdout,
-    )
-    .trim()
-        != "before"
-    {
-        assert!(Instant::now() < deadline, "the learner does not catch up");
-        std::thread::sleep(Duration::from_millis(100));
+        ];
+        let bind = Bind::start(dir.path(), ZONE, &records).unwrap();
+        let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port())).map(|(c, p)| (c, p, p)).collect();
+        let primary = ports.iter().map(|p| format!("127.0.0.1:{}", p.0)).collect::<Vec<_>>().join(",");
+        let (ctl, arb) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let learner_port = free_port();
+        let standby = format!("127.0.0.1:{learner_port}");
+        let config = write_config(dir.path(), &ctl, &arb, &primary, &standby, &bind);
+        let arbiter = lockctl_bg(
+            "",
+            &["failover", "vantage", "--listen", &arb, "--primary", &primary, "--probe-interval-ms", "200"],
+            &dir.path().join("arbiter.log"),
+        );
+        let cfg = config.to_str().unwrap().to_string();
+        let mut procs = Vec::new();
+        for i in 0..controllers {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            let log = dir.path().join(format!("controller-{i}.log"));
+            procs.push(lockctl_bg("", &["failover-controller", "--config", &cfg], &log));
+        }
+        if controllers == 0 {
+            // The primary needs a majority of its vantage points (two of two) to serve: one
+            // controller grants until it journals its first decision, and dies there.
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
+            cmd.args(["failover-controller", "--config", &cfg]).env("GEOLOCK_FAILPOINT", "die-after-records:1");
+            procs.push(crate::common::spawn_logged(cmd, &dir.path().join("controller-life-0.log")));
+        }
+        let vantages = format!("{ctl},{arb}");
+        let mut c = Cluster::start_on(ports, &["--failover-vantages", &vantages, "--failover-write-lease-ms", "1500"]);
+        // The standby learner is no primary of its own yet: no write lease for it.
+        c.set_extra(&[]);
+        let (learner, _) = c.add_learner_on("l1", 0, learner_port);
+        assert!(etcdctl(&c.endpoint(0), &["put", "k", "before"], None).status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let applied = |s: &str| etcdctl(s, &["get", "k", "--consistency=s", "--print-value-only"], None).stdout;
+        while String::from_utf8_lossy(&applied(&standby)).trim() != "before" {
+            assert!(Instant::now() < deadline, "the learner does not catch up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (Scenario { dir, bind, c, learner, standby, config, _arbiter: arbiter }, procs)
     }
 
+    fn kill_primary(&mut self) {
+        for i in 0..3 {
+            self.c.kill(i);
+        }
+    }
+
+    fn journal(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("journal")).unwrap_or_default()
+    }
+
+    /// The failover happened once: the name moved, the standby serves the data in epoch 1, one
+    /// decision, each step finished once, one promotion, one DNS change.
+    fn assert_failed_over_once(&self) {
+        assert_eq!(dig(&self.bind, NAME, "A"), "10.0.2.1");
+        assert_eq!(dig(&self.bind, &format!("_etcd-client._tcp.{NAME}"), "SRV"), "0 0 2379 l1.us-west.geolock.test.");
+        let got = etcdctl(&self.standby, &["get", "k", "--print-value-only"], None);
+        assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "before");
+        let put = etcdctl(&self.standby, &["put", "k2", "after", "-w", "json"], None);
+        let v: serde_json::Value = serde_json::from_slice(&put.stdout).unwrap();
+        assert!(v["header"]["revision"].as_i64().unwrap() > 1 << 40, "{v}");
+        let journal = self.journal();
+        assert_eq!(journal.lines().filter(|l| l.contains("\"Decided\"")).count(), 1, "{journal}");
+        for step in ["Fence", "Promote", "Redirect", "Verify", "Notify"] {
+            let finished =
+                journal.lines().filter(|l| l.contains("\"Finished\"") && l.contains(&format!("\"{step}\""))).count();
+            assert_eq!(finished, 1, "{step} finished {finished} times:\n{journal}");
+        }
+        let learner_log = self.c.log(self.learner);
+        assert_eq!(learner_log.matches("seeded cluster").count(), 1, "{learner_log}");
+        let named = self.bind.log();
+        assert_eq!(named.matches("adding an RR at 'clients.geolock.test' A").count(), 1, "{named}");
+    }
+}
+
+#[test]
+fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_standby_by_dns() {
+    let (mut s, mut controllers) = Scenario::start(2);
     let lost = Instant::now();
-    for i in 0..3 {
-        c.kill(i);
-    }
-    let (ok, log) = wait_exit(&mut controller, Duration::from_secs(60));
+    s.kill_primary();
+    let (ok, log) = wait_exit(&mut controllers[0], Duration::from_secs(60));
     let rto = lost.elapsed();
     assert!(ok && log.contains("failed over into revision epoch 1"), "{log}");
     eprintln!("primary killed to failover done: {} ms", rto.as_millis());
+    s.assert_failed_over_once();
 
-    // Clients resolving the name find the standby; it takes writes in epoch 1 with the data.
-    assert_eq!(dig(&bind, NAME, "A"), "10.0.2.1");
-    assert_eq!(dig(&bind, &format!("_etcd-client._tcp.{NAME}"), "SRV"), "0 0 2379 l1.us-west.geolock.test.");
-    let got = etcdctl(&standby, &["get", "k", "--print-value-only"], None);
-    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "before");
-    let put = etcdctl(&standby, &["put", "k2", "after", "-w", "json"], None);
-    let v: serde_json::Value = serde_json::from_slice(&put.stdout).unwrap();
-    assert!(v["header"]["revision"].as_i64().unwrap() > 1 << 40, "{v}");
+    // The second controller, started beside the first, waited on the journal's lock; once the
+    // first is gone it finds the failover done and does nothing.
+    let journal = s.journal();
+    let (ok, second_log) = wait_exit(&mut controllers[1], Duration::from_secs(30));
+    assert!(ok && second_log.contains("another controller holds"), "{second_log}");
+    assert!(second_log.contains("failed over into revision epoch 1"), "{second_log}");
+    assert_eq!(s.journal(), journal, "the journal grew");
+    s.assert_failed_over_once();
+}
 
-    // The journal: each step started and finished once, in order, after one decision.
-    let journal = std::fs::read_to_string(dir.path().join("journal")).unwrap();
-    let kinds: Vec<String> = journal
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["record"]
-                .as_object()
-                .unwrap()
-                .keys()
-                .next()
-                .unwrap()
-                .clone()
-        })
-        .collect();
-    assert_eq!(kinds.iter().filter(|k| *k == "Decided").count(), 1, "{journal}");
-    for step in ["Fence", "Promote", "Redirect", "Verify", "Notify"] {
-        let finished =
-            journal.lines().filter(|l| l.contains("\"Finished\"") && l.contains(&format!("\"{step}\""))).count();
-        assert_eq!(finished, 1, "{step} finished {finished} times:\n{journal}");
+#[test]
+fn a_controller_killed_after_every_journal_record_and_once_mid_promote_fails_over_once() {
+    let (mut s, mut granting) = Scenario::start(0);
+    s.kill_primary();
+    let cfg = s.config.to_str().unwrap().to_string();
+    let mut lives = 0;
+    let mut proc = granting.remove(0);
+    let mut mid_step = false;
+    loop {
+        let (ok, log) = wait_exit(&mut proc, Duration::from_secs(60));
+        if ok {
+            assert!(log.contains("failed over into revision epoch 1"), "{log}");
+            break;
+        }
+        lives += 1;
+        assert!(lives < 40, "no end after {lives} controller lives:\n{}", s.journal());
+        // Die after the next record; once, when PROMOTE has started, die in it instead, its
+        // promotion made and not journaled.
+        let last = s.journal().lines().last().unwrap_or_default().to_string();
+        let failpoint = if !mid_step && last.contains("\"Started\"") && last.contains("\"Promote\"") {
+            mid_step = true;
+            "die-in-step:Promote"
+        } else {
+            "die-after-records:1"
+        };
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
+        cmd.args(["failover-controller", "--config", &cfg]).env("GEOLOCK_FAILPOINT", failpoint);
+        proc = crate::common::spawn_logged(cmd, &s.dir.path().join(format!("controller-life-{lives}.log")));
     }
-
-    // Run again on the same journal: it finds the failover done and does nothing.
-    let again = run_with_deadline(
-        {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
-            cmd.args(["failover-controller", "--config", cfg]);
-            cmd
-        },
-        None,
-        Duration::from_secs(30),
-    );
-    assert!(again.status.success(), "{again:?}");
-    assert_eq!(std::fs::read_to_string(dir.path().join("journal")).unwrap(), journal, "the journal grew");
-    assert_eq!(dig(&bind, NAME, "A"), "10.0.2.1");
-    drop(c.nodes.remove(l));
+    assert!(mid_step, "PROMOTE was never entered by a fresh life");
+    eprintln!("{lives} controller lives");
+    // Every record but `Detected` ones ended a life.
+    let progress = s.journal().lines().filter(|l| !l.contains("\"Detected\"")).count();
+    assert!(lives >= progress, "{lives} lives for {progress} records:\n{}", s.journal());
+    s.assert_failed_over_once();
 }
