@@ -21,7 +21,6 @@ use serde::Deserialize;
 use crate::dns::{DnsError, Endpoint, SrvTarget, TsigKey, Updater};
 use crate::failover::{self, Action, Event, Mode, Phase, Record, Runbook, Settings, Step, Vantage};
 use crate::journal::{Journal, JournalError};
-use crate::ClientError;
 
 /// The controller's configuration file (YAML or TOML). Durations in milliseconds.
 #[derive(Clone, Debug, Deserialize)]
@@ -100,6 +99,19 @@ pub struct DnsConfig {
     pub key_secret: Option<String>,
     pub primary: RegionRecords,
     pub standby: RegionRecords,
+}
+
+impl DnsConfig {
+    /// The updater, and the records before and after.
+    fn change(&self) -> Result<(Updater, Endpoint, Endpoint), ControllerError> {
+        let server =
+            self.server.parse().map_err(|_| ControllerError::Config(format!("dns.server {:?}", self.server)))?;
+        let key = match (&self.key_name, &self.key_secret) {
+            (Some(n), Some(s)) => Some(TsigKey::from_base64(n, s)?),
+            _ => None,
+        };
+        Ok((Updater::new(server, &self.zone, &self.name, key)?, self.primary.endpoint()?, self.standby.endpoint()?))
+    }
 }
 
 /// A region's records: its client addresses and its members' `host:port` for SRV.
@@ -196,24 +208,14 @@ async fn lock_journal(path: &std::path::Path) -> Result<std::fs::File, Controlle
 /// Run the controller until the runbook is done. Returns the epoch it failed over into.
 pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
     let settings = cfg.settings()?;
-    let dns = match &cfg.dns {
-        None => None,
-        Some(d) => {
-            let server = d.server.parse().map_err(|_| ControllerError::Config(format!("dns.server {:?}", d.server)))?;
-            let key = match (&d.key_name, &d.key_secret) {
-                (Some(n), Some(s)) => Some(TsigKey::from_base64(n, s)?),
-                _ => None,
-            };
-            Some((Updater::new(server, &d.zone, &d.name, key)?, d.primary.endpoint()?, d.standby.endpoint()?))
-        }
-    };
+    let dns = cfg.dns.as_ref().map(DnsConfig::change).transpose()?;
     // The lock first: a second controller waits here, and takes over the vantage point's
     // address only once the first is gone.
     let _lock = lock_journal(&cfg.journal).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(|source| ControllerError::Listen { addr: cfg.listen.clone(), source })?;
-    let (mut journal, records, torn) = Journal::open(&cfg.journal)?;
+    let (journal, records, torn) = Journal::open(&cfg.journal)?;
     if torn > 0 {
         tracing::warn!("dropped {torn} bytes of a journal record cut short by a crash");
     }
@@ -225,44 +227,20 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
     tokio::spawn(vantage.clone().watch_primary(cfg.primary.clone(), every));
     tracing::info!("controller {} resumes at {:?} after {} journal records", cfg.name, runbook.phase(), records.len());
 
-    let failpoint = Failpoint::from_env();
-    let mut progress_records = 0;
+    let mut executor = Executor {
+        cfg: cfg.clone(),
+        dns,
+        journal,
+        vantage: vantage.clone(),
+        failpoint: Failpoint::from_env(),
+        progress_records: 0,
+    };
     let mut pending: VecDeque<Action> = first.into();
-    let mut running: Option<(Step, tokio::task::JoinHandle<Vec<Event>>)> = None;
+    let mut running: Option<StepTask> = None;
     loop {
         while let Some(action) = pending.pop_front() {
-            match action {
-                Action::Journal(record) => {
-                    tracing::info!("journal: {record:?}");
-                    journal.append(&record)?;
-                    if !matches!(record, Record::Detected { .. }) {
-                        progress_records += 1;
-                        if failpoint == Some(Failpoint::DieAfterRecords(progress_records)) {
-                            tracing::warn!("failpoint: dying after {progress_records} journal records");
-                            std::process::abort();
-                        }
-                    }
-                }
-                Action::StopRenewing => vantage.set_granting(false),
-                Action::Run { step, epoch } => {
-                    let (cfg, dns) = (cfg.clone(), dns.clone());
-                    let die = failpoint == Some(Failpoint::DieInStep(step));
-                    running = Some((
-                        step,
-                        tokio::spawn(async move {
-                            let events = run_step(&cfg, dns.as_ref(), step, epoch).await;
-                            if die {
-                                tracing::warn!("failpoint: dying in {step:?}, its effect done and not journaled");
-                                std::process::abort();
-                            }
-                            events
-                        }),
-                    ));
-                }
-                Action::RequestApproval { token, expires_at_ms } => tracing::warn!(
-                    "failover awaits approval: lockctl failover approve --token {token:x} (valid until {expires_at_ms} ms)"
-                ),
-                Action::RefuseApproval { token, why } => tracing::warn!("approval {token:x} refused: {why}"),
+            if let Some(started) = executor.carry_out(action)? {
+                running = Some(started);
             }
         }
         if let Phase::Done { epoch } = runbook.phase() {
@@ -285,28 +263,94 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
                 }
             }
             _ = tokio::time::sleep(every) => {
-                let now = now_ms();
-                if let Some((age, h)) = vantage.observation() {
-                    let at_ms = now.saturating_sub(age.as_millis() as u64);
-                    pending.extend(runbook.on(Event::Health { vantage: cfg.name.clone(), healthy: h.healthy, at_ms }));
+                for e in observations(&cfg, &vantage).await {
+                    pending.extend(runbook.on(e));
                 }
-                for arbiter in &cfg.arbiters {
-                    match failover::observe(arbiter).await {
-                        Ok(Some((age, h))) => {
-                            let at_ms = now.saturating_sub(age.as_millis() as u64);
-                            pending.extend(runbook.on(Event::Health { vantage: arbiter.clone(), healthy: h.healthy, at_ms }));
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::debug!("arbiter {arbiter}: {e}"),
-                    }
-                }
-                if let Some(t) = vantage.last_grant() {
-                    pending.extend(runbook.on(Event::LeaseRenewed { at_ms: now.saturating_sub(t.elapsed().as_millis() as u64) }));
-                }
-                pending.extend(runbook.on(Event::Tick { now_ms: now }));
             }
         }
     }
+}
+
+/// A step running in a task of its own, and the events it will report.
+type StepTask = (Step, tokio::task::JoinHandle<Vec<Event>>);
+
+/// What carries out the runbook's actions.
+struct Executor {
+    cfg: ControllerConfig,
+    dns: Option<(Updater, Endpoint, Endpoint)>,
+    journal: Journal,
+    vantage: Vantage,
+    failpoint: Option<Failpoint>,
+    /// Records journaled by this process, `Detected` ones not counted.
+    progress_records: usize,
+}
+
+impl Executor {
+    /// Carry out `action`: a record is synced before this returns; a step starts in a task of
+    /// its own, which is returned.
+    #[allow(clippy::type_complexity)]
+    fn carry_out(
+        &mut self,
+        action: Action,
+    ) -> Result<Option<(Step, tokio::task::JoinHandle<Vec<Event>>)>, ControllerError> {
+        match action {
+            Action::Journal(record) => {
+                tracing::info!("journal: {record:?}");
+                self.journal.append(&record)?;
+                if !matches!(record, Record::Detected { .. }) {
+                    self.progress_records += 1;
+                    if self.failpoint == Some(Failpoint::DieAfterRecords(self.progress_records)) {
+                        tracing::warn!("failpoint: dying after {} journal records", self.progress_records);
+                        std::process::abort();
+                    }
+                }
+            }
+            Action::StopRenewing => self.vantage.set_granting(false),
+            Action::Run { step, epoch } => {
+                let (cfg, dns) = (self.cfg.clone(), self.dns.clone());
+                let die = self.failpoint == Some(Failpoint::DieInStep(step));
+                let task = tokio::spawn(async move {
+                    let events = run_step(&cfg, dns.as_ref(), step, epoch).await;
+                    if die {
+                        tracing::warn!("failpoint: dying in {step:?}, its effect done and not journaled");
+                        std::process::abort();
+                    }
+                    events
+                });
+                return Ok(Some((step, task)));
+            }
+            Action::RequestApproval { token, expires_at_ms } => tracing::warn!(
+                "failover awaits approval: lockctl failover approve --token {token:x} (valid until {expires_at_ms} ms)"
+            ),
+            Action::RefuseApproval { token, why } => tracing::warn!("approval {token:x} refused: {why}"),
+        }
+        Ok(None)
+    }
+}
+
+/// What this vantage point and the arbiters saw of the primary, the last lease grant, and the
+/// time: the events of one probe interval.
+async fn observations(cfg: &ControllerConfig, vantage: &Vantage) -> Vec<Event> {
+    let now = now_ms();
+    let ago = |d: Duration| now.saturating_sub(d.as_millis() as u64);
+    let mut events = Vec::new();
+    if let Some((age, h)) = vantage.observation() {
+        events.push(Event::Health { vantage: cfg.name.clone(), healthy: h.healthy, at_ms: ago(age) });
+    }
+    for arbiter in &cfg.arbiters {
+        match failover::observe(arbiter).await {
+            Ok(Some((age, h))) => {
+                events.push(Event::Health { vantage: arbiter.clone(), healthy: h.healthy, at_ms: ago(age) })
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!("arbiter {arbiter}: {e}"),
+        }
+    }
+    if let Some(t) = vantage.last_grant() {
+        events.push(Event::LeaseRenewed { at_ms: ago(t.elapsed()) });
+    }
+    events.push(Event::Tick { now_ms: now });
+    events
 }
 
 /// Test hooks, from `GEOLOCK_FAILPOINT` (as etcd's gofail failpoints): `die-after-records:N`
@@ -393,12 +437,7 @@ async fn fence(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String>
 async fn standby_status(cfg: &ControllerConfig) -> Vec<(String, u64, u64, bool)> {
     let mut out = Vec::new();
     for ep in cfg.standby.split(',').filter(|e| !e.is_empty()) {
-        let ask = async {
-            let ch = crate::connect(ep).await?;
-            let mut m = geolock_proto::etcdserverpb::maintenance_client::MaintenanceClient::new(ch);
-            Ok::<_, ClientError>(m.status(geolock_proto::etcdserverpb::StatusRequest {}).await?.into_inner())
-        };
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(3), ask).await {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(3), failover::status(ep)).await {
             let rev = s.header.as_ref().map_or(0, |h| h.revision);
             out.push((ep.to_string(), (rev.max(0) as u64) >> 40, s.raft_applied_index, s.is_learner));
         }

@@ -528,12 +528,7 @@ pub struct Health {
 /// standby from granting would then look like a lost primary to the arbiter too.)
 pub async fn probe_primary(endpoints: &str, timeout: std::time::Duration) -> Health {
     let asks = endpoints.split(',').filter(|e| !e.is_empty()).map(|ep| async move {
-        let status = async {
-            let ch = crate::connect(ep).await?;
-            let mut m = geolock_proto::etcdserverpb::maintenance_client::MaintenanceClient::new(ch);
-            Ok::<_, ClientError>(m.status(geolock_proto::etcdserverpb::StatusRequest {}).await?.into_inner())
-        };
-        let seen = match tokio::time::timeout(timeout, status).await {
+        let seen = match tokio::time::timeout(timeout, status(ep)).await {
             Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
             Ok(Err(e)) => Err(e.to_string()),
             Ok(Ok(s)) if s.leader != 0 => Ok(s.leader),
@@ -542,6 +537,13 @@ pub async fn probe_primary(endpoints: &str, timeout: std::time::Duration) -> Hea
         (ep.to_string(), seen)
     });
     judge(futures::future::join_all(asks).await)
+}
+
+/// Maintenance.Status of the member at `endpoint`.
+pub(crate) async fn status(endpoint: &str) -> Result<geolock_proto::etcdserverpb::StatusResponse, ClientError> {
+    let ch = crate::connect(endpoint).await?;
+    let mut m = geolock_proto::etcdserverpb::maintenance_client::MaintenanceClient::new(ch);
+    Ok(m.status(geolock_proto::etcdserverpb::StatusRequest {}).await?.into_inner())
 }
 
 /// The primary's health from each member's answer: its leader, or why it named none.
