@@ -333,7 +333,12 @@ impl Executor {
 async fn observations(cfg: &ControllerConfig, vantage: &Vantage) -> Vec<Event> {
     let now = now_ms();
     let ago = |d: Duration| now.saturating_sub(d.as_millis() as u64);
-    let mut events = Vec::new();
+    // The time first, then the last grant, then the views (each as old as its probe): a
+    // decision the views trigger is made at the current time, counting every grant made.
+    let mut events = vec![Event::Tick { now_ms: now }];
+    if let Some(t) = vantage.last_grant() {
+        events.push(Event::LeaseRenewed { at_ms: ago(t.elapsed()) });
+    }
     if let Some((age, h)) = vantage.observation() {
         events.push(Event::Health { vantage: cfg.name.clone(), healthy: h.healthy, at_ms: ago(age) });
     }
@@ -346,10 +351,6 @@ async fn observations(cfg: &ControllerConfig, vantage: &Vantage) -> Vec<Event> {
             Err(e) => tracing::debug!("arbiter {arbiter}: {e}"),
         }
     }
-    if let Some(t) = vantage.last_grant() {
-        events.push(Event::LeaseRenewed { at_ms: ago(t.elapsed()) });
-    }
-    events.push(Event::Tick { now_ms: now });
     events
 }
 

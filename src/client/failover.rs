@@ -202,6 +202,9 @@ pub struct Runbook {
     fenced: bool,
     /// Whether the running step's `Started` record is in the journal.
     started_journaled: bool,
+    /// The latest time any event carried: "now" for a decision triggered by an observation made
+    /// earlier (a vantage point's report is as old as its probe).
+    clock_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -228,6 +231,7 @@ impl Runbook {
             lease_lapses_at_ms: 0,
             fenced: false,
             started_journaled: false,
+            clock_ms: 0,
         }
     }
 
@@ -269,6 +273,16 @@ impl Runbook {
 
     /// Feed one event; returns what to do, in order.
     pub fn on(&mut self, event: Event) -> Vec<Action> {
+        let at = match &event {
+            Event::Health { at_ms, .. }
+            | Event::LeaseRenewed { at_ms }
+            | Event::Approve { at_ms, .. }
+            | Event::Done { at_ms, .. }
+            | Event::Failed { at_ms, .. }
+            | Event::FencedByMajority { at_ms, .. } => *at_ms,
+            Event::Tick { now_ms } => *now_ms,
+        };
+        self.clock_ms = self.clock_ms.max(at);
         let mut out = Vec::new();
         match event {
             Event::Health { vantage, healthy, at_ms } => {
@@ -388,13 +402,18 @@ impl Runbook {
 
     /// DECIDE: journal the new epoch and when the old primary's lease surely lapses, stop
     /// renewing it, and start FENCE.
-    fn decide(&mut self, now_ms: u64) -> Vec<Action> {
+    fn decide(&mut self, at_ms: u64) -> Vec<Action> {
         let epoch = self.epoch + 1;
         // The lease is not renewed from now on: the last grant is the latest renewal seen, or
-        // any renewal that may still be in flight now.
+        // any renewal that may still be in flight now. "Now" is the latest time seen, not the
+        // triggering report's, which may be a probe interval old.
+        let now_ms = self.clock_ms.max(at_ms);
         self.lease_lapses_at_ms = self.lapse_after(self.last_renewal_ms.max(now_ms));
         let decided = Record::Decided { epoch, at_ms: now_ms, lease_lapses_at_ms: self.lease_lapses_at_ms };
-        let mut out = vec![Action::Journal(decided), Action::StopRenewing];
+        // Granting stops before the decision is journaled: a grant made while the record syncs
+        // would outlast the lapse it records. (Stopped and never journaled, the decision is
+        // made again after a restart; the primary meanwhile lacks its lease, which is safe.)
+        let mut out = vec![Action::StopRenewing, Action::Journal(decided)];
         out.extend(self.start(Step::Fence, epoch, Some(now_ms)));
         out
     }
@@ -717,13 +736,30 @@ mod tests {
             r.on(Event::Tick { now_ms: 1_000 }),
             vec![
                 Action::Journal(Record::Detected { at_ms: 1_000, vantages: vec!["arbiter".into(), "standby".into()] }),
+                Action::StopRenewing,
                 // The lease may have been renewed up to now: it lapses 1.5 s after.
                 Action::Journal(Record::Decided { epoch: 1, at_ms: 1_000, lease_lapses_at_ms: 2_500 }),
-                Action::StopRenewing,
                 started(Step::Fence, 1_000),
                 Action::Run { step: Step::Fence, epoch: 1 },
             ]
         );
+    }
+
+    /// Found by the partitioned-primary test: a decision triggered by an arbiter's report made a
+    /// probe interval ago recorded the lapse from the report's time, while the lease had been
+    /// granted since; the primary wrote past the recorded lapse.
+    #[test]
+    fn a_decision_on_an_old_report_counts_the_lease_from_the_latest_time_seen() {
+        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        unhealthy_from_both(&mut r, 0, 700);
+        r.on(Event::LeaseRenewed { at_ms: 1_250 });
+        assert_eq!(r.on(Event::Tick { now_ms: 1_300 }), vec![], "both reports are too old to count");
+        health(&mut r, "standby", false, 1_300);
+        // The arbiter's probe of 1,000 arrives now; it completes the window.
+        let out = health(&mut r, "arbiter", false, 1_000);
+        // Decided now (1,300), the lease counted from then, not from 1,000 or the last grant
+        // (1,250): 1,300 + 1,200 + 300.
+        assert_eq!(out[2], Action::Journal(Record::Decided { epoch: 1, at_ms: 1_300, lease_lapses_at_ms: 2_800 }));
     }
 
     #[test]
@@ -783,7 +819,7 @@ mod tests {
             Action::RefuseApproval { token, why: "not the approval token this failover awaits" }
         );
         let out = r.on(Event::Approve { token: second, at_ms: 11_100 });
-        assert_eq!(out[0], Action::Journal(Record::Decided { epoch: 4, at_ms: 11_100, lease_lapses_at_ms: 12_600 }));
+        assert_eq!(out[1], Action::Journal(Record::Decided { epoch: 4, at_ms: 11_100, lease_lapses_at_ms: 12_600 }));
         assert_eq!(
             r.on(Event::Approve { token: second, at_ms: 11_200 }),
             vec![Action::RefuseApproval {

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::common::{etcdctl, free_port, lockctl_bg, run_with_deadline, Cluster};
 use geolock_testkit::bind::Bind;
@@ -62,10 +62,58 @@ fn wait_exit(p: &mut crate::common::Proc, limit: Duration) -> (bool, String) {
     }
 }
 
+/// TCP proxies through which the vantage points (and only they) reach the primary's members:
+/// cutting them partitions the primary from the vantage points while it and its own clients go
+/// on. (A loopback stand-in for the namespaced harness's link down, in one direction: the
+/// primary's leader still reaches the vantage points, which is what it would need to keep its
+/// lease, and it loses the lease anyway once the controller stops granting.)
+struct VantageView {
+    rt: tokio::runtime::Runtime,
+    cut: tokio::sync::watch::Sender<bool>,
+    addrs: Vec<String>,
+}
+
+impl VantageView {
+    fn to(ports: &[u16]) -> VantageView {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let cut = tokio::sync::watch::Sender::new(false);
+        let mut addrs = Vec::new();
+        for &port in ports {
+            let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+            addrs.push(listener.local_addr().unwrap().to_string());
+            let cut = cut.subscribe();
+            rt.spawn(async move {
+                while let Ok((mut down, _)) = listener.accept().await {
+                    let mut cut = cut.clone();
+                    if *cut.borrow() {
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                            _ = cut.wait_for(|c| *c) => {}
+                        }
+                    });
+                }
+            });
+        }
+        VantageView { rt, cut, addrs }
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+}
+
 /// A primary of three voters with the write lease, a standby learner, an arbiter, BIND9 with the
 /// client name on the primary, and a controller configuration; the voters then SIGKILLed.
 struct Scenario {
     dir: tempfile::TempDir,
+    /// How the vantage points reach the primary, when not directly.
+    view: Option<VantageView>,
+    /// The primary's members' failover flags (`--failover-vantages ...`).
+    primary_flags: Vec<String>,
     bind: Bind,
     c: Cluster,
     learner: usize,
@@ -78,6 +126,12 @@ impl Scenario {
     /// Everything up, with `controllers` controller processes started on the configuration
     /// (each `GEOLOCK_FAILPOINT`-free) before the primary, which needs one to grant its lease.
     fn start(controllers: usize) -> (Scenario, Vec<crate::common::Proc>) {
+        Scenario::start_seen(controllers, false)
+    }
+
+    /// [`Scenario::start`]; with `through_proxies`, the vantage points see the primary only
+    /// through a [`VantageView`].
+    fn start_seen(controllers: usize, through_proxies: bool) -> (Scenario, Vec<crate::common::Proc>) {
         let dir = tempfile::tempdir().unwrap();
         let records = [
             format!("{NAME} IN A 10.0.1.1"),
@@ -85,7 +139,11 @@ impl Scenario {
         ];
         let bind = Bind::start(dir.path(), ZONE, &records).unwrap();
         let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port())).map(|(c, p)| (c, p, p)).collect();
-        let primary = ports.iter().map(|p| format!("127.0.0.1:{}", p.0)).collect::<Vec<_>>().join(",");
+        let view = through_proxies.then(|| VantageView::to(&ports.iter().map(|p| p.0).collect::<Vec<_>>()));
+        let primary = match &view {
+            Some(v) => v.addrs.join(","),
+            None => ports.iter().map(|p| format!("127.0.0.1:{}", p.0)).collect::<Vec<_>>().join(","),
+        };
         let (ctl, arb) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
         let learner_port = free_port();
         let standby = format!("127.0.0.1:{learner_port}");
@@ -112,7 +170,9 @@ impl Scenario {
             procs.push(crate::common::spawn_logged(cmd, &dir.path().join("controller-life-0.log")));
         }
         let vantages = format!("{ctl},{arb}");
-        let mut c = Cluster::start_on(ports, &["--failover-vantages", &vantages, "--failover-write-lease-ms", "1500"]);
+        let primary_flags: Vec<String> =
+            ["--failover-vantages", &vantages, "--failover-write-lease-ms", "1500"].map(String::from).to_vec();
+        let mut c = Cluster::start_on(ports, &primary_flags.iter().map(String::as_str).collect::<Vec<_>>());
         // The standby learner is no primary of its own yet: no write lease for it.
         c.set_extra(&[]);
         let (learner, _) = c.add_learner_on("l1", 0, learner_port);
@@ -123,7 +183,7 @@ impl Scenario {
             assert!(Instant::now() < deadline, "the learner does not catch up");
             std::thread::sleep(Duration::from_millis(100));
         }
-        (Scenario { dir, bind, c, learner, standby, config, _arbiter: arbiter }, procs)
+        (Scenario { dir, view, primary_flags, bind, c, learner, standby, config, _arbiter: arbiter }, procs)
     }
 
     fn kill_primary(&mut self) {
@@ -216,4 +276,72 @@ fn a_controller_killed_after_every_journal_record_and_once_mid_promote_fails_ove
     let progress = s.journal().lines().filter(|l| !l.contains("\"Detected\"")).count();
     assert!(lives >= progress, "{lives} lives for {progress} records:\n{}", s.journal());
     s.assert_failed_over_once();
+}
+
+#[test]
+fn a_primary_partitioned_from_its_vantage_points_stops_writing_before_the_standby_is_promoted() {
+    let (mut s, mut controllers) = Scenario::start_seen(1, true);
+    // The old primary's members only (not the learner, which becomes the new primary).
+    let old = (0..3).map(|i| s.c.endpoint(i)).collect::<Vec<_>>().join(",");
+    // The primary's own clients write all along; each write's invocation and outcome recorded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, old) = (stop.clone(), old.clone());
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let invoked = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+                let out = etcdctl(&old, &["--command-timeout=1s", "put", &format!("w{n}"), "x"], None);
+                if out.status.success() {
+                    acked.push((n, invoked));
+                }
+                n += 1;
+            }
+            (acked, n)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    s.view.as_ref().unwrap().cut();
+    let (ok, log) = wait_exit(&mut controllers[0], Duration::from_secs(60));
+    assert!(ok && log.contains("failed over into revision epoch 1"), "{log}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (acked, tried) = writer.join().unwrap();
+    if let Some(v) = s.view.take() {
+        v.rt.shutdown_background();
+    }
+
+    // No write the old primary acknowledged was invoked after its lease could last, as the
+    // controller computed it when it decided (and before it promoted).
+    let journal = s.journal();
+    let decided: serde_json::Value = journal
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["record"].get("Decided").is_some())
+        .unwrap();
+    let lapse = decided["record"]["Decided"]["lease_lapses_at_ms"].as_u64().unwrap();
+    assert!(!acked.is_empty() && acked.len() < tried, "{} of {tried} writes acknowledged", acked.len());
+    let late: Vec<_> = acked.iter().filter(|(_, invoked)| *invoked >= lapse).collect();
+    assert!(late.is_empty(), "the old primary acknowledged writes invoked after its lease lapsed: {late:?}");
+    let last = acked.iter().map(|(_, t)| *t).max().unwrap();
+    eprintln!(
+        "old primary: {} of {tried} writes acknowledged, the last invoked {} ms before the lapse",
+        acked.len(),
+        lapse - last
+    );
+    s.assert_failed_over_once();
+
+    // The old primary refuses writes, also once its members restart (with their flags): no
+    // vantage point majority grants it a lease again (the controller is gone, the arbiter is
+    // one of two).
+    s.c.set_extra(&s.primary_flags.iter().map(String::as_str).collect::<Vec<_>>());
+    for i in 0..3 {
+        s.c.kill(i);
+        s.c.respawn(i);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let out = etcdctl(&old, &["--command-timeout=2s", "put", "after-restart", "x"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("holds no region write lease"), "{err}");
 }
