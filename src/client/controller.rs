@@ -169,6 +169,16 @@ impl ControllerConfig {
             "approve" => Mode::Approve,
             other => return Err(ControllerError::Config(format!("mode {other:?}: auto or approve"))),
         };
+        // The primary's lease needs a majority of its vantage points; with this controller and
+        // one arbiter that is both, so this controller withholding its grant ends it. With more
+        // arbiters a majority could go on granting after the decision, and the lapse the runbook
+        // waits for would not be one.
+        if self.arbiters.len() != 1 {
+            return Err(ControllerError::Config(format!(
+                "arbiters: exactly one is supported (the primary's --failover-vantages being this controller and it), not {}",
+                self.arbiters.len()
+            )));
+        }
         Ok(Settings {
             mode,
             detect_window_ms: self.detect_window_ms,
@@ -514,4 +524,25 @@ async fn verify(
     session.revoke(&cfg.standby).await;
     tracing::info!("verified: probe write at revision {rev:#x}, probe lock token {:#x}", held.token);
     Ok(vec![])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(arbiters: &[&str]) -> ControllerConfig {
+        let yaml = format!(
+            "{{\"name\": \"standby\", \"listen\": \"127.0.0.1:1\", \"journal\": \"j\", \"primary\": \"a\", \"standby\": \"b\", \"arbiters\": {arbiters:?}}}"
+        );
+        serde_json::from_str(&yaml).unwrap()
+    }
+
+    #[test]
+    fn only_a_controller_and_one_arbiter_make_the_lease_the_controller_can_end_alone() {
+        assert!(config(&["arb:1"]).settings().is_ok());
+        for arbiters in [&[][..], &["a:1", "b:1"][..]] {
+            let e = config(arbiters).settings().unwrap_err().to_string();
+            assert!(e.contains("arbiters: exactly one is supported"), "{e}");
+        }
+    }
 }
