@@ -489,6 +489,53 @@ impl Runbook {
     }
 }
 
+/// The journal as an operator reads it: one line a record, its time counted from the first
+/// record's, and each finished or failed step with how long it ran.
+pub fn timeline(records: &[Record]) -> Vec<String> {
+    let at = |r: &Record| match r {
+        Record::Detected { at_ms, .. }
+        | Record::Recovered { at_ms }
+        | Record::Decided { at_ms, .. }
+        | Record::Started { at_ms, .. }
+        | Record::Finished { at_ms, .. }
+        | Record::Failed { at_ms, .. }
+        | Record::Fenced { at_ms, .. } => *at_ms,
+        Record::AwaitingApproval { .. } => 0,
+    };
+    let t0 = records.iter().map(at).find(|t| *t > 0).unwrap_or(0);
+    let rel = |t: u64| t.saturating_sub(t0);
+    let mut started: BTreeMap<Step, u64> = BTreeMap::new();
+    let mut out = Vec::new();
+    for r in records {
+        let line = match r {
+            Record::Detected { vantages, .. } => format!("detected: lost as seen from {}", vantages.join(", ")),
+            Record::AwaitingApproval { token, .. } => format!("awaiting approval with token {token:x}"),
+            Record::Recovered { .. } => "recovered before a decision".to_string(),
+            Record::Decided { epoch, lease_lapses_at_ms, .. } => format!(
+                "decided: fail over into revision epoch {epoch}; the old primary's write lease lapses at +{} ms",
+                rel(*lease_lapses_at_ms)
+            ),
+            Record::Started { step, at_ms } => {
+                started.insert(*step, *at_ms);
+                format!("{step:?} started")
+            }
+            Record::Finished { step, at_ms } => {
+                format!(
+                    "{step:?} finished in {} ms",
+                    at_ms.saturating_sub(started.get(step).copied().unwrap_or(*at_ms))
+                )
+            }
+            Record::Failed { step, at_ms, reason } => format!(
+                "{step:?} failed after {} ms: {reason}",
+                at_ms.saturating_sub(started.get(step).copied().unwrap_or(*at_ms))
+            ),
+            Record::Fenced { epoch, .. } => format!("a majority of the old voters recorded fenced({epoch})"),
+        };
+        out.push(format!("+{} ms {line}", rel(at(r))));
+    }
+    out
+}
+
 /// Fence the member at `endpoint` (one member: not the first of a list that answers) out of the
 /// old primary, for the failover into `epoch` (see `geolockpb.Failover.Fence`). Returns what the
 /// member recorded: the epoch it is fenced by, and how far it had applied.
@@ -710,6 +757,33 @@ mod tests {
 
     fn started(step: Step, at_ms: u64) -> Action {
         Action::Journal(Record::Started { step, at_ms })
+    }
+
+    #[test]
+    fn the_timeline_counts_from_the_first_record_and_times_each_step() {
+        let records = [
+            Record::Detected { at_ms: 5_000, vantages: vec!["arbiter".into(), "standby".into()] },
+            Record::Decided { epoch: 1, at_ms: 5_000, lease_lapses_at_ms: 7_000 },
+            Record::Started { step: Step::Fence, at_ms: 5_000 },
+            Record::Failed { step: Step::Fence, at_ms: 5_040, reason: "hook exited 1".into() },
+            Record::Started { step: Step::Fence, at_ms: 6_040 },
+            Record::Finished { step: Step::Fence, at_ms: 6_050 },
+            Record::Started { step: Step::Promote, at_ms: 7_010 },
+            Record::Finished { step: Step::Promote, at_ms: 7_215 },
+        ];
+        assert_eq!(
+            timeline(&records),
+            [
+                "+0 ms detected: lost as seen from arbiter, standby",
+                "+0 ms decided: fail over into revision epoch 1; the old primary's write lease lapses at +2000 ms",
+                "+0 ms Fence started",
+                "+40 ms Fence failed after 40 ms: hook exited 1",
+                "+1040 ms Fence started",
+                "+1050 ms Fence finished in 10 ms",
+                "+2010 ms Promote started",
+                "+2215 ms Promote finished in 205 ms",
+            ]
+        );
     }
 
     #[test]

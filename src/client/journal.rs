@@ -46,42 +46,20 @@ impl Journal {
     pub fn open(path: &Path) -> Result<(Journal, Vec<Record>, u64), JournalError> {
         let io = |source| JournalError::Io { path: path.to_path_buf(), source };
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io)?;
-        let mut records = Vec::new();
-        let mut good = 0u64;
-        let mut torn = 0u64;
-        let mut reader = BufReader::new(&file);
-        let mut buf = Vec::new();
-        let mut number = 0;
-        loop {
-            buf.clear();
-            let n = reader.read_until(b'\n', &mut buf).map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            number += 1;
-            if buf.last() != Some(&b'\n') {
-                // The last line, cut short: its write never returned.
-                torn = n as u64;
-                break;
-            }
-            let corrupt = |detail: String| JournalError::Corrupt { path: path.to_path_buf(), line: number, detail };
-            if n > JOURNAL_LINE_BYTES_MAX {
-                return Err(corrupt(format!("{n} bytes, above journal_line_bytes_max {JOURNAL_LINE_BYTES_MAX}")));
-            }
-            let line: Line = serde_json::from_slice(&buf).map_err(|e| corrupt(e.to_string()))?;
-            if line.v != JOURNAL_VERSION {
-                return Err(corrupt(format!("format version {}, this build reads {JOURNAL_VERSION}", line.v)));
-            }
-            records.push(line.record);
-            good += n as u64;
-        }
-        drop(reader);
+        let (records, good, torn) = parse(path, BufReader::new(&file))?;
         if torn > 0 {
             file.set_len(good).map_err(io)?;
             file.sync_all().map_err(io)?;
         }
         file.seek(SeekFrom::End(0)).map_err(io)?;
         Ok((Journal { path: path.to_path_buf(), file }, records, torn))
+    }
+
+    /// The records of the journal at `path`, read without opening it for writing (a torn last
+    /// line is left out, and left there).
+    pub fn read(path: &Path) -> Result<Vec<Record>, JournalError> {
+        let file = File::open(path).map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
+        Ok(parse(path, BufReader::new(file))?.0)
     }
 
     /// Append `record` and sync it to disk.
@@ -92,6 +70,34 @@ impl Journal {
         line.push(b'\n');
         self.file.write_all(&line).map_err(io)?;
         self.file.sync_data().map_err(io)
+    }
+}
+
+/// The records in `reader`, the bytes of whole lines, and the bytes of a torn last line.
+fn parse(path: &Path, mut reader: impl BufRead) -> Result<(Vec<Record>, u64, u64), JournalError> {
+    let io = |source| JournalError::Io { path: path.to_path_buf(), source };
+    let (mut records, mut good, mut buf, mut number) = (Vec::new(), 0u64, Vec::new(), 0);
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(io)?;
+        if n == 0 {
+            return Ok((records, good, 0));
+        }
+        number += 1;
+        if buf.last() != Some(&b'\n') {
+            // The last line, cut short: its write never returned.
+            return Ok((records, good, n as u64));
+        }
+        let corrupt = |detail: String| JournalError::Corrupt { path: path.to_path_buf(), line: number, detail };
+        if n > JOURNAL_LINE_BYTES_MAX {
+            return Err(corrupt(format!("{n} bytes, above journal_line_bytes_max {JOURNAL_LINE_BYTES_MAX}")));
+        }
+        let line: Line = serde_json::from_slice(&buf).map_err(|e| corrupt(e.to_string()))?;
+        if line.v != JOURNAL_VERSION {
+            return Err(corrupt(format!("format version {}, this build reads {JOURNAL_VERSION}", line.v)));
+        }
+        records.push(line.record);
+        good += n as u64;
     }
 }
 
@@ -125,6 +131,8 @@ mod tests {
         let mut cut = whole.clone();
         cut.extend_from_slice(br#"{"v":1,"record":{"Finished":{"st"#);
         std::fs::write(&path, &cut).unwrap();
+        assert_eq!(Journal::read(&path).unwrap(), records(), "reading leaves the torn line");
+        assert_eq!(std::fs::read(&path).unwrap(), cut);
         let (mut j, read, torn) = Journal::open(&path).unwrap();
         assert_eq!((read, torn), (records(), 32));
         assert_eq!(std::fs::read(&path).unwrap(), whole, "the torn line is gone from the file");

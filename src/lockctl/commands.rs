@@ -251,6 +251,11 @@ pub enum FailoverCommand {
         #[arg(long, default_value_t = 1000)]
         probe_interval_ms: u64,
     },
+    /// Where the failover controller whose journal is JOURNAL stands, and its timeline.
+    Status {
+        #[arg(long)]
+        journal: std::path::PathBuf,
+    },
     /// How the vantage point at ENDPOINTS last saw the primary.
     Observe {
         #[command(flatten)]
@@ -299,6 +304,30 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
             tokio::select! {
                 served = vantage.serve(listener) => served.map_err(|e| tonic::Status::unavailable(e.to_string()))?,
                 _ = geolock_server::roles::until_signal() => {}
+            }
+            Ok(0)
+        }
+        FailoverCommand::Status { journal } => {
+            let records = geolock_client::journal::Journal::read(&journal).map_err(|e| {
+                CommandError::ControllerConfig { path: journal.display().to_string(), detail: e.to_string() }
+            })?;
+            let decided = records.iter().find_map(|r| match r {
+                geolock_client::failover::Record::Decided { epoch, .. } => Some(*epoch),
+                _ => None,
+            });
+            let done = records.iter().any(|r| {
+                matches!(
+                    r,
+                    geolock_client::failover::Record::Finished { step: geolock_client::failover::Step::Notify, .. }
+                )
+            });
+            match (decided, done) {
+                (None, _) => println!("watching the primary ({} records)", records.len()),
+                (Some(epoch), false) => println!("failing over into revision epoch {epoch}"),
+                (Some(epoch), true) => println!("failed over into revision epoch {epoch}"),
+            }
+            for line in geolock_client::failover::timeline(&records) {
+                println!("{line}");
             }
             Ok(0)
         }

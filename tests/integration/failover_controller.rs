@@ -230,6 +230,14 @@ fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_s
     assert!(ok && log.contains("failed over into revision epoch 1"), "{log}");
     eprintln!("primary killed to failover done: {} ms", rto.as_millis());
     s.assert_failed_over_once();
+    let journal_path = s.dir.path().join("journal");
+    let status = crate::common::lockctl(&["failover", "status", "--journal", journal_path.to_str().unwrap()]);
+    let shown = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(shown.starts_with("failed over into revision epoch 1\n"), "{shown}");
+    for step in ["Fence", "Promote", "Redirect", "Verify", "Notify"] {
+        assert!(shown.contains(&format!("ms {step} finished in ")), "{step}: {shown}");
+    }
+    eprintln!("{shown}");
 
     // The second controller, started beside the first, waited on the journal's lock; once the
     // first is gone it finds the failover done and does nothing.
