@@ -338,28 +338,39 @@ impl Executor {
     }
 }
 
+/// The instant `age` ago (now, if the clock has not run that long).
+fn ago_instant(age: Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_sub(age).unwrap_or(now)
+}
+
 /// What this vantage point and the arbiters saw of the primary, the last lease grant, and the
 /// time: the events of one probe interval.
 async fn observations(cfg: &ControllerConfig, vantage: &Vantage) -> Vec<Event> {
+    // The arbiters first, each within a probe interval; then the time, so that a decision
+    // their views trigger is made at the current time, counting every grant made until then;
+    // then the last grant, then the views (each as old as its probe).
+    let mut views = Vec::new();
+    if let Some((age, h)) = vantage.observation() {
+        views.push((cfg.name.clone(), ago_instant(age), h.healthy));
+    }
+    for arbiter in &cfg.arbiters {
+        let every = Duration::from_millis(cfg.probe_interval_ms.max(1));
+        match tokio::time::timeout(every, failover::observe(arbiter)).await {
+            Ok(Ok(Some((age, h)))) => views.push((arbiter.clone(), ago_instant(age), h.healthy)),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::debug!("arbiter {arbiter}: {e}"),
+            Err(_) => tracing::debug!("arbiter {arbiter}: no answer within {every:?}"),
+        }
+    }
     let now = now_ms();
     let ago = |d: Duration| now.saturating_sub(d.as_millis() as u64);
-    // The time first, then the last grant, then the views (each as old as its probe): a
-    // decision the views trigger is made at the current time, counting every grant made.
     let mut events = vec![Event::Tick { now_ms: now }];
     if let Some(t) = vantage.last_grant() {
         events.push(Event::LeaseRenewed { at_ms: ago(t.elapsed()) });
     }
-    if let Some((age, h)) = vantage.observation() {
-        events.push(Event::Health { vantage: cfg.name.clone(), healthy: h.healthy, at_ms: ago(age) });
-    }
-    for arbiter in &cfg.arbiters {
-        match failover::observe(arbiter).await {
-            Ok(Some((age, h))) => {
-                events.push(Event::Health { vantage: arbiter.clone(), healthy: h.healthy, at_ms: ago(age) })
-            }
-            Ok(None) => {}
-            Err(e) => tracing::debug!("arbiter {arbiter}: {e}"),
-        }
+    for (name, seen, healthy) in views {
+        events.push(Event::Health { vantage: name, healthy, at_ms: ago(seen.elapsed()) });
     }
     events
 }
@@ -389,6 +400,11 @@ impl Failpoint {
     }
 }
 
+/// The most of a failed step's reason the journal keeps, in bytes: well inside a journal line
+/// (`JOURNAL_LINE_BYTES_MAX`).
+const FAILED_REASON_BYTES_MAX: usize = 4 * 1024;
+const _: () = assert!(FAILED_REASON_BYTES_MAX * 2 < crate::journal::JOURNAL_LINE_BYTES_MAX);
+
 /// Carry out `step` of the failover into `epoch`; the events that report it.
 async fn run_step(
     cfg: &ControllerConfig,
@@ -411,8 +427,17 @@ async fn run_step(
             events.push(Event::Done { step, at_ms });
             events
         }
-        Err(reason) => {
+        Err(mut reason) => {
             tracing::warn!("{step:?} failed after {} ms: {reason}", started.elapsed().as_millis());
+            // A hook's whole stderr would not fit a journal line.
+            if reason.len() > FAILED_REASON_BYTES_MAX {
+                let mut cut = FAILED_REASON_BYTES_MAX;
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                reason.truncate(cut);
+                reason.push_str(" [cut]");
+            }
             vec![Event::Failed { step, reason, at_ms }]
         }
     }
@@ -462,7 +487,10 @@ async fn promote(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, Strin
     let seen = standby_status(cfg).await;
     if !seen.iter().any(|(_, e, _, _)| *e >= epoch) {
         let best = seen.iter().filter(|s| s.3).max_by_key(|s| s.2).ok_or("no standby learner answers")?;
-        let r = failover::promote(&best.0, epoch).await.map_err(|e| format!("promote {}: {e}", best.0))?;
+        let r = tokio::time::timeout(Duration::from_secs(10), failover::promote(&best.0, epoch))
+            .await
+            .map_err(|_| format!("promote {}: no answer within 10 s", best.0))?
+            .map_err(|e| format!("promote {}: {e}", best.0))?;
         tracing::info!(
             "promoted {} from applied index {} ({} received entries dropped) into cluster {:x}",
             best.0,

@@ -68,6 +68,10 @@ impl Journal {
         let mut line = serde_json::to_vec(&Line { v: JOURNAL_VERSION, record: record.clone() })
             .expect("journal records encode as JSON");
         line.push(b'\n');
+        if line.len() > JOURNAL_LINE_BYTES_MAX {
+            let detail = format!("{} bytes, above journal_line_bytes_max {JOURNAL_LINE_BYTES_MAX}", line.len());
+            return Err(io(std::io::Error::new(std::io::ErrorKind::InvalidInput, detail)));
+        }
         self.file.write_all(&line).map_err(io)?;
         self.file.sync_data().map_err(io)
     }

@@ -453,12 +453,6 @@ impl Cluster {
         (i, out)
     }
 
-    /// The flags every member started from now on gets beyond etcd's (replacing those given to
-    /// `start_with`).
-    pub fn set_extra(&mut self, extra: &[&str]) {
-        self.extra = extra.iter().map(|s| s.to_string()).collect();
-    }
-
     /// SIGTERM member `i` and wait for it to exit.
     pub fn stop(&mut self, i: usize) {
         self.nodes[i].proc.terminate(Duration::from_secs(15));

@@ -69,6 +69,7 @@ fn a_learner_promoted_after_its_voters_are_killed_serves_its_data_in_a_new_clust
             "geolock: this member cannot seed the new primary: only a learner of the lost primary seeds the new one",
         ),
         (&learner, "0", "geolock: revision epoch 0 does not come after the current epoch 0"),
+        (&learner, "9000000", "geolock: revision epoch 9000000 is above the highest, 8388607"),
     ] {
         let out = lockctl(&["failover", "promote", "--endpoints", endpoint, "--epoch", epoch]);
         assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains(why), "{out:?}");

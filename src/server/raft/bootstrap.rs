@@ -86,16 +86,20 @@ impl Node {
             fenced_epoch: std::sync::atomic::AtomicU64::new(fenced_epoch),
             fence_lock: tokio::sync::Mutex::new(()),
             restart: tokio::sync::watch::Sender::new(false),
-            write_lease: write_lease(cfg),
+            write_lease: write_lease(cfg, seeded.is_some()),
         }))
     }
 }
 
-/// The region write lease, when the configuration names vantage points.
-fn write_lease(cfg: &Config) -> Option<WriteLease> {
-    let vantages: Vec<String> =
+/// The region write lease, when the configuration names vantage points (each counted once).
+/// None on a member that seeded a new cluster: the old primary's vantage points have stopped
+/// granting, and a learner often shares the old primary's configuration.
+fn write_lease(cfg: &Config, seeded: bool) -> Option<WriteLease> {
+    let mut vantages: Vec<String> =
         cfg.failover.vantages.split(',').filter(|v| !v.is_empty()).map(str::to_string).collect();
-    (!vantages.is_empty()).then(|| WriteLease::new(vantages, cfg.failover.write_lease))
+    vantages.sort();
+    vantages.dedup();
+    (!vantages.is_empty() && !seeded).then(|| WriteLease::new(vantages, cfg.failover.write_lease))
 }
 
 /// The cluster's ID, from its name alone, so that a member added later computes the same one.

@@ -199,6 +199,9 @@ impl Node {
         self.serves_clients_as_leader()?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd)).await {
             Err(_) => Err(NodeError::Timeout),
+            // A commit that lands after the region write lease lapsed is not acknowledged: the
+            // standby may be promoted by then. Its outcome is reported unknown, as a timeout.
+            Ok(Ok(_)) if self.check_write_lease().is_err() => Err(NodeError::Timeout),
             Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
             Ok(Err(e)) => Err(e.into()),
         }
@@ -233,6 +236,7 @@ impl Node {
         self.serves_clients_as_leader()?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
             Err(_) => Err(NodeError::Timeout),
+            Ok(Ok(_)) if self.check_write_lease().is_err() => Err(self.check_write_lease().unwrap_err()),
             Ok(Ok(read)) => Ok(read.index()),
             Ok(Err(e)) => Err(e.into()),
         }

@@ -23,7 +23,7 @@ use openraft::{Membership, RaftTypeConfig};
 use super::format::{decode, encode};
 use super::{bootstrap, log_store, state_machine, Member, MemberRole, Node, NodeError, TypeConfig};
 use crate::config::Role;
-use geolock_core::kv::{epoch_of, KvError};
+use geolock_core::kv::{epoch_of, KvError, EPOCH_MAX};
 use geolock_core::machine::ApplyError;
 use geolock_core::machine::Command;
 use geolock_core::storage::{Cf, Engine, StorageError, WriteBatch};
@@ -123,6 +123,11 @@ impl Node {
         let current = epoch_of(self.current_rev());
         if epoch <= current {
             return Err(ApplyError::Kv(KvError::EpochNotAfter { epoch, current }).into());
+        }
+        // Checked here, not at apply: a seeded cluster whose EnterEpoch is refused would stay
+        // in the old epoch for good.
+        if epoch > EPOCH_MAX {
+            return Err(ApplyError::Kv(KvError::EpochTooLarge { epoch }).into());
         }
         let _one = self.fence_lock.lock().await;
         if *self.restart.borrow() {
