@@ -291,7 +291,7 @@ struct Executor {
     journal: Journal,
     vantage: Vantage,
     failpoint: Option<Failpoint>,
-    /// Records journaled by this process, `Detected` ones not counted.
+    /// Records journaled by this process, `Armed` and `Detected` ones not counted.
     progress_records: usize,
 }
 
@@ -307,7 +307,7 @@ impl Executor {
             Action::Journal(record) => {
                 tracing::info!("journal: {record:?}");
                 self.journal.append(&record)?;
-                if !matches!(record, Record::Detected { .. }) {
+                if !matches!(record, Record::Armed { .. } | Record::Detected { .. }) {
                     self.progress_records += 1;
                     if self.failpoint == Some(Failpoint::DieAfterRecords(self.progress_records)) {
                         tracing::warn!("failpoint: dying after {} journal records", self.progress_records);

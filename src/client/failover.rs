@@ -115,6 +115,12 @@ pub enum Event {
 /// A journal record: a decision, durable before what follows it is done.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Record {
+    /// The primary was seen healthy for the first time: DETECT counts from here on. A primary
+    /// never seen serving (a cluster still starting, a mistyped endpoint) is not failed over.
+    Armed {
+        at_ms: u64,
+        vantage: String,
+    },
     /// DETECT triggered: these vantage points saw the primary unhealthy for the whole window.
     Detected {
         at_ms: u64,
@@ -195,6 +201,8 @@ pub struct Runbook {
     token_seed: u64,
     tokens_issued: u64,
     phase: Phase,
+    /// Whether the primary has been seen healthy (journaled as [`Record::Armed`]).
+    armed: bool,
     /// Per vantage point: when its current unhealthy streak began, and its last report.
     views: BTreeMap<String, View>,
     last_renewal_ms: u64,
@@ -226,6 +234,7 @@ impl Runbook {
             token_seed,
             tokens_issued: 0,
             phase: Phase::Watching,
+            armed: false,
             views: BTreeMap::new(),
             last_renewal_ms: 0,
             lease_lapses_at_ms: 0,
@@ -286,9 +295,13 @@ impl Runbook {
         let mut out = Vec::new();
         match event {
             Event::Health { vantage, healthy, at_ms } => {
-                let v = self.views.entry(vantage).or_default();
+                let v = self.views.entry(vantage.clone()).or_default();
                 v.last_report_ms = v.last_report_ms.max(at_ms);
                 v.unhealthy_since_ms = if healthy { None } else { v.unhealthy_since_ms.or(Some(at_ms)) };
+                if healthy && !self.armed {
+                    self.armed = true;
+                    out.push(Action::Journal(Record::Armed { at_ms, vantage }));
+                }
                 out.extend(self.evaluate(at_ms));
             }
             Event::LeaseRenewed { at_ms } => {
@@ -349,7 +362,7 @@ impl Runbook {
     /// What time and health call for now.
     fn evaluate(&mut self, now_ms: u64) -> Vec<Action> {
         let lost = self.lost_from(now_ms);
-        let triggered = lost.len() >= self.settings.vantages_required;
+        let triggered = self.armed && lost.len() >= self.settings.vantages_required;
         match self.phase.clone() {
             Phase::Watching if triggered => {
                 let mut out = vec![Action::Journal(Record::Detected { at_ms: now_ms, vantages: lost })];
@@ -450,7 +463,11 @@ impl Runbook {
     /// Apply a journal record as the machine made it.
     fn replay(&mut self, record: &Record) {
         match record {
-            Record::Detected { .. } | Record::Recovered { .. } => self.phase = Phase::Watching,
+            Record::Armed { .. } => self.armed = true,
+            Record::Detected { .. } | Record::Recovered { .. } => {
+                self.armed = true;
+                self.phase = Phase::Watching;
+            }
             Record::AwaitingApproval { token, expires_at_ms } => {
                 self.tokens_issued += 1;
                 self.phase = Phase::AwaitingApproval { token: *token, expires_at_ms: *expires_at_ms };
@@ -493,7 +510,8 @@ impl Runbook {
 /// record's, and each finished or failed step with how long it ran.
 pub fn timeline(records: &[Record]) -> Vec<String> {
     let at = |r: &Record| match r {
-        Record::Detected { at_ms, .. }
+        Record::Armed { at_ms, .. }
+        | Record::Detected { at_ms, .. }
         | Record::Recovered { at_ms }
         | Record::Decided { at_ms, .. }
         | Record::Started { at_ms, .. }
@@ -508,6 +526,7 @@ pub fn timeline(records: &[Record]) -> Vec<String> {
     let mut out = Vec::new();
     for r in records {
         let line = match r {
+            Record::Armed { vantage, .. } => format!("armed: the primary seen healthy from {vantage}"),
             Record::Detected { vantages, .. } => format!("detected: lost as seen from {}", vantages.join(", ")),
             Record::AwaitingApproval { token, .. } => format!("awaiting approval with token {token:x}"),
             Record::Recovered { .. } => "recovered before a decision".to_string(),
@@ -740,6 +759,17 @@ mod tests {
         }
     }
 
+    /// A runbook that has seen the primary healthy (at 0, from the standby), its `Armed` record
+    /// taken.
+    fn armed(mode: Mode, epoch: u64) -> Runbook {
+        let mut r = Runbook::new(settings(mode), epoch, 7);
+        assert_eq!(
+            health(&mut r, "standby", true, 0),
+            vec![Action::Journal(Record::Armed { at_ms: 0, vantage: "standby".into() })]
+        );
+        r
+    }
+
     fn health(r: &mut Runbook, vantage: &str, healthy: bool, at_ms: u64) -> Vec<Action> {
         r.on(Event::Health { vantage: vantage.into(), healthy, at_ms })
     }
@@ -802,7 +832,7 @@ mod tests {
 
     #[test]
     fn two_vantage_points_for_the_whole_window_decide_and_start_the_fence() {
-        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        let mut r = armed(Mode::Auto, 0);
         r.on(Event::LeaseRenewed { at_ms: 400 });
         assert_eq!(unhealthy_from_both(&mut r, 0, 900), vec![]);
         assert_eq!(r.on(Event::Tick { now_ms: 999 }), vec![]);
@@ -824,7 +854,7 @@ mod tests {
     /// granted since; the primary wrote past the recorded lapse.
     #[test]
     fn a_decision_on_an_old_report_counts_the_lease_from_the_latest_time_seen() {
-        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        let mut r = armed(Mode::Auto, 0);
         unhealthy_from_both(&mut r, 0, 700);
         r.on(Event::LeaseRenewed { at_ms: 1_250 });
         assert_eq!(r.on(Event::Tick { now_ms: 1_300 }), vec![], "both reports are too old to count");
@@ -836,16 +866,41 @@ mod tests {
         assert_eq!(out[2], Action::Journal(Record::Decided { epoch: 1, at_ms: 1_300, lease_lapses_at_ms: 2_800 }));
     }
 
+    /// Found by CI: a controller started with the primary ran DETECT while the primary was still
+    /// electing its first leader on a loaded machine, and fenced it as it came up.
+    #[test]
+    fn a_primary_never_seen_healthy_is_not_failed_over() {
+        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        assert_eq!(unhealthy_from_both(&mut r, 0, 5_000), vec![]);
+        assert_eq!(r.on(Event::Tick { now_ms: 6_000 }), vec![]);
+        assert_eq!(
+            health(&mut r, "arbiter", true, 6_100),
+            vec![Action::Journal(Record::Armed { at_ms: 6_100, vantage: "arbiter".into() })]
+        );
+        assert_eq!(health(&mut r, "standby", true, 6_100), vec![], "armed once");
+        assert_eq!(unhealthy_from_both(&mut r, 6_200, 7_100), vec![]);
+        assert_eq!(
+            r.on(Event::Tick { now_ms: 7_200 })[0],
+            Action::Journal(Record::Detected { at_ms: 7_200, vantages: vec!["arbiter".into(), "standby".into()] })
+        );
+        // A controller that restarts during the outage stays armed, from its journal.
+        let armed_at = Record::Armed { at_ms: 6_100, vantage: "arbiter".into() };
+        let (mut resumed, out) = Runbook::resume(settings(Mode::Auto), 0, 7, &[armed_at], 8_000);
+        assert_eq!(out, vec![]);
+        unhealthy_from_both(&mut resumed, 8_000, 8_900);
+        assert!(matches!(resumed.on(Event::Tick { now_ms: 9_000 })[0], Action::Journal(Record::Detected { .. })));
+    }
+
     #[test]
     fn a_one_sided_partition_and_stale_reports_do_not_trigger() {
-        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        let mut r = armed(Mode::Auto, 0);
         for t in (0..=5_000).step_by(100) {
             // The standby cannot reach the primary; the arbiter can.
             assert_eq!(health(&mut r, "standby", false, t), vec![]);
             assert_eq!(health(&mut r, "arbiter", true, t), vec![]);
         }
         // The arbiter goes silent while the standby still sees nothing: one recent view only.
-        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        let mut r = armed(Mode::Auto, 0);
         unhealthy_from_both(&mut r, 0, 400);
         for t in (500..=3_000).step_by(100) {
             assert_eq!(health(&mut r, "standby", false, t), vec![]);
@@ -855,7 +910,7 @@ mod tests {
 
     #[test]
     fn health_that_returns_inside_the_window_starts_it_again() {
-        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        let mut r = armed(Mode::Auto, 0);
         unhealthy_from_both(&mut r, 0, 500);
         assert_eq!(health(&mut r, "arbiter", true, 600), vec![]);
         assert_eq!(unhealthy_from_both(&mut r, 700, 1_600), vec![]);
@@ -868,7 +923,7 @@ mod tests {
 
     #[test]
     fn approve_mode_waits_for_its_one_token_which_expires() {
-        let mut r = Runbook::new(settings(Mode::Approve), 3, 7);
+        let mut r = armed(Mode::Approve, 3);
         unhealthy_from_both(&mut r, 0, 900);
         let out = r.on(Event::Tick { now_ms: 1_000 });
         let Phase::AwaitingApproval { token, expires_at_ms } = *r.phase() else { panic!("{out:?}") };
@@ -905,7 +960,7 @@ mod tests {
 
     #[test]
     fn a_primary_that_recovers_while_approval_is_awaited_is_not_failed_over() {
-        let mut r = Runbook::new(settings(Mode::Approve), 0, 7);
+        let mut r = armed(Mode::Approve, 0);
         unhealthy_from_both(&mut r, 0, 1_000);
         let Phase::AwaitingApproval { token, .. } = *r.phase() else { panic!() };
         assert_eq!(health(&mut r, "arbiter", true, 1_100), vec![Action::Journal(Record::Recovered { at_ms: 1_100 })]);
@@ -918,7 +973,7 @@ mod tests {
     #[test]
     fn promote_waits_for_the_lease_to_lapse_or_for_the_fence_records() {
         // The lease lapses at 2,500 (decided at 1,000, lease 1,200, drift 300).
-        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        let mut r = armed(Mode::Auto, 0);
         unhealthy_from_both(&mut r, 0, 1_000);
         assert_eq!(
             r.on(Event::Done { step: Step::Fence, at_ms: 1_200 }),
@@ -932,7 +987,7 @@ mod tests {
             vec![started(Step::Promote, 2_600), Action::Run { step: Step::Promote, epoch: 1 }]
         );
         // With the old voters' fence records, it need not wait.
-        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        let mut r = armed(Mode::Auto, 0);
         unhealthy_from_both(&mut r, 0, 1_000);
         r.on(Event::Done { step: Step::Fence, at_ms: 1_200 });
         assert_eq!(r.on(Event::FencedByMajority { epoch: 2, at_ms: 1_300 }), vec![], "another epoch's fence");
@@ -948,7 +1003,7 @@ mod tests {
 
     #[test]
     fn a_failed_step_runs_again_after_its_retry_delay() {
-        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        let mut r = armed(Mode::Auto, 0);
         unhealthy_from_both(&mut r, 0, 1_000);
         let failed = Event::Failed { step: Step::Fence, reason: "firewall hook exited 1".into(), at_ms: 1_100 };
         assert_eq!(
@@ -1004,7 +1059,7 @@ mod tests {
 
     #[test]
     fn a_controller_killed_after_any_journal_record_resumes_and_finishes_each_step_once() {
-        let mut r = Runbook::new(settings(Mode::Auto), 0, 7);
+        let mut r = armed(Mode::Auto, 0);
         let mut journal = Vec::new();
         let first = unhealthy_from_both(&mut r, 0, 1_000);
         let effects = execute(&mut r, first, 1_000, &mut journal);

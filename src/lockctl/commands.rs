@@ -321,7 +321,11 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
                     geolock_client::failover::Record::Finished { step: geolock_client::failover::Step::Notify, .. }
                 )
             });
+            let armed = records.iter().any(|r| matches!(r, geolock_client::failover::Record::Armed { .. }));
             match (decided, done) {
+                (None, _) if !armed => {
+                    println!("waiting to see the primary healthy once ({} records)", records.len())
+                }
                 (None, _) => println!("watching the primary ({} records)", records.len()),
                 (Some(epoch), false) => println!("failing over into revision epoch {epoch}"),
                 (Some(epoch), true) => println!("failed over into revision epoch {epoch}"),

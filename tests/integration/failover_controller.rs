@@ -179,6 +179,12 @@ impl Scenario {
             assert!(Instant::now() < deadline, "the learner does not catch up");
             std::thread::sleep(Duration::from_millis(100));
         }
+        // DETECT counts only once the controller has seen the primary serve.
+        let journal = dir.path().join("journal");
+        while !std::fs::read_to_string(&journal).unwrap_or_default().contains("\"Armed\"") {
+            assert!(Instant::now() < deadline, "the controller never saw the primary healthy");
+            std::thread::sleep(Duration::from_millis(100));
+        }
         (Scenario { dir, view, bind, c, learner, standby, config, _arbiter: arbiter }, procs)
     }
 
