@@ -244,6 +244,10 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
         vantage: vantage.clone(),
         failpoint: Failpoint::from_env(),
         progress_records: 0,
+        promoted: records.iter().rev().find_map(|r| match r {
+            Record::Chose { target, .. } => Some(target.clone()),
+            _ => None,
+        }),
     };
     let mut pending: VecDeque<Action> = first.into();
     let mut running: Option<StepTask> = None;
@@ -293,6 +297,9 @@ struct Executor {
     failpoint: Option<Failpoint>,
     /// Records journaled by this process, `Armed` and `Detected` ones not counted.
     progress_records: usize,
+    /// The learner PROMOTE chose, once journaled: VERIFY probes it, as the other standby
+    /// learners stay learners of the lost cluster.
+    promoted: Option<String>,
 }
 
 impl Executor {
@@ -307,6 +314,9 @@ impl Executor {
             Action::Journal(record) => {
                 tracing::info!("journal: {record:?}");
                 self.journal.append(&record)?;
+                if let Record::Chose { target, .. } = &record {
+                    self.promoted = Some(target.clone());
+                }
                 if !matches!(record, Record::Armed { .. } | Record::Detected { .. }) {
                     self.progress_records += 1;
                     if self.failpoint == Some(Failpoint::DieAfterRecords(self.progress_records)) {
@@ -316,11 +326,18 @@ impl Executor {
                 }
             }
             Action::StopRenewing => self.vantage.set_granting(false),
-            Action::Run { step, epoch } => {
-                let (cfg, dns) = (self.cfg.clone(), self.dns.clone());
-                let die = self.failpoint == Some(Failpoint::DieInStep(step));
+            Action::Run { .. } | Action::PromoteChosen { .. } => {
+                let (step, epoch, target) = match action {
+                    Action::PromoteChosen { epoch, target } => (Step::Promote, epoch, Some(target)),
+                    Action::Run { step, epoch } => (step, epoch, None),
+                    _ => unreachable!("matched above"),
+                };
+                let (cfg, dns, promoted) = (self.cfg.clone(), self.dns.clone(), self.promoted.clone());
+                // Choosing PROMOTE's target has no effect to die after.
+                let die =
+                    self.failpoint == Some(Failpoint::DieInStep(step)) && (step != Step::Promote || target.is_some());
                 let task = tokio::spawn(async move {
-                    let events = run_step(&cfg, dns.as_ref(), step, epoch).await;
+                    let events = run_step(&cfg, dns.as_ref(), step, epoch, target, promoted).await;
                     if die {
                         tracing::warn!("failpoint: dying in {step:?}, its effect done and not journaled");
                         std::process::abort();
@@ -400,6 +417,11 @@ impl Failpoint {
     }
 }
 
+/// The longest a step may run before it counts as failed and is tried again: a member that
+/// takes a connection and never answers must not hold the runbook (PROMOTE's own waits come
+/// to 43 s at most).
+const STEP_DURATION_MAX: Duration = Duration::from_secs(90);
+
 /// The most of a failed step's reason the journal keeps, in bytes: well inside a journal line
 /// (`JOURNAL_LINE_BYTES_MAX`).
 const FAILED_REASON_BYTES_MAX: usize = 4 * 1024;
@@ -411,20 +433,31 @@ async fn run_step(
     dns: Option<&(Updater, Endpoint, Endpoint)>,
     step: Step,
     epoch: u64,
+    target: Option<String>,
+    promoted: Option<String>,
 ) -> Vec<Event> {
     let started = std::time::Instant::now();
-    let outcome = match step {
-        Step::Fence => fence(cfg, epoch).await,
-        Step::Promote => promote(cfg, epoch).await,
-        Step::Redirect => redirect(dns).await,
-        Step::Verify => verify(cfg, dns, epoch).await,
-        Step::Notify => Ok(vec![]),
+    let finishes = !(step == Step::Promote && target.is_none());
+    let run = async {
+        match (step, target) {
+            (Step::Fence, _) => fence(cfg, epoch).await,
+            (Step::Promote, None) => choose(cfg, epoch).await,
+            (Step::Promote, Some(target)) => promote(epoch, &target).await,
+            (Step::Redirect, _) => redirect(dns).await,
+            (Step::Verify, _) => verify(promoted.as_deref().ok_or("no learner was promoted")?, dns, epoch).await,
+            (Step::Notify, _) => Ok(vec![]),
+        }
     };
+    let outcome = tokio::time::timeout(STEP_DURATION_MAX, run)
+        .await
+        .unwrap_or_else(|_| Err(format!("{step:?} did not finish within {STEP_DURATION_MAX:?}")));
     let at_ms = now_ms();
     match outcome {
         Ok(mut events) => {
-            tracing::info!("{step:?} done in {} ms", started.elapsed().as_millis());
-            events.push(Event::Done { step, at_ms });
+            if finishes {
+                tracing::info!("{step:?} done in {} ms", started.elapsed().as_millis());
+                events.push(Event::Done { step, at_ms });
+            }
             events
         }
         Err(mut reason) => {
@@ -469,40 +502,62 @@ async fn fence(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String>
     Ok(if fenced > members.len() / 2 { vec![Event::FencedByMajority { epoch, at_ms: now_ms() }] } else { vec![] })
 }
 
-/// Status of each standby member: (endpoint, revision epoch it is in, applied index, is learner).
+/// Status of each standby member that answers: (endpoint, revision epoch, applied index, is
+/// learner).
 async fn standby_status(cfg: &ControllerConfig) -> Vec<(String, u64, u64, bool)> {
     let mut out = Vec::new();
     for ep in cfg.standby.split(',').filter(|e| !e.is_empty()) {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(3), failover::status(ep)).await {
-            let rev = s.header.as_ref().map_or(0, |h| h.revision);
-            out.push((ep.to_string(), (rev.max(0) as u64) >> 40, s.raft_applied_index, s.is_learner));
+        if let Some((epoch, applied, learner)) = member_status(ep).await {
+            out.push((ep.to_string(), epoch, applied, learner));
         }
     }
     out
 }
 
-/// PROMOTE: the standby learner that applied the most seeds the new cluster; if one already is
-/// in the new epoch (an earlier run did it), nothing more is done. Waits until it serves.
-async fn promote(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String> {
+/// The member at `ep`: (revision epoch it is in, applied index, is learner); `None` when it
+/// does not answer within 3 s.
+async fn member_status(ep: &str) -> Option<(u64, u64, bool)> {
+    let s = tokio::time::timeout(Duration::from_secs(3), failover::status(ep)).await.ok()?.ok()?;
+    let rev = s.header.as_ref().map_or(0, |h| h.revision);
+    Some(((rev.max(0) as u64) >> 40, s.raft_applied_index, s.is_learner))
+}
+
+/// PROMOTE's choice: the standby learner that applied the most (or one already in `epoch`,
+/// should there be one). Reported, and journaled, before any learner is asked to promote.
+async fn choose(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String> {
     let seen = standby_status(cfg).await;
-    if !seen.iter().any(|(_, e, _, _)| *e >= epoch) {
-        let best = seen.iter().filter(|s| s.3).max_by_key(|s| s.2).ok_or("no standby learner answers")?;
-        let r = tokio::time::timeout(Duration::from_secs(10), failover::promote(&best.0, epoch))
-            .await
-            .map_err(|_| format!("promote {}: no answer within 10 s", best.0))?
-            .map_err(|e| format!("promote {}: {e}", best.0))?;
-        tracing::info!(
-            "promoted {} from applied index {} ({} received entries dropped) into cluster {:x}",
-            best.0,
-            r.applied_index,
-            r.dropped_entries,
-            r.cluster_id
-        );
+    let best = match seen.iter().find(|s| s.1 >= epoch) {
+        Some(promoted) => promoted,
+        None => seen.iter().filter(|s| s.3).max_by_key(|s| s.2).ok_or("no standby learner answers")?,
+    };
+    tracing::info!("chose {} (applied index {}) to promote", best.0, best.2);
+    Ok(vec![Event::Chose { target: best.0.clone(), at_ms: now_ms() }])
+}
+
+/// PROMOTE `target` into `epoch`, unless it already is in it (an earlier run did it); then wait
+/// until it serves. Only `target`: while it restarts into the new cluster it answers nobody,
+/// and another learner promoted meanwhile would seed a second cluster.
+async fn promote(epoch: u64, target: &str) -> Result<Vec<Event>, String> {
+    match member_status(target).await {
+        None => return Err(format!("the chosen learner {target} does not answer")),
+        Some((e, _, _)) if e >= epoch => {}
+        Some(_) => {
+            let r = tokio::time::timeout(Duration::from_secs(10), failover::promote(target, epoch))
+                .await
+                .map_err(|_| format!("promote {target}: no answer within 10 s"))?
+                .map_err(|e| format!("promote {target}: {e}"))?;
+            tracing::info!(
+                "promoted {target} from applied index {} ({} received entries dropped) into cluster {:x}",
+                r.applied_index,
+                r.dropped_entries,
+                r.cluster_id
+            );
+        }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !standby_status(cfg).await.iter().any(|(_, e, _, learner)| *e >= epoch && !learner) {
+    while !member_status(target).await.is_some_and(|(e, _, learner)| e >= epoch && !learner) {
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("no standby member serves revision epoch {epoch} 30 s after the promotion"));
+            return Err(format!("{target} does not serve revision epoch {epoch} 30 s after the promotion"));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -520,20 +575,16 @@ async fn redirect(dns: Option<&(Updater, Endpoint, Endpoint)>) -> Result<Vec<Eve
     Ok(vec![])
 }
 
-/// VERIFY: the name resolves to the standby's records, and the new primary takes a write, reads
+/// VERIFY: the name resolves to the standby's records, and the new primary (`promoted`) takes a write, reads
 /// it back in the new epoch, and grants and releases a probe lock.
-async fn verify(
-    cfg: &ControllerConfig,
-    dns: Option<&(Updater, Endpoint, Endpoint)>,
-    epoch: u64,
-) -> Result<Vec<Event>, String> {
+async fn verify(promoted: &str, dns: Option<&(Updater, Endpoint, Endpoint)>, epoch: u64) -> Result<Vec<Event>, String> {
     if let Some((updater, _, to)) = dns {
         let found = updater.read().await.map_err(|e| e.to_string())?;
         if found != *to {
             return Err(format!("the client name resolves to {found}, not {to}"));
         }
     }
-    let ch = crate::connect(&cfg.standby).await.map_err(|e| e.to_string())?;
+    let ch = crate::connect(promoted).await.map_err(|e| e.to_string())?;
     let mut kv = geolock_proto::etcdserverpb::kv_client::KvClient::new(ch);
     let key = b"geolock/failover/verify".to_vec();
     let put = geolock_proto::etcdserverpb::PutRequest {
@@ -545,11 +596,11 @@ async fn verify(
     if (rev.max(0) as u64) >> 40 != epoch {
         return Err(format!("probe write at revision {rev}, outside revision epoch {epoch}"));
     }
-    let mut session = crate::Session::grant(&cfg.standby, 10).await.map_err(|e| e.to_string())?;
+    let mut session = crate::Session::grant(promoted, 10).await.map_err(|e| e.to_string())?;
     let held =
-        crate::acquire(&cfg.standby, "geolock/failover/verify-lock", &mut session).await.map_err(|e| e.to_string())?;
-    crate::unlock(&cfg.standby, &held.key).await.map_err(|e| e.to_string())?;
-    session.revoke(&cfg.standby).await;
+        crate::acquire(promoted, "geolock/failover/verify-lock", &mut session).await.map_err(|e| e.to_string())?;
+    crate::unlock(promoted, &held.key).await.map_err(|e| e.to_string())?;
+    session.revoke(promoted).await;
     tracing::info!("verified: probe write at revision {rev:#x}, probe lock token {:#x}", held.token);
     Ok(vec![])
 }

@@ -110,6 +110,9 @@ pub enum Event {
     Failed { step: Step, reason: String, at_ms: u64 },
     /// A majority of the old voters durably recorded `fenced(epoch)`.
     FencedByMajority { epoch: u64, at_ms: u64 },
+    /// PROMOTE's first part: the executor chose `target`, the standby learner that applied the
+    /// most, to seed the new cluster.
+    Chose { target: String, at_ms: u64 },
 }
 
 /// A journal record: a decision, durable before what follows it is done.
@@ -160,6 +163,12 @@ pub enum Record {
         epoch: u64,
         at_ms: u64,
     },
+    /// PROMOTE seeds the new cluster from `target` and from no other member, however often it
+    /// runs: promoting a second learner would make a second cluster.
+    Chose {
+        target: String,
+        at_ms: u64,
+    },
 }
 
 /// What the executor must do, in the order given.
@@ -169,8 +178,12 @@ pub enum Action {
     Journal(Record),
     /// Stop renewing the old primary's region write lease.
     StopRenewing,
-    /// Carry out `step` for the failover into `epoch`.
+    /// Carry out `step` for the failover into `epoch`. For [`Step::Promote`], only its first
+    /// part: choose the learner to promote and report it as [`Event::Chose`].
     Run { step: Step, epoch: u64 },
+    /// PROMOTE `target` (journaled as [`Record::Chose`]) into `epoch`, or, when it already is
+    /// in `epoch`, wait for it to serve.
+    PromoteChosen { epoch: u64, target: String },
     /// Tell the operators a failover awaits approval with `token`.
     RequestApproval { token: u64, expires_at_ms: u64 },
     /// An approval was refused (wrong, used or expired token, or nothing to approve).
@@ -208,6 +221,8 @@ pub struct Runbook {
     last_renewal_ms: u64,
     lease_lapses_at_ms: u64,
     fenced: bool,
+    /// The learner PROMOTE chose, once journaled.
+    target: Option<String>,
     /// Whether the running step's `Started` record is in the journal.
     started_journaled: bool,
     /// The latest time any event carried: "now" for a decision triggered by an observation made
@@ -239,6 +254,7 @@ impl Runbook {
             last_renewal_ms: 0,
             lease_lapses_at_ms: 0,
             fenced: false,
+            target: None,
             started_journaled: false,
             clock_ms: 0,
         }
@@ -288,7 +304,8 @@ impl Runbook {
             | Event::Approve { at_ms, .. }
             | Event::Done { at_ms, .. }
             | Event::Failed { at_ms, .. }
-            | Event::FencedByMajority { at_ms, .. } => *at_ms,
+            | Event::FencedByMajority { at_ms, .. }
+            | Event::Chose { at_ms, .. } => *at_ms,
             Event::Tick { now_ms } => *now_ms,
         };
         self.clock_ms = self.clock_ms.max(at);
@@ -329,6 +346,16 @@ impl Runbook {
                     self.fenced = true;
                     out.push(Action::Journal(Record::Fenced { epoch, at_ms }));
                     out.extend(self.evaluate(at_ms));
+                }
+            }
+            Event::Chose { target, at_ms } => {
+                if let (Phase::Running { epoch, step: Step::Promote, retry_at_ms: None }, None) =
+                    (&self.phase, &self.target)
+                {
+                    let epoch = *epoch;
+                    self.target = Some(target.clone());
+                    out.push(Action::Journal(Record::Chose { target: target.clone(), at_ms }));
+                    out.push(Action::PromoteChosen { epoch, target });
                 }
             }
         }
@@ -439,7 +466,10 @@ impl Runbook {
             out.push(Action::Journal(Record::Started { step, at_ms }));
         }
         self.started_journaled = true;
-        out.push(Action::Run { step, epoch });
+        out.push(match (step, &self.target) {
+            (Step::Promote, Some(target)) => Action::PromoteChosen { epoch, target: target.clone() },
+            _ => Action::Run { step, epoch },
+        });
         out
     }
 
@@ -502,6 +532,7 @@ impl Runbook {
                 }
             }
             Record::Fenced { .. } => self.fenced = true,
+            Record::Chose { target, .. } => self.target = Some(target.clone()),
         }
     }
 }
@@ -517,7 +548,8 @@ pub fn timeline(records: &[Record]) -> Vec<String> {
         | Record::Started { at_ms, .. }
         | Record::Finished { at_ms, .. }
         | Record::Failed { at_ms, .. }
-        | Record::Fenced { at_ms, .. } => *at_ms,
+        | Record::Fenced { at_ms, .. }
+        | Record::Chose { at_ms, .. } => *at_ms,
         Record::AwaitingApproval { .. } => 0,
     };
     let t0 = records.iter().map(at).find(|t| *t > 0).unwrap_or(0);
@@ -549,6 +581,7 @@ pub fn timeline(records: &[Record]) -> Vec<String> {
                 at_ms.saturating_sub(started.get(step).copied().unwrap_or(*at_ms))
             ),
             Record::Fenced { epoch, .. } => format!("a majority of the old voters recorded fenced({epoch})"),
+            Record::Chose { target, .. } => format!("chose {target} to promote"),
         };
         out.push(format!("+{} ms {line}", rel(at(r))));
     }
@@ -1002,6 +1035,34 @@ mod tests {
     }
 
     #[test]
+    fn promote_chooses_its_learner_once_and_a_resumed_controller_promotes_that_one() {
+        let mut r = armed(Mode::Auto, 0);
+        let mut journal = Vec::new();
+        let mut keep = |out: Vec<Action>| {
+            journal.extend(out.iter().filter_map(|a| if let Action::Journal(x) = a { Some(x.clone()) } else { None }));
+            out
+        };
+        keep(unhealthy_from_both(&mut r, 0, 1_000));
+        keep(r.on(Event::Done { step: Step::Fence, at_ms: 1_200 }));
+        keep(r.on(Event::FencedByMajority { epoch: 1, at_ms: 1_300 }));
+        let promote_l2 = Action::PromoteChosen { epoch: 1, target: "l2".into() };
+        assert_eq!(
+            keep(r.on(Event::Chose { target: "l2".into(), at_ms: 1_400 })),
+            vec![Action::Journal(Record::Chose { target: "l2".into(), at_ms: 1_400 }), promote_l2.clone()]
+        );
+        assert_eq!(r.on(Event::Chose { target: "l3".into(), at_ms: 1_500 }), vec![], "chosen once");
+        // A promotion that failed (the learner restarting) is tried again on the same learner.
+        let failed = Event::Failed { step: Step::Promote, reason: "no answer".into(), at_ms: 1_600 };
+        assert_eq!(r.on(failed).len(), 1);
+        assert_eq!(r.on(Event::Tick { now_ms: 3_600 }), vec![started(Step::Promote, 3_600), promote_l2.clone()]);
+        // So does a controller restarted from the journal that ends at the choice.
+        assert!(matches!(journal.last(), Some(Record::Chose { .. })), "{journal:?}");
+        let (mut resumed, out) = Runbook::resume(settings(Mode::Auto), 0, 7, &journal, 5_000);
+        assert_eq!(out, vec![Action::StopRenewing, promote_l2]);
+        assert_eq!(resumed.on(Event::Chose { target: "l3".into(), at_ms: 5_100 }), vec![]);
+    }
+
+    #[test]
     fn a_failed_step_runs_again_after_its_retry_delay() {
         let mut r = armed(Mode::Auto, 0);
         unhealthy_from_both(&mut r, 0, 1_000);
@@ -1031,7 +1092,15 @@ mod tests {
             for a in pending {
                 match a {
                     Action::Journal(rec) => journal.push(rec),
-                    Action::Run { step, .. } => {
+                    Action::Run { step: Step::Promote, .. } => {
+                        now_ms += 10;
+                        next.extend(r.on(Event::Chose { target: "l1".into(), at_ms: now_ms }));
+                    }
+                    Action::PromoteChosen { .. } | Action::Run { .. } => {
+                        let step = match a {
+                            Action::Run { step, .. } => step,
+                            _ => Step::Promote,
+                        };
                         // The journal says it started, and not that it finished, before it runs.
                         let last = journal
                             .iter()
