@@ -231,7 +231,8 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
     }
     let (mut runbook, first) = Runbook::resume(settings, cfg.epoch, rand::random(), &records, now_ms());
     let decided = records.iter().any(|r| matches!(r, Record::Decided { .. }));
-    let vantage = Vantage::new(!decided);
+    let policy = failover::GrantPolicy { lease_ms_max: cfg.write_lease_ms, epoch: cfg.epoch };
+    let vantage = Vantage::new(!decided, Some(policy));
     tokio::spawn(vantage.clone().serve(listener));
     let every = Duration::from_millis(cfg.probe_interval_ms.max(1));
     tokio::spawn(vantage.clone().watch_primary(cfg.primary.clone(), every));
@@ -248,6 +249,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
             Record::Chose { target, .. } => Some(target.clone()),
             _ => None,
         }),
+        feedback: Vec::new(),
     };
     let mut pending: VecDeque<Action> = first.into();
     let mut running: Option<StepTask> = None;
@@ -255,6 +257,9 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
         while let Some(action) = pending.pop_front() {
             if let Some(started) = executor.carry_out(action)? {
                 running = Some(started);
+            }
+            for e in std::mem::take(&mut executor.feedback) {
+                pending.extend(runbook.on(e));
             }
         }
         if let Phase::Done { epoch } = runbook.phase() {
@@ -300,6 +305,8 @@ struct Executor {
     /// The learner PROMOTE chose, once journaled: VERIFY probes it, as the other standby
     /// learners stay learners of the lost cluster.
     promoted: Option<String>,
+    /// Events an action reported at once, for the runbook.
+    feedback: Vec<Event>,
 }
 
 impl Executor {
@@ -325,7 +332,12 @@ impl Executor {
                     }
                 }
             }
-            Action::StopRenewing => self.vantage.set_granting(false),
+            Action::StopRenewing => {
+                let last = self.vantage.set_granting(false);
+                let now = now_ms();
+                let last_grant_ms = last.map(|t| now.saturating_sub(t.elapsed().as_millis() as u64));
+                self.feedback.push(Event::RenewingStopped { last_grant_ms, at_ms: now });
+            }
             Action::Run { .. } | Action::PromoteChosen { .. } => {
                 let (step, epoch, target) = match action {
                     Action::PromoteChosen { epoch, target } => (Step::Promote, epoch, Some(target)),

@@ -110,6 +110,9 @@ pub enum Event {
     Failed { step: Step, reason: String, at_ms: u64 },
     /// A majority of the old voters durably recorded `fenced(epoch)`.
     FencedByMajority { epoch: u64, at_ms: u64 },
+    /// The executor stopped granting the write lease (the runbook's `StopRenewing`); its last
+    /// grant was at `last_grant_ms`, and it grants no more.
+    RenewingStopped { last_grant_ms: Option<u64>, at_ms: u64 },
     /// PROMOTE's first part: the executor chose `target`, the standby learner that applied the
     /// most, to seed the new cluster.
     Chose { target: String, at_ms: u64 },
@@ -176,7 +179,8 @@ pub enum Record {
 pub enum Action {
     /// Make this record durable before carrying out any later action.
     Journal(Record),
-    /// Stop renewing the old primary's region write lease.
+    /// Stop renewing the old primary's region write lease, and report the last grant as
+    /// [`Event::RenewingStopped`].
     StopRenewing,
     /// Carry out `step` for the failover into `epoch`. For [`Step::Promote`], only its first
     /// part: choose the learner to promote and report it as [`Event::Chose`].
@@ -197,6 +201,9 @@ pub enum Phase {
     Watching,
     /// DECIDE in approve mode.
     AwaitingApproval { token: u64, expires_at_ms: u64 },
+    /// DECIDE made, not yet journaled: waiting for the lease's last grant, which the journaled
+    /// decision counts the lapse from.
+    Deciding { epoch: u64 },
     /// Failing over into `epoch`: `step` is running (or, after a failure, waits to run again at
     /// `retry_at_ms`).
     Running { epoch: u64, step: Step, retry_at_ms: Option<u64> },
@@ -225,9 +232,6 @@ pub struct Runbook {
     target: Option<String>,
     /// Whether the running step's `Started` record is in the journal.
     started_journaled: bool,
-    /// The latest time any event carried: "now" for a decision triggered by an observation made
-    /// earlier (a vantage point's report is as old as its probe).
-    clock_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -256,7 +260,6 @@ impl Runbook {
             fenced: false,
             target: None,
             started_journaled: false,
-            clock_ms: 0,
         }
     }
 
@@ -298,17 +301,6 @@ impl Runbook {
 
     /// Feed one event; returns what to do, in order.
     pub fn on(&mut self, event: Event) -> Vec<Action> {
-        let at = match &event {
-            Event::Health { at_ms, .. }
-            | Event::LeaseRenewed { at_ms }
-            | Event::Approve { at_ms, .. }
-            | Event::Done { at_ms, .. }
-            | Event::Failed { at_ms, .. }
-            | Event::FencedByMajority { at_ms, .. }
-            | Event::Chose { at_ms, .. } => *at_ms,
-            Event::Tick { now_ms } => *now_ms,
-        };
-        self.clock_ms = self.clock_ms.max(at);
         let mut out = Vec::new();
         match event {
             Event::Health { vantage, healthy, at_ms } => {
@@ -348,6 +340,11 @@ impl Runbook {
                     out.extend(self.evaluate(at_ms));
                 }
             }
+            Event::RenewingStopped { last_grant_ms, at_ms } => {
+                if let Phase::Deciding { epoch } = self.phase {
+                    out.extend(self.decided(epoch, last_grant_ms, at_ms));
+                }
+            }
             Event::Chose { target, at_ms } => {
                 if let (Phase::Running { epoch, step: Step::Promote, retry_at_ms: None }, None) =
                     (&self.phase, &self.target)
@@ -366,7 +363,7 @@ impl Runbook {
     fn new_epoch(&self) -> Option<u64> {
         match self.phase {
             Phase::Running { epoch, .. } | Phase::WaitingForLease { epoch } | Phase::Done { epoch } => Some(epoch),
-            Phase::Watching | Phase::AwaitingApproval { .. } => None,
+            Phase::Watching | Phase::AwaitingApproval { .. } | Phase::Deciding { .. } => None,
         }
     }
 
@@ -394,7 +391,7 @@ impl Runbook {
             Phase::Watching if triggered => {
                 let mut out = vec![Action::Journal(Record::Detected { at_ms: now_ms, vantages: lost })];
                 match self.settings.mode {
-                    Mode::Auto => out.extend(self.decide(now_ms)),
+                    Mode::Auto => out.extend(self.decide()),
                     Mode::Approve => out.extend(self.request_approval(now_ms)),
                 }
                 out
@@ -428,33 +425,34 @@ impl Runbook {
     fn approve(&mut self, token: u64, at_ms: u64) -> Vec<Action> {
         let why = match self.phase {
             Phase::AwaitingApproval { token: wanted, expires_at_ms } if token == wanted && at_ms < expires_at_ms => {
-                return self.decide(at_ms);
+                return self.decide();
             }
             Phase::AwaitingApproval { token: wanted, .. } if token == wanted => "the approval token has expired",
             Phase::AwaitingApproval { .. } => "not the approval token this failover awaits",
             Phase::Watching => "no failover awaits approval",
-            Phase::Running { .. } | Phase::WaitingForLease { .. } | Phase::Done { .. } => {
+            Phase::Deciding { .. } | Phase::Running { .. } | Phase::WaitingForLease { .. } | Phase::Done { .. } => {
                 "the failover was already decided (a token is good once)"
             }
         };
         vec![Action::RefuseApproval { token, why }]
     }
 
-    /// DECIDE: journal the new epoch and when the old primary's lease surely lapses, stop
-    /// renewing it, and start FENCE.
-    fn decide(&mut self, at_ms: u64) -> Vec<Action> {
-        let epoch = self.epoch + 1;
-        // The lease is not renewed from now on: the last grant is the latest renewal seen, or
-        // any renewal that may still be in flight now. "Now" is the latest time seen, not the
-        // triggering report's, which may be a probe interval old.
-        let now_ms = self.clock_ms.max(at_ms);
-        self.lease_lapses_at_ms = self.lapse_after(self.last_renewal_ms.max(now_ms));
-        let decided = Record::Decided { epoch, at_ms: now_ms, lease_lapses_at_ms: self.lease_lapses_at_ms };
-        // Granting stops before the decision is journaled: a grant made while the record syncs
-        // would outlast the lapse it records. (Stopped and never journaled, the decision is
-        // made again after a restart; the primary meanwhile lacks its lease, which is safe.)
-        let mut out = vec![Action::StopRenewing, Action::Journal(decided)];
-        out.extend(self.start(Step::Fence, epoch, Some(now_ms)));
+    /// DECIDE: stop renewing the old primary's lease; the decision is journaled once the last
+    /// grant is known ([`Event::RenewingStopped`]).
+    fn decide(&mut self) -> Vec<Action> {
+        self.phase = Phase::Deciding { epoch: self.epoch + 1 };
+        vec![Action::StopRenewing]
+    }
+
+    /// Journal the decision, with when the old primary's lease surely lapses, and start FENCE.
+    /// The lapse counts from the last grant reported, which is exact: granting has stopped, and
+    /// a grant is recorded before the primary hears of it.
+    fn decided(&mut self, epoch: u64, last_grant_ms: Option<u64>, at_ms: u64) -> Vec<Action> {
+        self.last_renewal_ms = self.last_renewal_ms.max(last_grant_ms.unwrap_or(0));
+        self.lease_lapses_at_ms = self.lapse_after(self.last_renewal_ms);
+        let decided = Record::Decided { epoch, at_ms, lease_lapses_at_ms: self.lease_lapses_at_ms };
+        let mut out = vec![Action::Journal(decided)];
+        out.extend(self.start(Step::Fence, epoch, Some(at_ms)));
         out
     }
 
@@ -624,9 +622,50 @@ pub struct Vantage {
 #[derive(Debug, Default)]
 struct VantageState {
     granting: std::sync::atomic::AtomicBool,
+    /// What a grant must meet, when this vantage point's grant must end the lease.
+    policy: Option<GrantPolicy>,
     last_grant: std::sync::Mutex<Option<std::time::Instant>>,
     /// The last probe of the primary: when, and what it found.
     seen: std::sync::Mutex<Option<(std::time::Instant, Health)>>,
+}
+
+/// What the controller's vantage point checks before it grants: that withholding its grant ends
+/// the lease within the time the runbook waits. Without it a member configured with a longer
+/// lease, or with more vantage points (a majority of which could grant without this one), would
+/// go on writing after the standby is promoted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrantPolicy {
+    /// The longest lease granted, in milliseconds: the runbook's `write_lease_ms`.
+    pub lease_ms_max: u64,
+    /// The revision epoch of the primary this controller would fail over.
+    pub epoch: u64,
+}
+
+impl GrantPolicy {
+    /// Why a leader asking for `lease_ms` in `epoch`, counting `vantages` vantage points, is not
+    /// granted; `None` when it is.
+    pub fn refusal(&self, lease_ms: u64, epoch: u64, vantages: u32) -> Option<String> {
+        if lease_ms > self.lease_ms_max {
+            return Some(format!(
+                "the leader asks for a {lease_ms} ms write lease, above this controller's write_lease_ms {}",
+                self.lease_ms_max
+            ));
+        }
+        if epoch != self.epoch {
+            return Some(format!(
+                "the leader is in revision epoch {epoch}, this controller fails over epoch {}",
+                self.epoch
+            ));
+        }
+        // A majority of n needs every vantage point only for n <= 2.
+        if !(1..=2).contains(&vantages) {
+            return Some(format!(
+                "the leader counts {vantages} vantage points; a majority of them would not need this controller's grant \
+                 (configure it and exactly one arbiter)"
+            ));
+        }
+        None
+    }
 }
 
 /// What one probe found of the primary.
@@ -675,16 +714,20 @@ fn judge(answers: Vec<(String, Result<u64, String>)>) -> Health {
 }
 
 impl Vantage {
-    /// A vantage point that grants from the start, or not.
-    pub fn new(granting: bool) -> Vantage {
-        let v = Vantage::default();
+    /// A vantage point that grants from the start, or not; with `policy`, only grants that meet
+    /// it (the controller's), without, any (an arbiter's: withholding it decides nothing alone).
+    pub fn new(granting: bool, policy: Option<GrantPolicy>) -> Vantage {
+        let v = Vantage { state: std::sync::Arc::new(VantageState { policy, ..VantageState::default() }) };
         v.set_granting(granting);
         v
     }
 
-    /// Grant from now on, or stop (the runbook's `StopRenewing`).
-    pub fn set_granting(&self, on: bool) {
+    /// Grant from now on, or stop (the runbook's `StopRenewing`). Returns the last grant: once
+    /// stopped, there is none after it (a grant holds the same lock).
+    pub fn set_granting(&self, on: bool) -> Option<std::time::Instant> {
+        let last = self.state.last_grant.lock().unwrap();
         self.state.granting.store(on, std::sync::atomic::Ordering::SeqCst);
+        *last
     }
 
     /// When this vantage point last granted the lease.
@@ -725,8 +768,16 @@ impl Vantage {
 impl geolock_proto::geolockpb::vantage_server::Vantage for Vantage {
     async fn grant_write_lease(
         &self,
-        _req: tonic::Request<geolock_proto::geolockpb::GrantWriteLeaseRequest>,
+        req: tonic::Request<geolock_proto::geolockpb::GrantWriteLeaseRequest>,
     ) -> Result<tonic::Response<geolock_proto::geolockpb::GrantWriteLeaseResponse>, tonic::Status> {
+        let req = req.into_inner();
+        if let Some(why) = self.state.policy.and_then(|p| p.refusal(req.lease_ms, req.epoch, req.vantages)) {
+            tracing::warn!("refused member {:x} of cluster {:x} the write lease: {why}", req.member_id, req.cluster_id);
+            return Ok(tonic::Response::new(geolock_proto::geolockpb::GrantWriteLeaseResponse {
+                granted: false,
+                reason: why,
+            }));
+        }
         // The grant is recorded before it is answered: a grant the leader may act on is never
         // one the controller does not count.
         let mut last = self.state.last_grant.lock().unwrap();
@@ -818,6 +869,15 @@ mod tests {
         last
     }
 
+    /// The primary lost from both vantage points over `[0, at_ms]`, and the decision journaled
+    /// once granting stopped, its last grant at `at_ms`.
+    fn decide(r: &mut Runbook, at_ms: u64) -> Vec<Action> {
+        let mut out = unhealthy_from_both(r, 0, at_ms);
+        assert_eq!(out.last(), Some(&Action::StopRenewing), "{out:?}");
+        out.extend(r.on(Event::RenewingStopped { last_grant_ms: Some(at_ms), at_ms }));
+        out
+    }
+
     fn started(step: Step, at_ms: u64) -> Action {
         Action::Journal(Record::Started { step, at_ms })
     }
@@ -850,6 +910,24 @@ mod tests {
     }
 
     #[test]
+    fn the_controller_grants_only_leases_its_withheld_grant_ends_in_time() {
+        let p = GrantPolicy { lease_ms_max: 1_500, epoch: 2 };
+        assert_eq!(p.refusal(1_500, 2, 2), None);
+        assert_eq!(p.refusal(1_000, 2, 1), None);
+        let refused = |lease_ms, epoch, vantages, says: &str| {
+            let why = p.refusal(lease_ms, epoch, vantages).expect("refused");
+            assert!(why.contains(says), "{why}");
+        };
+        refused(1_501, 2, 2, "above this controller's write_lease_ms 1500");
+        refused(60_000, 2, 2, "above this controller's write_lease_ms 1500");
+        refused(1_500, 1, 2, "revision epoch 1, this controller fails over epoch 2");
+        refused(1_500, 3, 2, "revision epoch 3");
+        refused(1_500, 2, 3, "counts 3 vantage points");
+        refused(1_500, 2, 5, "counts 5 vantage points");
+        refused(1_500, 2, 0, "counts 0 vantage points");
+    }
+
+    #[test]
     fn the_primary_is_healthy_when_any_member_names_a_leader() {
         let a = |ep: &str, r: Result<u64, &str>| (ep.to_string(), r.map_err(str::to_string));
         assert_eq!(
@@ -874,9 +952,15 @@ mod tests {
             vec![
                 Action::Journal(Record::Detected { at_ms: 1_000, vantages: vec!["arbiter".into(), "standby".into()] }),
                 Action::StopRenewing,
-                // The lease may have been renewed up to now: it lapses 1.5 s after.
-                Action::Journal(Record::Decided { epoch: 1, at_ms: 1_000, lease_lapses_at_ms: 2_500 }),
-                started(Step::Fence, 1_000),
+            ]
+        );
+        assert_eq!(r.phase(), &Phase::Deciding { epoch: 1 });
+        // The vantage point last granted at 990: the lease lapses 1.5 s after.
+        assert_eq!(
+            r.on(Event::RenewingStopped { last_grant_ms: Some(990), at_ms: 1_001 }),
+            vec![
+                Action::Journal(Record::Decided { epoch: 1, at_ms: 1_001, lease_lapses_at_ms: 2_490 }),
+                started(Step::Fence, 1_001),
                 Action::Run { step: Step::Fence, epoch: 1 },
             ]
         );
@@ -884,19 +968,27 @@ mod tests {
 
     /// Found by the partitioned-primary test: a decision triggered by an arbiter's report made a
     /// probe interval ago recorded the lapse from the report's time, while the lease had been
-    /// granted since; the primary wrote past the recorded lapse.
+    /// granted since; the primary wrote past the recorded lapse. The lapse now counts from the
+    /// last grant itself, reported once granting has stopped, or from a later renewal seen.
     #[test]
-    fn a_decision_on_an_old_report_counts_the_lease_from_the_latest_time_seen() {
+    fn the_decision_counts_the_lease_from_the_last_grant_made_before_granting_stopped() {
         let mut r = armed(Mode::Auto, 0);
         unhealthy_from_both(&mut r, 0, 700);
         r.on(Event::LeaseRenewed { at_ms: 1_250 });
         assert_eq!(r.on(Event::Tick { now_ms: 1_300 }), vec![], "both reports are too old to count");
         health(&mut r, "standby", false, 1_300);
         // The arbiter's probe of 1,000 arrives now; it completes the window.
-        let out = health(&mut r, "arbiter", false, 1_000);
-        // Decided now (1,300), the lease counted from then, not from 1,000 or the last grant
-        // (1,250): 1,300 + 1,200 + 300.
-        assert_eq!(out[2], Action::Journal(Record::Decided { epoch: 1, at_ms: 1_300, lease_lapses_at_ms: 2_800 }));
+        assert_eq!(health(&mut r, "arbiter", false, 1_000).last(), Some(&Action::StopRenewing));
+        // Granted once more at 1,290 while the decision was made: 1,290 + 1,200 + 300.
+        let out = r.on(Event::RenewingStopped { last_grant_ms: Some(1_290), at_ms: 1_310 });
+        assert_eq!(out[0], Action::Journal(Record::Decided { epoch: 1, at_ms: 1_310, lease_lapses_at_ms: 2_790 }));
+        // A report of an earlier grant changes nothing, nor does a second stop.
+        let mut r = armed(Mode::Auto, 0);
+        r.on(Event::LeaseRenewed { at_ms: 900 });
+        unhealthy_from_both(&mut r, 0, 1_000);
+        let out = r.on(Event::RenewingStopped { last_grant_ms: None, at_ms: 1_010 });
+        assert_eq!(out[0], Action::Journal(Record::Decided { epoch: 1, at_ms: 1_010, lease_lapses_at_ms: 2_400 }));
+        assert_eq!(r.on(Event::RenewingStopped { last_grant_ms: Some(1_005), at_ms: 1_020 }), vec![]);
     }
 
     /// Found by CI: a controller started with the primary ran DETECT while the primary was still
@@ -980,8 +1072,9 @@ mod tests {
             r.on(Event::Approve { token, at_ms: 11_050 })[0],
             Action::RefuseApproval { token, why: "not the approval token this failover awaits" }
         );
-        let out = r.on(Event::Approve { token: second, at_ms: 11_100 });
-        assert_eq!(out[1], Action::Journal(Record::Decided { epoch: 4, at_ms: 11_100, lease_lapses_at_ms: 12_600 }));
+        assert_eq!(r.on(Event::Approve { token: second, at_ms: 11_100 }), vec![Action::StopRenewing]);
+        let out = r.on(Event::RenewingStopped { last_grant_ms: Some(11_000), at_ms: 11_110 });
+        assert_eq!(out[0], Action::Journal(Record::Decided { epoch: 4, at_ms: 11_110, lease_lapses_at_ms: 12_500 }));
         assert_eq!(
             r.on(Event::Approve { token: second, at_ms: 11_200 }),
             vec![Action::RefuseApproval {
@@ -1007,7 +1100,7 @@ mod tests {
     fn promote_waits_for_the_lease_to_lapse_or_for_the_fence_records() {
         // The lease lapses at 2,500 (decided at 1,000, lease 1,200, drift 300).
         let mut r = armed(Mode::Auto, 0);
-        unhealthy_from_both(&mut r, 0, 1_000);
+        decide(&mut r, 1_000);
         assert_eq!(
             r.on(Event::Done { step: Step::Fence, at_ms: 1_200 }),
             vec![Action::Journal(Record::Finished { step: Step::Fence, at_ms: 1_200 })]
@@ -1021,7 +1114,7 @@ mod tests {
         );
         // With the old voters' fence records, it need not wait.
         let mut r = armed(Mode::Auto, 0);
-        unhealthy_from_both(&mut r, 0, 1_000);
+        decide(&mut r, 1_000);
         r.on(Event::Done { step: Step::Fence, at_ms: 1_200 });
         assert_eq!(r.on(Event::FencedByMajority { epoch: 2, at_ms: 1_300 }), vec![], "another epoch's fence");
         assert_eq!(
@@ -1042,7 +1135,7 @@ mod tests {
             journal.extend(out.iter().filter_map(|a| if let Action::Journal(x) = a { Some(x.clone()) } else { None }));
             out
         };
-        keep(unhealthy_from_both(&mut r, 0, 1_000));
+        keep(decide(&mut r, 1_000));
         keep(r.on(Event::Done { step: Step::Fence, at_ms: 1_200 }));
         keep(r.on(Event::FencedByMajority { epoch: 1, at_ms: 1_300 }));
         let promote_l2 = Action::PromoteChosen { epoch: 1, target: "l2".into() };
@@ -1065,7 +1158,7 @@ mod tests {
     #[test]
     fn a_failed_step_runs_again_after_its_retry_delay() {
         let mut r = armed(Mode::Auto, 0);
-        unhealthy_from_both(&mut r, 0, 1_000);
+        decide(&mut r, 1_000);
         let failed = Event::Failed { step: Step::Fence, reason: "firewall hook exited 1".into(), at_ms: 1_100 };
         assert_eq!(
             r.on(failed),
@@ -1092,6 +1185,9 @@ mod tests {
             for a in pending {
                 match a {
                     Action::Journal(rec) => journal.push(rec),
+                    Action::StopRenewing => {
+                        next.extend(r.on(Event::RenewingStopped { last_grant_ms: None, at_ms: now_ms }))
+                    }
                     Action::Run { step: Step::Promote, .. } => {
                         now_ms += 10;
                         next.extend(r.on(Event::Chose { target: "l1".into(), at_ms: now_ms }));

@@ -52,6 +52,13 @@ impl Journal {
             file.sync_all().map_err(io)?;
         }
         file.seek(SeekFrom::End(0)).map_err(io)?;
+        // A journal just created is found again after a power loss only once its directory
+        // entry is synced; a record synced in a file that vanished would be acted on and lost.
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         Ok((Journal { path: path.to_path_buf(), file }, records, torn))
     }
 

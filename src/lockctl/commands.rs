@@ -297,7 +297,7 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .map_err(|source| CommandError::Listen { addr: listen.clone(), source })?;
-            let vantage = geolock_client::failover::Vantage::new(true);
+            let vantage = geolock_client::failover::Vantage::new(true, None);
             let every = std::time::Duration::from_millis(probe_interval_ms.max(1));
             tokio::spawn(vantage.clone().watch_primary(primary, every));
             eprintln!("lockctl: vantage point on {listen}, granting the region write lease");

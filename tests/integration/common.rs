@@ -104,9 +104,14 @@ pub fn spawn_logged(mut cmd: Command, log: &Path) -> Proc {
 
 /// Wait until `endpoint` answers a linearizable read.
 fn wait_ready(endpoint: &str, p: &mut Proc) {
+    wait_answering(endpoint, p, &["get", "readiness-probe"]);
+}
+
+/// Wait until `endpoint` answers `etcdctl` with `args`.
+fn wait_answering(endpoint: &str, p: &mut Proc, args: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = etcdctl(endpoint, &["get", "readiness-probe"], None);
+        let out = etcdctl(endpoint, args, None);
         if out.status.success() {
             return;
         }
@@ -306,6 +311,26 @@ impl Cluster {
     /// Start a voter on each (client port, peer port it listens on, peer port it is known by):
     /// a member known by another port than its own is reached through a relay there.
     pub fn start_on(ports: Vec<(u16, u16, u16)>, extra: &[&str]) -> Cluster {
+        let mut c = Cluster::spawn_all(ports, extra);
+        for i in 0..c.nodes.len() {
+            c.wait_ready(i);
+        }
+        c
+    }
+
+    /// [`Cluster::start_with`] for members that may refuse linearizable reads (an active-passive
+    /// primary without its region write lease): waits for each to answer a serializable one.
+    pub fn start_serving_serializable(n: usize, extra: &[&str]) -> Cluster {
+        let ports = (0..n).map(|_| (free_port(), free_port())).map(|(c, p)| (c, p, p)).collect();
+        let mut c = Cluster::spawn_all(ports, extra);
+        for i in 0..n {
+            let ep = c.endpoint(i);
+            wait_answering(&ep, &mut c.nodes[i].proc, &["get", "readiness-probe", "--consistency=s"]);
+        }
+        c
+    }
+
+    fn spawn_all(ports: Vec<(u16, u16, u16)>, extra: &[&str]) -> Cluster {
         let n = ports.len();
         let tmp = tempfile::tempdir().unwrap();
         let certs = tmp.path().join("certs");
@@ -334,9 +359,6 @@ impl Cluster {
             let name = format!("n{}", i + 1);
             let proc = c.spawn(&name, cp, pp, "new");
             c.nodes.push(ClusterNode { name, proc, client_port: cp, peer_port: pp });
-        }
-        for i in 0..n {
-            c.wait_ready(i);
         }
         c
     }

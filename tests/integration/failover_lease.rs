@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use geolock_client::failover::Vantage;
+use geolock_client::failover::{GrantPolicy, Vantage};
 
 use crate::common::{etcdctl, free_port, lockctl_bg, rt, Cluster};
 
@@ -22,7 +22,7 @@ fn put(endpoint: &str, key: &str) -> (bool, String) {
 #[test]
 fn a_primary_writes_only_while_a_majority_of_its_vantage_points_grant_its_lease() {
     let rt = rt();
-    let vantages = [Vantage::new(true), Vantage::new(true)];
+    let vantages = [Vantage::new(true, None), Vantage::new(true, None)];
     let mut addrs = Vec::new();
     for v in &vantages {
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
@@ -87,7 +87,7 @@ fn a_vantage_process_grants_the_lease_and_sees_the_primary_lose_its_leader() {
         &dir.path().join("arbiter.log"),
     );
     let rt = rt();
-    let standby = Vantage::new(true);
+    let standby = Vantage::new(true, None);
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let standby_addr = listener.local_addr().unwrap().to_string();
     rt.spawn(standby.clone().serve(listener));
@@ -107,12 +107,60 @@ fn a_vantage_process_grants_the_lease_and_sees_the_primary_lose_its_leader() {
     loop {
         let seen = observe(&arbiter);
         if seen.starts_with("unhealthy") {
-            // The killed members cannot be reached; the one left names no leader (or, busy
-            // looking for one, does not answer within the probe).
-            assert_eq!(seen.matches("cannot reach any of").count(), 2, "{seen}");
+            // Each member is reported, the killed ones among them (unreachable, or reset as
+            // they died); the one left names no leader, or does not answer within the probe.
+            for i in 0..3 {
+                assert!(seen.contains(&c.endpoint(i)), "{seen}");
+            }
             break;
         }
         assert!(Instant::now() < deadline, "the arbiter still sees a healthy primary: {seen}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The controller's vantage point grants only a lease its withheld grant ends in time: a member
+/// configured with a longer lease, or counting more vantage points than the controller and its
+/// arbiter, gets no lease and takes no write, and its log says why.
+#[test]
+fn the_controllers_vantage_point_refuses_a_lease_it_could_not_end_in_time() {
+    let rt = rt();
+    let policy = GrantPolicy { lease_ms_max: LEASE_MS, epoch: 0 };
+    let controller = Vantage::new(true, Some(policy));
+    let arbiter = Vantage::new(true, None);
+    let mut addrs = Vec::new();
+    for v in [&controller, &arbiter] {
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        addrs.push(listener.local_addr().unwrap().to_string());
+        rt.spawn(v.clone().serve(listener));
+    }
+    let two = addrs.join(",");
+    // A third vantage point the controller does not know of (here, gone).
+    let three = format!("{two},127.0.0.1:{}", free_port());
+    for (vantages, lease_ms, says) in [
+        (two.as_str(), "3000", "asks for a 3000 ms write lease, above this controller's write_lease_ms 1500"),
+        (three.as_str(), "1500", "the leader counts 3 vantage points"),
+    ] {
+        let c = Cluster::start_serving_serializable(
+            3,
+            &["--failover-vantages", vantages, "--failover-write-lease-ms", lease_ms],
+        );
+        let (ok, out) = put(&c.endpoints(), "k");
+        assert!(!ok && out.contains("holds no region write lease"), "{out}");
+        assert!(controller.last_grant().is_none(), "the controller granted");
+        // The leader says so once it has asked (a renewal round is a third of its lease).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs: String = (0..3).map(|i| c.log(i)).collect();
+            if logs.contains(says) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no member says {says:?}:\n{logs}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // The same members with the lease the controller grants: writes go through.
+    let c = Cluster::start_with(3, &["--failover-vantages", &two, "--failover-write-lease-ms", "1500"]);
+    assert!(put(&c.endpoints(), "k").0);
+    assert!(controller.last_grant().is_some());
 }

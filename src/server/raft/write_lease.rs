@@ -81,6 +81,8 @@ pub(super) async fn renew_loop(node: Weak<Node>) {
     let every = lease / RENEWALS_PER_LEASE;
     let mut clients: Vec<Option<fpb::vantage_client::VantageClient<tonic::transport::Channel>>> = Vec::new();
     let mut held = false;
+    // Said once each time they change, not every round.
+    let mut told_refusals: Vec<String> = Vec::new();
     loop {
         let round = tokio::time::sleep(every);
         let Some(n) = node.upgrade() else { return };
@@ -96,16 +98,25 @@ pub(super) async fn renew_loop(node: Weak<Node>) {
                 member_id: n.id,
                 epoch: epoch_of(n.current_rev()),
                 lease_ms: lease.as_millis() as u64,
+                vantages: wl.vantages.len() as u32,
             };
             let asks = clients.iter().map(|c| {
                 let c = c.clone();
                 async move {
                     let mut c = c?;
                     let answer = tokio::time::timeout(every, c.grant_write_lease(request)).await.ok()?.ok()?;
-                    Some(answer.into_inner().granted)
+                    Some(answer.into_inner())
                 }
             });
-            granted = futures::future::join_all(asks).await.into_iter().filter(|g| *g == Some(true)).count();
+            let answers = futures::future::join_all(asks).await;
+            granted = answers.iter().flatten().filter(|a| a.granted).count();
+            let mut refusals: Vec<String> =
+                answers.into_iter().flatten().filter(|a| !a.granted).map(|a| a.reason).collect();
+            refusals.sort();
+            if refusals != told_refusals && !refusals.is_empty() {
+                tracing::warn!("vantage points refused the region write lease: {}", refusals.join("; "));
+            }
+            told_refusals = refusals;
             wl.renewed(asked_ms, granted);
         } else {
             wl.drop_lease();
