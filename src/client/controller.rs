@@ -509,9 +509,23 @@ async fn fence(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String>
     }
     let members: Vec<&str> = cfg.primary.split(',').filter(|e| !e.is_empty()).collect();
     let asks = members.iter().map(|ep| tokio::time::timeout(Duration::from_secs(3), failover::fence(ep, epoch)));
-    let fenced = futures::future::join_all(asks).await.into_iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
-    tracing::info!("fenced {fenced} of {} old members", members.len());
-    Ok(if fenced > members.len() / 2 { vec![Event::FencedByMajority { epoch, at_ms: now_ms() }] } else { vec![] })
+    let answers: Vec<(u64, Vec<Vec<u64>>)> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .filter_map(|r| r.ok()?.ok())
+        .map(|f| {
+            let id = f.header.map_or(0, |h| h.member_id);
+            (id, f.voter_configs.into_iter().map(|v| v.ids).collect())
+        })
+        .collect();
+    let majority = failover::fenced_by_majority(&answers);
+    tracing::info!(
+        "fenced {} of {} old members{}",
+        answers.len(),
+        members.len(),
+        if majority { ": a majority of the old voters" } else { "" }
+    );
+    Ok(if majority { vec![Event::FencedByMajority { epoch, at_ms: now_ms() }] } else { vec![] })
 }
 
 /// Status of each standby member that answers: (endpoint, revision epoch, applied index, is

@@ -15,7 +15,7 @@
 //! the old primary surely cannot write: its region write lease has lapsed (the last renewal plus
 //! the lease plus the stated clock-drift bound), or a majority of its voters recorded the fence.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ClientError;
 
@@ -598,6 +598,21 @@ pub async fn fence(endpoint: &str, epoch: u64) -> Result<geolock_proto::geolockp
     Ok(c.fence(geolock_proto::geolockpb::FenceRequest { epoch }).await?.into_inner())
 }
 
+/// Whether the members fenced, each answering with its ID and the voter sets it knows, are a
+/// majority of every voter set any of them reported: then no leader of the old primary can
+/// commit again (a commit needs a majority of each set of the membership it is in, and moving
+/// to a newer membership needs one of the current). The voter sets are those the fenced members
+/// know: the controller's `primary` must name the current members. False when nobody answered.
+pub fn fenced_by_majority(answers: &[(u64, Vec<Vec<u64>>)]) -> bool {
+    let fenced: BTreeSet<u64> = answers.iter().map(|(id, _)| *id).collect();
+    let configs: Vec<&Vec<u64>> = answers.iter().flat_map(|(_, c)| c).collect();
+    !configs.is_empty()
+        && configs.iter().all(|voters| {
+            let voters: BTreeSet<u64> = voters.iter().copied().collect();
+            voters.intersection(&fenced).count() * 2 > voters.len()
+        })
+}
+
 /// PROMOTE the learner at `endpoint`: it seeds a new cluster, in revision epoch `epoch`, from
 /// the state it applied (see `geolockpb.Failover.Promote`); it restarts to do so, and serves
 /// again shortly after as the new cluster's leader.
@@ -925,6 +940,33 @@ mod tests {
         refused(1_500, 2, 3, "counts 3 vantage points");
         refused(1_500, 2, 5, "counts 5 vantage points");
         refused(1_500, 2, 0, "counts 0 vantage points");
+    }
+
+    #[test]
+    fn a_fence_counts_only_as_a_majority_of_every_voter_set_reported() {
+        let one = |ids: &[u64]| vec![ids.to_vec()];
+        // Two of three voters.
+        assert!(fenced_by_majority(&[(1, one(&[1, 2, 3])), (2, one(&[1, 2, 3]))]));
+        assert!(!fenced_by_majority(&[(1, one(&[1, 2, 3]))]));
+        // Fenced endpoints that are not voters (learners) count for nothing.
+        assert!(!fenced_by_majority(&[(1, one(&[1, 2, 3])), (7, one(&[1, 2, 3])), (8, one(&[1, 2, 3]))]));
+        // The same member answering twice (two endpoints of one member) counts once.
+        assert!(!fenced_by_majority(&[(1, one(&[1, 2, 3])), (1, one(&[1, 2, 3]))]));
+        // Five voters, of which three fenced, are enough; two are not.
+        assert!(fenced_by_majority(&[(1, one(&[1, 2, 3, 4, 5])), (2, vec![]), (3, vec![])]));
+        assert!(!fenced_by_majority(&[(1, one(&[1, 2, 3, 4, 5])), (2, vec![])]));
+        // A joint change: old {1..5}, new {1,2,3,6,7}. {4,5,6,7} is most of their union and a
+        // majority of neither; {1,2,3} unfenced would still commit in both.
+        let joint = vec![vec![1, 2, 3, 4, 5], vec![1, 2, 3, 6, 7]];
+        let answers: Vec<(u64, Vec<Vec<u64>>)> = [4, 5, 6, 7].iter().map(|id| (*id, joint.clone())).collect();
+        assert!(!fenced_by_majority(&answers));
+        let answers: Vec<(u64, Vec<Vec<u64>>)> = [1, 2, 6, 7].iter().map(|id| (*id, joint.clone())).collect();
+        assert!(!fenced_by_majority(&answers), "2 of the old set's 5");
+        let answers: Vec<(u64, Vec<Vec<u64>>)> = [1, 2, 3].iter().map(|id| (*id, joint.clone())).collect();
+        assert!(fenced_by_majority(&answers));
+        // A member that knows a newer membership: its sets count too.
+        assert!(!fenced_by_majority(&[(1, one(&[1, 2, 3])), (2, one(&[2, 4, 5]))]));
+        assert!(!fenced_by_majority(&[]));
     }
 
     #[test]

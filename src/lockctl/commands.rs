@@ -277,19 +277,26 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
     match cmd {
         FailoverCommand::Fence { client, epoch } => {
             let mut failed = 0;
+            let mut fenced = Vec::new();
             for endpoint in client.endpoints.split(',').filter(|e| !e.is_empty()) {
                 match geolock_client::failover::fence(endpoint, epoch).await {
-                    Ok(r) => println!(
-                        "{endpoint}: member {:x} fenced by epoch {}, applied index {}",
-                        r.header.unwrap_or_default().member_id,
-                        r.fenced_epoch,
-                        r.applied_index
-                    ),
+                    Ok(r) => {
+                        let member = r.header.unwrap_or_default().member_id;
+                        println!(
+                            "{endpoint}: member {member:x} fenced by epoch {}, applied index {}",
+                            r.fenced_epoch, r.applied_index
+                        );
+                        fenced.push((member, r.voter_configs.into_iter().map(|v| v.ids).collect()));
+                    }
                     Err(e) => {
                         failed += 1;
                         eprintln!("{endpoint}: not fenced: {e}");
                     }
                 }
+            }
+            match geolock_client::failover::fenced_by_majority(&fenced) {
+                true => println!("a majority of every voter set is fenced: the old primary cannot commit again"),
+                false => println!("not a majority of the voters: the old primary may still commit"),
             }
             Ok(u8::from(failed > 0))
         }

@@ -47,6 +47,7 @@ fn a_fenced_majority_refuses_writes_by_epoch_ends_watches_and_stays_fenced_after
         let printed = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success(), "{printed}{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(printed.lines().filter(|l| l.contains("fenced by epoch 1, applied index")).count(), 2, "{printed}");
+        assert!(printed.ends_with("a majority of every voter set is fenced: the old primary cannot commit again\n"));
         tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("the watch stream ended")
     });
     let Err(etcd_client::Error::GRpcStatus(status)) = watch_ended else { panic!("{watch_ended:?}") };
@@ -86,7 +87,9 @@ fn a_fenced_majority_refuses_writes_by_epoch_ends_watches_and_stays_fenced_after
     // Fencing again is idempotent; a higher epoch is recorded; epoch 0 is refused by name.
     for (epoch, want) in [("1", "fenced by epoch 1"), ("2", "fenced by epoch 2"), ("1", "fenced by epoch 2")] {
         let out = lockctl(&["failover", "fence", "--endpoints", &e0, "--epoch", epoch]);
-        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(want), "{out:?}");
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && printed.contains(want), "{out:?}");
+        assert!(printed.ends_with("not a majority of the voters: the old primary may still commit\n"), "{printed}");
     }
     let out = lockctl(&["failover", "fence", "--endpoints", &e2, "--epoch", "0"]);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -23,6 +23,7 @@ impl fpb::failover_server::Failover for Api {
             header: Some(self.header(status.revision)),
             fenced_epoch,
             applied_index: status.applied_index,
+            voter_configs: self.node.voter_configs().into_iter().map(|ids| fpb::VoterSet { ids }).collect(),
         }))
     }
 

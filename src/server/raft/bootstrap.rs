@@ -84,7 +84,7 @@ impl Node {
             snapshot_inbox: SnapshotInbox::default(),
             published: tokio::sync::watch::Sender::new(false),
             fenced_epoch: std::sync::atomic::AtomicU64::new(fenced_epoch),
-            fence_lock: tokio::sync::Mutex::new(()),
+            failover_gate: tokio::sync::RwLock::new(()),
             restart: tokio::sync::watch::Sender::new(false),
             write_lease: write_lease(cfg, seeded.is_some()),
         }))

@@ -63,7 +63,7 @@ impl Node {
     pub async fn fence(&self, epoch: u64) -> Result<u64, NodeError> {
         let recorded = {
             // One fence at a time, so a lower epoch never overwrites a higher one on disk.
-            let _one = self.fence_lock.lock().await;
+            let _one = self.failover_gate.write().await;
             let current = self.fenced_epoch.load(Ordering::SeqCst);
             if epoch > current {
                 let mut b = WriteBatch::default();

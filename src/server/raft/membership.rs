@@ -210,6 +210,7 @@ impl Node {
 
     /// Hand leadership to voter `to` and wait until it leads.
     pub(super) async fn transfer_leadership(&self, to: u64) -> Result<(), NodeError> {
+        self.refuse_if_fenced()?;
         self.raft.trigger().transfer_leader(to).await.map_err(|_| NodeError::Stopped)?;
         let waited = self.election_timeout * 3;
         self.raft

@@ -98,8 +98,11 @@ pub struct Node {
     pub(super) published: tokio::sync::watch::Sender<bool>,
     /// The epoch of the failover that fenced this member, 0 if none (see `fence`).
     pub(super) fenced_epoch: std::sync::atomic::AtomicU64,
-    /// Held while a fence is recorded or a promotion seeds: one failover step at a time.
-    pub(super) fence_lock: tokio::sync::Mutex<()>,
+    /// Written while a fence is recorded or a promotion seeds (one failover step at a time);
+    /// read by each answer to a peer that feeds Raft, from its fence check until its reply is
+    /// sent. So a fence, once recorded, has no acknowledgement of an entry, vote or snapshot
+    /// still to go out: the old leader cannot count one towards a commit made after it.
+    pub(super) failover_gate: tokio::sync::RwLock<()>,
     /// An active-passive primary's region write lease, when vantage points are configured.
     pub(super) write_lease: Option<super::write_lease::WriteLease>,
     /// Set once PROMOTE has rewritten this member's storage: the process must start again.

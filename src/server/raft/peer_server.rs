@@ -51,11 +51,16 @@ pub(super) async fn serve_peers(node: Weak<Node>) {
                     }
                 };
                 let Some(n) = node.upgrade() else { return };
-                // A fenced member is, to Raft, as if cut off: no answer at all.
-                if n.fenced_epoch().is_some() && !Kind::of(req.kind).is_some_and(fence::answered_when_fenced) {
-                    continue;
-                }
                 tokio::spawn(async move {
+                    let feeds_raft = !Kind::of(req.kind).is_some_and(fence::answered_when_fenced);
+                    let _gate = match feeds_raft {
+                        true => Some(n.failover_gate.read().await),
+                        false => None,
+                    };
+                    // A fenced member is, to Raft, as if cut off: no answer at all.
+                    if feeds_raft && n.fenced_epoch().is_some() {
+                        return;
+                    }
                     let reply = match Kind::of(req.kind) {
                         Some(kind) => n.answer_peer(kind, &req.body).await,
                         _ => Err(transport::TransportError::UnknownKind { kind: req.kind }),
@@ -112,6 +117,11 @@ impl Node {
         while let Some(answer) = answers.next().await {
             let stop = answer.is_err();
             let answer: network::StreamAppendReply = answer;
+            // An entry taken just before a fence is not acknowledged after it.
+            let _gate = self.failover_gate.read().await;
+            if self.fenced_epoch().is_some() {
+                return;
+            }
             if replies.write(&network::encode(&answer)).await.is_err() || stop {
                 return;
             }

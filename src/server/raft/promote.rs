@@ -129,7 +129,7 @@ impl Node {
         if epoch > EPOCH_MAX {
             return Err(ApplyError::Kv(KvError::EpochTooLarge { epoch }).into());
         }
-        let _one = self.fence_lock.lock().await;
+        let _one = self.failover_gate.write().await;
         if *self.restart.borrow() {
             return Err(NodeError::NotPromotable { why: "a promotion is already under way" });
         }
@@ -137,11 +137,15 @@ impl Node {
             tracing::warn!("raft shutdown before seeding: {e}");
         }
         let cluster_id = bootstrap::cluster_id(&format!("{:x}/epoch-{epoch}", self.cluster_id));
-        let seeded =
-            seed_new_cluster(&*self.shared.engine, self.id, self.me.clone(), cluster_id, epoch).map_err(|e| {
-                tracing::error!("seeding the new cluster: {e}");
-                NodeError::Stopped
-            })?;
+        let seeded = {
+            let mut sm = self.shared.lock();
+            sm.sealed = true;
+            seed_new_cluster(&*self.shared.engine, self.id, self.me.clone(), cluster_id, epoch)
+        }
+        .map_err(|e| {
+            tracing::error!("seeding the new cluster: {e}");
+            NodeError::Stopped
+        })?;
         tracing::warn!(
             "seeded cluster {:x} in revision epoch {epoch} from applied index {} ({} received entries dropped); restarting",
             seeded.cluster_id,

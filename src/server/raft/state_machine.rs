@@ -38,6 +38,11 @@ pub struct SmState {
     pub lock_waiters: HashMap<WaiterId, tokio::sync::oneshot::Sender<LockWake>>,
     pub last_applied: Option<LogIdOf<TC>>,
     pub membership: StoredMembershipOf<TC>,
+    /// Set, with this lock held, when PROMOTE rewrites the member's storage: openraft's state
+    /// machine worker outlives `Raft::shutdown` by the commands it had queued, and an entry it
+    /// applied after the rewrite would mark as applied the index the new cluster's first entry
+    /// takes. Nothing is applied or installed once sealed.
+    pub sealed: bool,
 }
 
 /// What a lock waiter is woken with.
@@ -116,6 +121,7 @@ impl Shared {
                 lock_waiters: HashMap::new(),
                 last_applied,
                 membership,
+                sealed: false,
             }),
             engine,
             snapshot_dir,
@@ -206,6 +212,10 @@ fn save_snapshot_file(path: &std::path::Path, meta: &SnapshotMetaOf<TC>, data: &
     Ok(())
 }
 
+fn sealed() -> io::Error {
+    io::Error::other("the state machine is sealed: this member is being promoted to seed a new cluster")
+}
+
 impl RaftStateMachine<TC> for StateMachine {
     type SnapshotData = Vec<u8>;
     type SnapshotBuilder = Self;
@@ -223,6 +233,9 @@ impl RaftStateMachine<TC> for StateMachine {
             let applied = {
                 let mut st = self.shared.lock();
                 let st = &mut *st;
+                if st.sealed {
+                    return Err(sealed());
+                }
                 let mut batch = WriteBatch::default();
                 let mut events = Vec::new();
                 let applied = match entry.payload {
@@ -265,6 +278,11 @@ impl RaftStateMachine<TC> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<TC>, snapshot: Vec<u8>) -> Result<(), io::Error> {
+        // Held through the rewrite: a promotion seals the state machine under it.
+        let mut st = self.shared.lock();
+        if st.sealed {
+            return Err(sealed());
+        }
         if self.shared.witness {
             // Whatever data came with it, a witness keeps the metadata only.
             let mut b = WriteBatch::default();
@@ -272,7 +290,6 @@ impl RaftStateMachine<TC> for StateMachine {
             b.put(Cf::SmMeta, MEMBERSHIP, encode(&meta.last_membership));
             self.shared.engine.write(b, true).map_err(io::Error::other)?;
             save_snapshot_file(&self.snapshot_path(), meta, &[])?;
-            let mut st = self.shared.lock();
             st.last_applied = meta.last_log_id;
             st.membership = meta.last_membership.clone();
             return Ok(());
@@ -304,9 +321,7 @@ impl RaftStateMachine<TC> for StateMachine {
         b.put(Cf::SmMeta, MEMBERSHIP, encode(&meta.last_membership));
         self.shared.engine.write(b, true).map_err(io::Error::other)?;
         save_snapshot_file(&self.snapshot_path(), meta, &snapshot)?;
-        let machine = Machine::load(&*self.shared.engine).map_err(io::Error::other)?;
-        let mut st = self.shared.lock();
-        st.machine = machine;
+        st.machine = Machine::load(&*self.shared.engine).map_err(io::Error::other)?;
         st.last_applied = meta.last_log_id;
         st.membership = meta.last_membership.clone();
         Ok(())

@@ -50,6 +50,14 @@ impl Node {
             .partition(|id| membership.get_node(id).is_none_or(|n| n.role != super::MemberRole::Witness))
     }
 
+    /// The voter sets of the newest membership this member knows: one, or two during a joint
+    /// change.
+    pub fn voter_configs(&self) -> Vec<Vec<u64>> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.membership_config.membership().get_joint_config().iter().map(|c| c.iter().copied().collect()).collect()
+    }
+
     /// This member's last log id.
     pub(super) fn last_log_id(&self) -> Option<LogId> {
         self.raft.data_metrics().borrow_watched().last_log
@@ -164,6 +172,10 @@ pub(super) async fn supervise(node: Weak<Node>, election_timeout: Duration) {
         });
         let reachable: Vec<Option<LogId>> = futures::future::join_all(asks).await.into_iter().flatten().collect();
         let mine = node.last_log_id();
+        // A fenced witness takes no part in Raft, not even to hand entries over.
+        if node.fenced_epoch().is_some() {
+            return;
+        }
         if should_step_in(&mine, &reachable) {
             tracing::info!(
                 "no leader for {:?}, and this witness holds entries up to {mine:?} that the data voters it reaches \
