@@ -21,6 +21,7 @@ use serde::Deserialize;
 use crate::dns::{DnsError, Endpoint, SrvTarget, TsigKey, Updater};
 use crate::failover::{self, Action, Event, Mode, Phase, Record, Runbook, Settings, Step, Vantage};
 use crate::journal::{Journal, JournalError};
+use geolock_proto::geolockpb as fpb;
 
 /// The controller's configuration file (YAML or TOML). Durations in milliseconds.
 #[derive(Clone, Debug, Deserialize)]
@@ -233,7 +234,13 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
     let decided = records.iter().any(|r| matches!(r, Record::Decided { .. }));
     let policy = failover::GrantPolicy { lease_ms_max: cfg.write_lease_ms, epoch: cfg.epoch };
     let vantage = Vantage::new(!decided, Some(policy));
-    tokio::spawn(vantage.clone().serve(listener));
+    let (approvals_tx, mut approvals) = tokio::sync::mpsc::channel(APPROVALS_QUEUED_MAX);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(fpb::vantage_server::VantageServer::new(vantage.clone()))
+            .add_service(fpb::controller_server::ControllerServer::new(Approvals(approvals_tx)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
     let every = Duration::from_millis(cfg.probe_interval_ms.max(1));
     tokio::spawn(vantage.clone().watch_primary(cfg.primary.clone(), every));
     tracing::info!("controller {} resumes at {:?} after {} journal records", cfg.name, runbook.phase(), records.len());
@@ -281,11 +288,51 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
                     pending.extend(runbook.on(e));
                 }
             }
+            Some((token, answer)) = approvals.recv() => {
+                let actions = runbook.on(Event::Approve { token, at_ms: now_ms() });
+                let refused = actions.iter().find_map(|a| match a {
+                    Action::RefuseApproval { why, .. } => Some(why.to_string()),
+                    _ => None,
+                });
+                let _ = answer.send(match refused {
+                    Some(why) => Err(why),
+                    None => Ok(cfg.epoch + 1),
+                });
+                pending.extend(actions);
+            }
             _ = tokio::time::sleep(every) => {
                 for e in observations(&cfg, &vantage).await {
                     pending.extend(runbook.on(e));
                 }
             }
+        }
+    }
+}
+
+/// Approvals waiting for the runbook; more are refused as busy.
+const APPROVALS_QUEUED_MAX: usize = 16;
+
+/// An approval for the runbook, and where its answer goes: the epoch, or why it was refused.
+type Approval = (u64, tokio::sync::oneshot::Sender<Result<u64, String>>);
+
+/// `geolockpb.Controller`: hands each approval to the runbook's loop and answers with its verdict.
+struct Approvals(tokio::sync::mpsc::Sender<Approval>);
+
+#[tonic::async_trait]
+impl fpb::controller_server::Controller for Approvals {
+    async fn approve(
+        &self,
+        req: tonic::Request<fpb::ApproveRequest>,
+    ) -> Result<tonic::Response<fpb::ApproveResponse>, tonic::Status> {
+        let token = req.into_inner().token;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0
+            .try_send((token, tx))
+            .map_err(|_| tonic::Status::resource_exhausted("geolock: too many approvals queued; try again"))?;
+        match rx.await {
+            Ok(Ok(epoch)) => Ok(tonic::Response::new(fpb::ApproveResponse { epoch })),
+            Ok(Err(why)) => Err(tonic::Status::failed_precondition(format!("geolock: approval refused: {why}"))),
+            Err(_) => Err(tonic::Status::unavailable("geolock: the controller stopped before it answered")),
         }
     }
 }

@@ -821,6 +821,17 @@ impl geolock_proto::geolockpb::vantage_server::Vantage for Vantage {
     }
 }
 
+/// Approve, at the controller at `endpoint`, the failover awaiting approval with `token`.
+/// Returns the revision epoch it goes into.
+///
+/// Errors: [`ClientError::Connect`]; a refusal as [`ClientError::Rpc`] (FAILED_PRECONDITION
+/// with the reason: wrong, used or expired token, or nothing to approve).
+pub async fn approve(endpoint: &str, token: u64) -> Result<u64, ClientError> {
+    let ch = crate::connect(endpoint).await?;
+    let mut c = geolock_proto::geolockpb::controller_client::ControllerClient::new(ch);
+    Ok(c.approve(geolock_proto::geolockpb::ApproveRequest { token }).await?.into_inner().epoch)
+}
+
 /// How vantage point `endpoint` last saw the primary: `None` if it has not probed it yet.
 ///
 /// Errors: [`ClientError::Connect`]; [`ClientError::Rpc`].

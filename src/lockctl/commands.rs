@@ -256,6 +256,15 @@ pub enum FailoverCommand {
         #[arg(long)]
         journal: std::path::PathBuf,
     },
+    /// Approve, at the failover controller at ENDPOINTS (its `listen` address), the failover
+    /// that awaits approval with TOKEN (hexadecimal, as the controller's log and `lockctl
+    /// failover status` print it).
+    Approve {
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+        #[arg(long, value_parser = parse_token)]
+        token: u64,
+    },
     /// How the vantage point at ENDPOINTS last saw the primary.
     Observe {
         #[command(flatten)]
@@ -269,6 +278,12 @@ pub enum FailoverCommand {
         #[arg(long)]
         epoch: u64,
     },
+}
+
+/// An approval token as printed: hexadecimal, with or without `0x`.
+fn parse_token(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|e| format!("an approval token is hexadecimal, as the controller printed it: {e}"))
 }
 
 /// Run a `lockctl failover` command. Prints one line a member; exits 1 if any member was not
@@ -328,18 +343,45 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
                     geolock_client::failover::Record::Finished { step: geolock_client::failover::Step::Notify, .. }
                 )
             });
-            let armed = records.iter().any(|r| matches!(r, geolock_client::failover::Record::Armed { .. }));
-            match (decided, done) {
-                (None, _) if !armed => {
+            use geolock_client::failover::Record;
+            let armed = records.iter().any(|r| matches!(r, Record::Armed { .. }));
+            let awaiting = records
+                .iter()
+                .rev()
+                .find_map(|r| match r {
+                    Record::AwaitingApproval { token, expires_at_ms } => Some(Some((*token, *expires_at_ms))),
+                    Record::Recovered { .. } | Record::Decided { .. } => Some(None),
+                    _ => None,
+                })
+                .flatten();
+            match (decided, done, awaiting) {
+                (None, _, Some((token, expires_at_ms))) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    match expires_at_ms.checked_sub(now) {
+                        Some(left) => println!(
+                            "awaiting approval: lockctl failover approve --token {token:x} (valid for {} s more)",
+                            left / 1000
+                        ),
+                        None => println!("awaiting approval; token {token:x} has expired, a new one follows"),
+                    }
+                }
+                (None, _, None) if !armed => {
                     println!("waiting to see the primary healthy once ({} records)", records.len())
                 }
-                (None, _) => println!("watching the primary ({} records)", records.len()),
-                (Some(epoch), false) => println!("failing over into revision epoch {epoch}"),
-                (Some(epoch), true) => println!("failed over into revision epoch {epoch}"),
+                (None, _, None) => println!("watching the primary ({} records)", records.len()),
+                (Some(epoch), false, _) => println!("failing over into revision epoch {epoch}"),
+                (Some(epoch), true, _) => println!("failed over into revision epoch {epoch}"),
             }
             for line in geolock_client::failover::timeline(&records) {
                 println!("{line}");
             }
+            Ok(0)
+        }
+        FailoverCommand::Approve { client, token } => {
+            let epoch = geolock_client::failover::approve(&client.endpoints, token).await?;
+            println!("approved: failing over into revision epoch {epoch}");
             Ok(0)
         }
         FailoverCommand::Observe { client } => {

@@ -3,7 +3,8 @@
 //! the controller stops granting the write lease, fences (nobody answers), waits the lease out,
 //! promotes the standby learner into revision epoch 1, moves the client name's records, verifies
 //! with a probe write and lock, and exits. A second controller started beside it waits on the
-//! journal's lock, then finds the failover done and does nothing more.
+//! journal's lock, then finds the failover done and does nothing more. Also: a controller
+//! SIGKILLed after every record, a primary partitioned rather than killed, and approve mode.
 
 use std::path::Path;
 use std::process::Command;
@@ -24,11 +25,12 @@ fn write_config(
     primary: &str,
     standby: &str,
     bind: &Bind,
+    mode: &str,
 ) -> std::path::PathBuf {
     let secret = data_encoding::BASE64.encode(&bind.key.secret);
     let text = format!(
         "name: standby\nlisten: \"{listen}\"\njournal: \"{journal}\"\nprimary: \"{primary}\"\nstandby: \"{standby}\"\n\
-         arbiters: [\"{arbiter}\"]\nepoch: 0\nmode: auto\ndetect_window_ms: 1000\nprobe_interval_ms: 200\n\
+         arbiters: [\"{arbiter}\"]\nepoch: 0\nmode: {mode}\ndetect_window_ms: 1000\nprobe_interval_ms: 200\n\
          write_lease_ms: 1500\nclock_drift_ms: 500\nstep_retry_ms: 1000\n\
          dns:\n  server: \"{server}\"\n  zone: \"{ZONE}\"\n  name: \"{NAME}\"\n  key_name: \"{key}\"\n  key_secret: \"{secret}\"\n\
          \x20 primary: {{ addrs: [\"10.0.1.1\"], srv: [\"n1.us-east.geolock.test:2379\"] }}\n\
@@ -116,6 +118,8 @@ struct Scenario {
     c: Cluster,
     /// The standby learners' member indexes.
     learners: Vec<usize>,
+    /// The controller's address (its vantage point, and where approvals go).
+    controller: String,
     config: std::path::PathBuf,
     _arbiter: crate::common::Proc,
 }
@@ -124,12 +128,12 @@ impl Scenario {
     /// Everything up, with `controllers` controller processes started on the configuration
     /// (each `GEOLOCK_FAILPOINT`-free) before the primary, which needs one to grant its lease.
     fn start(controllers: usize) -> (Scenario, Vec<crate::common::Proc>) {
-        Scenario::start_seen(controllers, false)
+        Scenario::start_seen(controllers, false, "auto")
     }
 
     /// [`Scenario::start`]; with `through_proxies`, the vantage points see the primary only
-    /// through a [`VantageView`].
-    fn start_seen(controllers: usize, through_proxies: bool) -> (Scenario, Vec<crate::common::Proc>) {
+    /// through a [`VantageView`]; the controllers run in `mode` (`auto` or `approve`).
+    fn start_seen(controllers: usize, through_proxies: bool, mode: &str) -> (Scenario, Vec<crate::common::Proc>) {
         let dir = tempfile::tempdir().unwrap();
         let records = [
             format!("{NAME} IN A 10.0.1.1"),
@@ -145,7 +149,7 @@ impl Scenario {
         let (ctl, arb) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
         let learner_ports = [free_port(), free_port()];
         let standby = learner_ports.map(|p| format!("127.0.0.1:{p}"));
-        let config = write_config(dir.path(), &ctl, &arb, &primary, &standby.join(","), &bind);
+        let config = write_config(dir.path(), &ctl, &arb, &primary, &standby.join(","), &bind, mode);
         let arbiter = lockctl_bg(
             "",
             &["failover", "vantage", "--listen", &arb, "--primary", &primary, "--probe-interval-ms", "200"],
@@ -187,7 +191,7 @@ impl Scenario {
             assert!(Instant::now() < deadline, "the controller never saw the primary healthy");
             std::thread::sleep(Duration::from_millis(100));
         }
-        (Scenario { dir, view, bind, c, learners, config, _arbiter: arbiter }, procs)
+        (Scenario { dir, view, bind, c, learners, controller: ctl, config, _arbiter: arbiter }, procs)
     }
 
     fn kill_primary(&mut self) {
@@ -304,7 +308,7 @@ fn a_controller_killed_after_every_journal_record_and_once_mid_promote_fails_ove
 
 #[test]
 fn a_primary_partitioned_from_its_vantage_points_stops_writing_before_the_standby_is_promoted() {
-    let (mut s, mut controllers) = Scenario::start_seen(1, true);
+    let (mut s, mut controllers) = Scenario::start_seen(1, true, "auto");
     // The old primary's members only (not the learner, which becomes the new primary).
     let old = (0..3).map(|i| s.c.endpoint(i)).collect::<Vec<_>>().join(",");
     // The primary's own clients write all along; each write's invocation and outcome recorded.
@@ -370,4 +374,50 @@ fn a_primary_partitioned_from_its_vantage_points_stops_writing_before_the_standb
     let out = etcdctl(&old, &["--command-timeout=2s", "put", "after-restart", "x"], None);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("holds no region write lease"), "{err}");
+}
+
+/// Approve mode: with the primary lost, the controller journals that it awaits approval and does
+/// nothing more; a wrong token is refused by name; the token `lockctl failover status` prints
+/// starts the failover, which runs to the end as in auto mode.
+#[test]
+fn in_approve_mode_the_controller_waits_for_the_operators_token() {
+    let (mut s, mut controllers) = Scenario::start_seen(1, false, "approve");
+    s.kill_primary();
+    let journal = s.dir.path().join("journal");
+    let status = || {
+        let out = crate::common::lockctl(&["failover", "status", "--journal", journal.to_str().unwrap()]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let shown = loop {
+        let shown = status();
+        if shown.starts_with("awaiting approval: ") {
+            break shown;
+        }
+        assert!(Instant::now() < deadline, "no approval awaited: {shown}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let token = shown.split("--token ").nth(1).and_then(|t| t.split(' ').next()).unwrap().to_string();
+    // Well past another detection window, nothing is decided without the operator.
+    std::thread::sleep(Duration::from_millis(2_000));
+    assert!(!s.journal().contains("\"Decided\""), "{}", s.journal());
+
+    let approve =
+        |token: &str| crate::common::lockctl(&["failover", "approve", "--endpoints", &s.controller, "--token", token]);
+    let wrong = format!("{:x}", u64::from_str_radix(&token, 16).unwrap() ^ 1);
+    let out = approve(&wrong);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("approval refused: not the approval token this failover awaits"),
+        "{err}"
+    );
+    let out = approve("not-hex");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("an approval token is hexadecimal"));
+    assert!(!s.journal().contains("\"Decided\""));
+
+    let out = approve(&token);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "approved: failing over into revision epoch 1\n", "{out:?}");
+    let (ok, log) = wait_exit(&mut controllers[0], Duration::from_secs(60));
+    assert!(ok && log.contains("failed over into revision epoch 1"), "{log}");
+    s.assert_failed_over_once();
 }
