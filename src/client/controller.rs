@@ -21,6 +21,7 @@ use serde::Deserialize;
 use crate::dns::{DnsError, Endpoint, SrvTarget, TsigKey, Updater};
 use crate::failover::{self, Action, Event, Mode, Phase, Record, Runbook, Settings, Step, Vantage};
 use crate::journal::{Journal, JournalError};
+use crate::notify::NotifyConfig;
 use geolock_proto::geolockpb as fpb;
 
 /// The controller's configuration file (YAML or TOML). Durations in milliseconds.
@@ -65,6 +66,9 @@ pub struct ControllerConfig {
     /// REDIRECT's DNS change; none, and REDIRECT does nothing.
     #[serde(default)]
     pub dns: Option<DnsConfig>,
+    /// NOTIFY's webhook; none, and NOTIFY only logs.
+    #[serde(default)]
+    pub notify: Option<NotifyConfig>,
 }
 
 fn auto() -> String {
@@ -174,6 +178,9 @@ impl ControllerConfig {
         // one arbiter that is both, so this controller withholding its grant ends it. With more
         // arbiters a majority could go on granting after the decision, and the lapse the runbook
         // waits for would not be one.
+        if let Some(n) = &self.notify {
+            n.check().map_err(ControllerError::Config)?;
+        }
         if self.arbiters.len() != 1 {
             return Err(ControllerError::Config(format!(
                 "arbiters: exactly one is supported (the primary's --failover-vantages being this controller and it), not {}",
@@ -405,9 +412,25 @@ impl Executor {
                 });
                 return Ok(Some((step, task)));
             }
-            Action::RequestApproval { token, expires_at_ms } => tracing::warn!(
-                "failover awaits approval: lockctl failover approve --token {token:x} (valid until {expires_at_ms} ms)"
-            ),
+            Action::RequestApproval { token, expires_at_ms } => {
+                let approve = format!("lockctl failover approve --endpoints {} --token {token:x}", self.cfg.listen);
+                tracing::warn!("failover awaits approval: {approve} (valid until {expires_at_ms} ms)");
+                if let Some(notify) = self.cfg.notify.clone() {
+                    let body = serde_json::json!({
+                        "event": "awaiting_approval",
+                        "controller": self.cfg.name,
+                        "token": format!("{token:x}"),
+                        "expires_at_ms": expires_at_ms,
+                        "approve": approve,
+                    });
+                    // Not awaited: the runbook waits for the approval, not for the webhook.
+                    tokio::spawn(async move {
+                        if let Err(e) = notify.post(&body).await {
+                            tracing::warn!("awaiting approval, not notified: {e}");
+                        }
+                    });
+                }
+            }
             Action::RefuseApproval { token, why } => tracing::warn!("approval {token:x} refused: {why}"),
         }
         Ok(None)
@@ -479,7 +502,7 @@ impl Failpoint {
 /// The longest a step may run before it counts as failed and is tried again: a member that
 /// takes a connection and never answers must not hold the runbook (PROMOTE's own waits come
 /// to 43 s at most).
-const STEP_DURATION_MAX: Duration = Duration::from_secs(90);
+pub(crate) const STEP_DURATION_MAX: Duration = Duration::from_secs(90);
 
 /// The most of a failed step's reason the journal keeps, in bytes: well inside a journal line
 /// (`JOURNAL_LINE_BYTES_MAX`).
@@ -504,7 +527,7 @@ async fn run_step(
             (Step::Promote, Some(target)) => promote(epoch, &target).await,
             (Step::Redirect, _) => redirect(dns).await,
             (Step::Verify, _) => verify(promoted.as_deref().ok_or("no learner was promoted")?, dns, epoch).await,
-            (Step::Notify, _) => Ok(vec![]),
+            (Step::Notify, _) => notify(cfg, epoch, promoted.as_deref()).await,
         }
     };
     let outcome = tokio::time::timeout(STEP_DURATION_MAX, run)
@@ -675,6 +698,32 @@ async fn verify(promoted: &str, dns: Option<&(Updater, Endpoint, Endpoint)>, epo
     crate::unlock(promoted, &held.key).await.map_err(|e| e.to_string())?;
     session.revoke(promoted).await;
     tracing::info!("verified: probe write at revision {rev:#x}, probe lock token {:#x}", held.token);
+    Ok(vec![])
+}
+
+/// NOTIFY: the journal's timeline, and each step's duration, in the log and to the webhook. A
+/// webhook that fails every attempt is logged, and the step finishes all the same.
+async fn notify(cfg: &ControllerConfig, epoch: u64, promoted: Option<&str>) -> Result<Vec<Event>, String> {
+    let records = Journal::read(&cfg.journal).map_err(|e| e.to_string())?;
+    let timeline = failover::timeline(&records);
+    tracing::info!("failed over into revision epoch {epoch}; the timeline:\n{}", timeline.join("\n"));
+    let Some(webhook) = &cfg.notify else { return Ok(vec![]) };
+    let steps: Vec<serde_json::Value> = failover::step_durations(&records)
+        .into_iter()
+        .map(|(step, ms)| serde_json::json!({ "step": format!("{step:?}"), "ms": ms }))
+        .collect();
+    let body = serde_json::json!({
+        "event": "failed_over",
+        "controller": cfg.name,
+        "epoch": epoch,
+        "promoted": promoted,
+        "steps": steps,
+        "timeline": timeline,
+    });
+    match webhook.post(&body).await {
+        Ok(attempts) => tracing::info!("webhook notified in {attempts} attempt(s)"),
+        Err(e) => tracing::warn!("not notified, going on: {e}"),
+    }
     Ok(vec![])
 }
 

@@ -586,6 +586,27 @@ pub fn timeline(records: &[Record]) -> Vec<String> {
     out
 }
 
+/// How long each finished step ran, in step order: from its last `Started` to its `Finished`,
+/// in milliseconds. NOTIFY, not finished while it reports, is left out.
+pub fn step_durations(records: &[Record]) -> Vec<(Step, u64)> {
+    let mut started: BTreeMap<Step, u64> = BTreeMap::new();
+    let mut took: BTreeMap<Step, u64> = BTreeMap::new();
+    for r in records {
+        match r {
+            Record::Started { step, at_ms } => {
+                started.insert(*step, *at_ms);
+            }
+            Record::Finished { step, at_ms } => {
+                if let Some(from) = started.get(step) {
+                    took.insert(*step, at_ms.saturating_sub(*from));
+                }
+            }
+            _ => {}
+        }
+    }
+    took.into_iter().collect()
+}
+
 /// Fence the member at `endpoint` (one member: not the first of a list that answers) out of the
 /// old primary, for the failover into `epoch` (see `geolockpb.Failover.Fence`). Returns what the
 /// member recorded: the epoch it is fenced by, and how far it had applied.
@@ -978,6 +999,22 @@ mod tests {
         // A member that knows a newer membership: its sets count too.
         assert!(!fenced_by_majority(&[(1, one(&[1, 2, 3])), (2, one(&[2, 4, 5]))]));
         assert!(!fenced_by_majority(&[]));
+    }
+
+    #[test]
+    fn each_finished_step_is_timed_from_its_last_start() {
+        let records = [
+            Record::Decided { epoch: 1, at_ms: 5_000, lease_lapses_at_ms: 7_000 },
+            Record::Started { step: Step::Fence, at_ms: 5_000 },
+            Record::Failed { step: Step::Fence, at_ms: 5_040, reason: "hook".into() },
+            Record::Started { step: Step::Fence, at_ms: 6_040 },
+            Record::Finished { step: Step::Fence, at_ms: 6_050 },
+            Record::Started { step: Step::Promote, at_ms: 7_010 },
+            Record::Chose { target: "l1".into(), at_ms: 7_020 },
+            Record::Finished { step: Step::Promote, at_ms: 7_215 },
+            Record::Started { step: Step::Notify, at_ms: 7_300 },
+        ];
+        assert_eq!(step_durations(&records), [(Step::Fence, 10), (Step::Promote, 205)]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod dns;
 pub mod failover;
 pub mod journal;
+pub mod notify;
 
 use std::time::Duration;
 

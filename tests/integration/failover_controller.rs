@@ -26,6 +26,7 @@ fn write_config(
     standby: &str,
     bind: &Bind,
     mode: &str,
+    webhook: &Webhook,
 ) -> std::path::PathBuf {
     let secret = data_encoding::BASE64.encode(&bind.key.secret);
     let text = format!(
@@ -34,7 +35,9 @@ fn write_config(
          write_lease_ms: 1500\nclock_drift_ms: 500\nstep_retry_ms: 1000\n\
          dns:\n  server: \"{server}\"\n  zone: \"{ZONE}\"\n  name: \"{NAME}\"\n  key_name: \"{key}\"\n  key_secret: \"{secret}\"\n\
          \x20 primary: {{ addrs: [\"10.0.1.1\"], srv: [\"n1.us-east.geolock.test:2379\"] }}\n\
-         \x20 standby: {{ addrs: [\"10.0.2.1\"], srv: [\"l1.us-west.geolock.test:2379\"] }}\n",
+         \x20 standby: {{ addrs: [\"10.0.2.1\"], srv: [\"l1.us-west.geolock.test:2379\"] }}\n\
+         notify:\n  webhook: \"http://127.0.0.1:{hook}/failover\"\n  attempts: 3\n  timeout_ms: 2000\n",
+        hook = webhook.port,
         journal = dir.join("journal").display(),
         server = bind.addr,
         key = bind.key.name,
@@ -42,6 +45,61 @@ fn write_config(
     let path = dir.join("controller.yaml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// A webhook receiver: Python's own HTTP server, which answers its first POST with 503 (so
+/// NOTIFY must try again) and keeps the bodies of the rest, one JSON document a line.
+struct Webhook {
+    _proc: crate::common::Proc,
+    port: u16,
+    bodies: std::path::PathBuf,
+}
+
+const WEBHOOK_SERVER: &str = r#"
+import http.server, sys
+bodies, failures = sys.argv[1], int(sys.argv[2])
+class Hook(http.server.BaseHTTPRequestHandler):
+    seen = 0
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Hook.seen += 1
+        if Hook.seen <= failures:
+            self.send_response(503)
+        else:
+            with open(bodies, "ab") as f:
+                f.write(body + b"\n")
+            self.send_response(204)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+impl Webhook {
+    fn start(dir: &Path) -> Webhook {
+        let bodies = dir.join("webhook-bodies");
+        let log = dir.join("webhook.log");
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", WEBHOOK_SERVER, bodies.to_str().unwrap(), "1"]);
+        let proc = crate::common::spawn_logged(cmd, &log);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            if let Ok(port) = std::fs::read_to_string(&log).unwrap_or_default().trim().parse() {
+                break port;
+            }
+            assert!(Instant::now() < deadline, "the webhook receiver did not start: {}", proc.log());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Webhook { _proc: proc, port, bodies }
+    }
+
+    /// The bodies received (after the first, refused), in order.
+    fn bodies(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.bodies).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
 }
 
 /// `dig +short` at `bind`.
@@ -120,6 +178,7 @@ struct Scenario {
     learners: Vec<usize>,
     /// The controller's address (its vantage point, and where approvals go).
     controller: String,
+    webhook: Webhook,
     config: std::path::PathBuf,
     _arbiter: crate::common::Proc,
 }
@@ -140,6 +199,7 @@ impl Scenario {
             format!("_etcd-client._tcp.{NAME} IN SRV 0 0 2379 n1.us-east.geolock.test."),
         ];
         let bind = Bind::start(dir.path(), ZONE, &records).unwrap();
+        let webhook = Webhook::start(dir.path());
         let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port())).map(|(c, p)| (c, p, p)).collect();
         let view = through_proxies.then(|| VantageView::to(&ports.iter().map(|p| p.0).collect::<Vec<_>>()));
         let primary = match &view {
@@ -149,7 +209,7 @@ impl Scenario {
         let (ctl, arb) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
         let learner_ports = [free_port(), free_port()];
         let standby = learner_ports.map(|p| format!("127.0.0.1:{p}"));
-        let config = write_config(dir.path(), &ctl, &arb, &primary, &standby.join(","), &bind, mode);
+        let config = write_config(dir.path(), &ctl, &arb, &primary, &standby.join(","), &bind, mode, &webhook);
         let arbiter = lockctl_bg(
             "",
             &["failover", "vantage", "--listen", &arb, "--primary", &primary, "--probe-interval-ms", "200"],
@@ -191,7 +251,7 @@ impl Scenario {
             assert!(Instant::now() < deadline, "the controller never saw the primary healthy");
             std::thread::sleep(Duration::from_millis(100));
         }
-        (Scenario { dir, view, bind, c, learners, controller: ctl, config, _arbiter: arbiter }, procs)
+        (Scenario { dir, view, bind, c, learners, controller: ctl, webhook, config, _arbiter: arbiter }, procs)
     }
 
     fn kill_primary(&mut self) {
@@ -258,6 +318,19 @@ fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_s
         assert!(shown.contains(&format!("ms {step} finished in ")), "{step}: {shown}");
     }
     eprintln!("{shown}");
+    // NOTIFY's webhook, refused once, had the timeline on its second attempt.
+    let bodies = s.webhook.bodies();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let b = &bodies[0];
+    assert_eq!((b["event"].as_str(), b["epoch"].as_u64()), (Some("failed_over"), Some(1)), "{b}");
+    assert_eq!(b["promoted"].as_str(), Some(s.promoted().as_str()), "{b}");
+    let steps: Vec<&str> = b["steps"].as_array().unwrap().iter().map(|x| x["step"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["Fence", "Promote", "Redirect", "Verify"], "{b}");
+    assert!(
+        b["timeline"].as_array().unwrap().iter().any(|l| l.as_str().unwrap().contains("Promote finished in")),
+        "{b}"
+    );
+    assert!(controllers[0].log().contains("webhook notified in 2 attempt(s)"), "{}", controllers[0].log());
 
     // The second controller, started beside the first, waited on the journal's lock; once the
     // first is gone it finds the failover done and does nothing.
@@ -398,6 +471,18 @@ fn in_approve_mode_the_controller_waits_for_the_operators_token() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let token = shown.split("--token ").nth(1).and_then(|t| t.split(' ').next()).unwrap().to_string();
+    // The webhook was told, with the same token, on its second attempt.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.webhook.bodies().is_empty() {
+        assert!(Instant::now() < deadline, "the webhook was not told of the approval awaited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let told = &s.webhook.bodies()[0];
+    assert_eq!(
+        (told["event"].as_str(), told["token"].as_str()),
+        (Some("awaiting_approval"), Some(token.as_str())),
+        "{told}"
+    );
     // Well past another detection window, nothing is decided without the operator.
     std::thread::sleep(Duration::from_millis(2_000));
     assert!(!s.journal().contains("\"Decided\""), "{}", s.journal());
