@@ -733,7 +733,9 @@ pub async fn probe_primary(endpoints: &str, timeout: std::time::Duration) -> Hea
 }
 
 /// Maintenance.Status of the member at `endpoint`.
-pub(crate) async fn status(endpoint: &str) -> Result<geolock_proto::etcdserverpb::StatusResponse, ClientError> {
+///
+/// Errors: [`ClientError::Connect`]; [`ClientError::Rpc`].
+pub async fn status(endpoint: &str) -> Result<geolock_proto::etcdserverpb::StatusResponse, ClientError> {
     let ch = crate::connect(endpoint).await?;
     let mut m = geolock_proto::etcdserverpb::maintenance_client::MaintenanceClient::new(ch);
     Ok(m.status(geolock_proto::etcdserverpb::StatusRequest {}).await?.into_inner())

@@ -29,6 +29,9 @@ pub enum CommandError {
     /// `lockctl member` named a member the cluster does not have.
     #[error("no member named {name} (members: {known})")]
     NoSuchMember { name: String, known: String },
+    /// `lockctl failover rejoin` cannot go on.
+    #[error("rejoin: {0}")]
+    Rejoin(String),
 }
 
 /// `lockctl lock NAME [COMMAND...]`. Returns the exit code.
@@ -265,6 +268,23 @@ pub enum FailoverCommand {
         #[arg(long, value_parser = parse_token)]
         token: u64,
     },
+    /// ROLLBACK: make a recovered member of the old primary (or a standby learner not promoted)
+    /// a learner of the new primary at ENDPOINTS, never a voter. With the member stopped: its
+    /// data directory is moved aside (kept, for the lost window), it is added as a learner, and
+    /// the flags to start it with are printed; started so, it syncs the new primary's state.
+    Rejoin {
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+        /// The member's name.
+        #[arg(long)]
+        name: String,
+        /// Its peer URLs, comma-separated.
+        #[arg(long)]
+        peer_urls: String,
+        /// Its data directory.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+    },
     /// How the vantage point at ENDPOINTS last saw the primary.
     Observe {
         #[command(flatten)]
@@ -383,6 +403,31 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
             let epoch = geolock_client::failover::approve(&client.endpoints, token).await?;
             println!("approved: failing over into revision epoch {epoch}");
             Ok(0)
+        }
+        FailoverCommand::Rejoin { client, name, peer_urls, data_dir } => {
+            let status = geolock_client::failover::status(&client.endpoints).await?;
+            let epoch = status.header.map_or(0, |h| h.revision).max(0) as u64 >> geolock_core::kv::REV_COUNTER_BITS;
+            if epoch == 0 {
+                return Err(CommandError::Rejoin(format!(
+                    "{} is in revision epoch 0, not a primary a failover made: rejoin joins the new primary",
+                    client.endpoints
+                )));
+            }
+            if data_dir.exists() {
+                let secs =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let mut aside = data_dir.clone().into_os_string();
+                aside.push(format!(".before-rejoin-{secs}"));
+                std::fs::rename(&data_dir, &aside)
+                    .map_err(|e| CommandError::Rejoin(format!("moving {} aside: {e}", data_dir.display())))?;
+                println!(
+                    "moved {} to {} (the old primary's data, for the lost window: remove it when done)",
+                    data_dir.display(),
+                    std::path::Path::new(&aside).display()
+                );
+            }
+            println!("joining the primary in revision epoch {epoch} as a learner");
+            member(&client.endpoints, MemberCommand::Add { name, peer_urls, learner: true }).await
         }
         FailoverCommand::Observe { client } => {
             match geolock_client::failover::observe(&client.endpoints).await? {

@@ -493,6 +493,25 @@ impl Cluster {
 
     /// Start member `i` again on its data, without waiting for it to serve (a fenced member
     /// never serves a linearizable read).
+    /// Start member `i` again, on its data directory, as a member joining the existing cluster
+    /// `initial` names (a member rejoining another cluster); without waiting.
+    pub fn respawn_into(&mut self, i: usize, initial: &str) {
+        let (name, cp, pp) = (self.nodes[i].name.clone(), self.nodes[i].client_port, self.nodes[i].peer_port);
+        let (data, certs) = (self.data_dir(i), self.tmp.path().join("certs"));
+        self.nodes[i].proc = self.spawn_with(&name, &data, cp, pp, "existing", &certs, initial);
+    }
+
+    /// Member `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.tmp.path().join(&self.nodes[i].name)
+    }
+
+    /// The peer URL member `i` is known by.
+    pub fn peer_url(&self, i: usize) -> String {
+        let name = &self.nodes[i].name;
+        format!("http://127.0.0.1:{}", self.advertised.get(name).copied().unwrap_or(self.nodes[i].peer_port))
+    }
+
     pub fn respawn(&mut self, i: usize) {
         let (name, cp, pp) = (self.nodes[i].name.clone(), self.nodes[i].client_port, self.nodes[i].peer_port);
         self.nodes[i].proc = self.spawn(&name, cp, pp, "new");

@@ -340,6 +340,50 @@ fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_s
     assert!(second_log.contains("failed over into revision epoch 1"), "{second_log}");
     assert_eq!(s.journal(), journal, "the journal grew");
     s.assert_failed_over_once();
+
+    // ROLLBACK: the old primary's n1 rejoins the new primary as a learner, from nothing.
+    let promoted = s.promoted();
+    let (peer, dir) = (s.c.peer_url(0), s.c.data_dir(0));
+    let rejoin = |endpoint: &str| {
+        let args = ["failover", "rejoin", "--endpoints", endpoint, "--name", "n1", "--peer-urls", &peer];
+        crate::common::lockctl(&[&args[..], &["--data-dir", dir.to_str().unwrap()]].concat())
+    };
+    // Not into a cluster no failover made (the standby learner left behind is still in epoch 0).
+    let other = s.learners.iter().map(|&i| s.c.endpoint(i)).find(|e| *e != promoted).unwrap();
+    let out = rejoin(&other);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is in revision epoch 0"), "{err}");
+    assert!(dir.exists(), "the data was moved for a refused rejoin");
+    let out = rejoin(&promoted);
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && printed.contains("joining the primary in revision epoch 1 as a learner"),
+        "{out:?}"
+    );
+    assert!(!dir.exists(), "{printed}");
+    let initial = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("GEOLOCK_INITIAL_CLUSTER=\""))
+        .map(|l| l.trim_end_matches('"').to_string())
+        .unwrap_or_else(|| panic!("{printed}"));
+    s.c.respawn_into(0, &initial);
+    let n1 = s.c.endpoint(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while String::from_utf8_lossy(&etcdctl(&n1, &["get", "k2", "--consistency=s", "--print-value-only"], None).stdout)
+        .trim()
+        != "after"
+    {
+        assert!(Instant::now() < deadline, "the rejoined member never caught up:\n{}", s.c.log(0));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let members = crate::common::lockctl(&["member", "list", "--endpoints", &promoted]);
+    let listed = String::from_utf8_lossy(&members.stdout).into_owned();
+    let n1_line = listed.lines().find(|l| l.contains(", n1, ")).unwrap_or_else(|| panic!("{listed}"));
+    assert!(n1_line.contains(", true, learner"), "n1 rejoined as a voter: {listed}");
+    // A write through it goes to the new primary, in epoch 1.
+    let put = etcdctl(&n1, &["put", "k3", "through-n1", "-w", "json"], None);
+    let v: serde_json::Value = serde_json::from_slice(&put.stdout).unwrap_or_else(|_| panic!("{put:?}"));
+    assert!(v["header"]["revision"].as_i64().unwrap() > 1 << 40, "{v}");
 }
 
 #[test]
