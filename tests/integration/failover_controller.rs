@@ -102,6 +102,36 @@ impl Webhook {
     }
 }
 
+/// Take and release lock `name` `n` times through `endpoints`: the fencing tokens, in order.
+fn lock_tokens(endpoints: &str, name: &str, n: usize) -> Vec<i64> {
+    crate::common::rt().block_on(async {
+        let mut tokens = Vec::new();
+        for _ in 0..n {
+            let mut session = geolock_client::Session::grant(endpoints, 10).await.unwrap();
+            let held = geolock_client::acquire(endpoints, name, &mut session).await.unwrap();
+            geolock_client::unlock(endpoints, &held.key).await.unwrap();
+            session.revoke(endpoints).await;
+            tokens.push(held.token);
+        }
+        tokens
+    })
+}
+
+/// A fenced resource fed `tokens` in order: it takes a write whose token is at least the
+/// greatest it took. The tokens it refused.
+fn refused_by_fence(tokens: &[i64]) -> Vec<i64> {
+    let mut greatest = 0;
+    tokens
+        .iter()
+        .filter(|&&t| {
+            let taken = t >= greatest;
+            greatest = greatest.max(t);
+            !taken
+        })
+        .copied()
+        .collect()
+}
+
 /// `dig +short` at `bind`.
 fn dig(bind: &Bind, name: &str, rtype: &str) -> String {
     let mut cmd = Command::new("dig");
@@ -303,6 +333,7 @@ impl Scenario {
 #[test]
 fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_standby_by_dns() {
     let (mut s, mut controllers) = Scenario::start(2);
+    let before = lock_tokens(&s.c.endpoints(), "failover-lock", 3);
     let lost = Instant::now();
     s.kill_primary();
     let (ok, log) = wait_exit(&mut controllers[0], Duration::from_secs(60));
@@ -318,6 +349,13 @@ fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_s
         assert!(shown.contains(&format!("ms {step} finished in ")), "{step}: {shown}");
     }
     eprintln!("{shown}");
+    // The lock's fencing tokens go on growing across the failover: a fenced resource that saw
+    // the old primary's holders takes the new primary's.
+    let after = lock_tokens(&s.promoted(), "failover-lock", 3);
+    let tokens = [before.as_slice(), after.as_slice()].concat();
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+    assert_eq!(refused_by_fence(&tokens), Vec::<i64>::new(), "{tokens:?}");
+    assert!(after.iter().all(|t| *t > 1 << 40), "{after:?}");
     // NOTIFY's webhook, refused once, had the timeline on its second attempt.
     let bodies = s.webhook.bodies();
     assert_eq!(bodies.len(), 1, "{bodies:?}");
