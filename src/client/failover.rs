@@ -17,6 +17,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use geolock_proto::geolockpb as fpb;
+
 use crate::ClientError;
 
 /// How the runbook decides, once the primary looks lost.
@@ -613,10 +615,10 @@ pub fn step_durations(records: &[Record]) -> Vec<(Step, u64)> {
 ///
 /// Errors: [`ClientError::Connect`] when the member cannot be reached; the member's refusal as
 /// [`ClientError::Rpc`] (an epoch of 0 or above the highest).
-pub async fn fence(endpoint: &str, epoch: u64) -> Result<geolock_proto::geolockpb::FenceResponse, ClientError> {
+pub async fn fence(endpoint: &str, epoch: u64) -> Result<fpb::FenceResponse, ClientError> {
     let ch = crate::connect(endpoint).await?;
-    let mut c = geolock_proto::geolockpb::failover_client::FailoverClient::new(ch);
-    Ok(c.fence(geolock_proto::geolockpb::FenceRequest { epoch }).await?.into_inner())
+    let mut c = fpb::failover_client::FailoverClient::new(ch);
+    Ok(c.fence(fpb::FenceRequest { epoch }).await?.into_inner())
 }
 
 /// Whether the members fenced, each answering with its ID and the voter sets it knows, are a
@@ -640,10 +642,10 @@ pub fn fenced_by_majority(answers: &[(u64, Vec<Vec<u64>>)]) -> bool {
 ///
 /// Errors: [`ClientError::Connect`]; the member's refusal as [`ClientError::Rpc`] (not a
 /// learner, fenced, or an epoch not above its own).
-pub async fn promote(endpoint: &str, epoch: u64) -> Result<geolock_proto::geolockpb::PromoteResponse, ClientError> {
+pub async fn promote(endpoint: &str, epoch: u64) -> Result<fpb::PromoteResponse, ClientError> {
     let ch = crate::connect(endpoint).await?;
-    let mut c = geolock_proto::geolockpb::failover_client::FailoverClient::new(ch);
-    Ok(c.promote(geolock_proto::geolockpb::PromoteRequest { epoch }).await?.into_inner())
+    let mut c = fpb::failover_client::FailoverClient::new(ch);
+    Ok(c.promote(fpb::PromoteRequest { epoch }).await?.into_inner())
 }
 
 /// A vantage point's side of the region write lease: it grants the primary's leader its share
@@ -796,25 +798,22 @@ impl Vantage {
     /// Answer `geolockpb.Vantage` on `listener` until the task is dropped.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> Result<(), tonic::transport::Error> {
         tonic::transport::Server::builder()
-            .add_service(geolock_proto::geolockpb::vantage_server::VantageServer::new(self))
+            .add_service(fpb::vantage_server::VantageServer::new(self))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
     }
 }
 
 #[tonic::async_trait]
-impl geolock_proto::geolockpb::vantage_server::Vantage for Vantage {
+impl fpb::vantage_server::Vantage for Vantage {
     async fn grant_write_lease(
         &self,
-        req: tonic::Request<geolock_proto::geolockpb::GrantWriteLeaseRequest>,
-    ) -> Result<tonic::Response<geolock_proto::geolockpb::GrantWriteLeaseResponse>, tonic::Status> {
+        req: tonic::Request<fpb::GrantWriteLeaseRequest>,
+    ) -> Result<tonic::Response<fpb::GrantWriteLeaseResponse>, tonic::Status> {
         let req = req.into_inner();
         if let Some(why) = self.state.policy.and_then(|p| p.refusal(req.lease_ms, req.epoch, req.vantages)) {
             tracing::warn!("refused member {:x} of cluster {:x} the write lease: {why}", req.member_id, req.cluster_id);
-            return Ok(tonic::Response::new(geolock_proto::geolockpb::GrantWriteLeaseResponse {
-                granted: false,
-                reason: why,
-            }));
+            return Ok(tonic::Response::new(fpb::GrantWriteLeaseResponse { granted: false, reason: why }));
         }
         // The grant is recorded before it is answered: a grant the leader may act on is never
         // one the controller does not count.
@@ -824,16 +823,16 @@ impl geolock_proto::geolockpb::vantage_server::Vantage for Vantage {
             *last = Some(std::time::Instant::now());
         }
         let reason = if granted { String::new() } else { "this vantage point has stopped granting".into() };
-        Ok(tonic::Response::new(geolock_proto::geolockpb::GrantWriteLeaseResponse { granted, reason }))
+        Ok(tonic::Response::new(fpb::GrantWriteLeaseResponse { granted, reason }))
     }
 
     async fn observe(
         &self,
-        _req: tonic::Request<geolock_proto::geolockpb::ObserveRequest>,
-    ) -> Result<tonic::Response<geolock_proto::geolockpb::ObserveResponse>, tonic::Status> {
+        _req: tonic::Request<fpb::ObserveRequest>,
+    ) -> Result<tonic::Response<fpb::ObserveResponse>, tonic::Status> {
         let answer = match self.observation() {
-            None => geolock_proto::geolockpb::ObserveResponse::default(),
-            Some((age, h)) => geolock_proto::geolockpb::ObserveResponse {
+            None => fpb::ObserveResponse::default(),
+            Some((age, h)) => fpb::ObserveResponse {
                 observed: true,
                 healthy: h.healthy,
                 age_ms: age.as_millis() as u64,
@@ -851,8 +850,8 @@ impl geolock_proto::geolockpb::vantage_server::Vantage for Vantage {
 /// with the reason: wrong, used or expired token, or nothing to approve).
 pub async fn approve(endpoint: &str, token: u64) -> Result<u64, ClientError> {
     let ch = crate::connect(endpoint).await?;
-    let mut c = geolock_proto::geolockpb::controller_client::ControllerClient::new(ch);
-    Ok(c.approve(geolock_proto::geolockpb::ApproveRequest { token }).await?.into_inner().epoch)
+    let mut c = fpb::controller_client::ControllerClient::new(ch);
+    Ok(c.approve(fpb::ApproveRequest { token }).await?.into_inner().epoch)
 }
 
 /// How vantage point `endpoint` last saw the primary: `None` if it has not probed it yet.
@@ -860,8 +859,8 @@ pub async fn approve(endpoint: &str, token: u64) -> Result<u64, ClientError> {
 /// Errors: [`ClientError::Connect`]; [`ClientError::Rpc`].
 pub async fn observe(endpoint: &str) -> Result<Option<(std::time::Duration, Health)>, ClientError> {
     let ch = crate::connect(endpoint).await?;
-    let mut c = geolock_proto::geolockpb::vantage_client::VantageClient::new(ch);
-    let r = c.observe(geolock_proto::geolockpb::ObserveRequest {}).await?.into_inner();
+    let mut c = fpb::vantage_client::VantageClient::new(ch);
+    let r = c.observe(fpb::ObserveRequest {}).await?.into_inner();
     Ok(r.observed
         .then(|| (std::time::Duration::from_millis(r.age_ms), Health { healthy: r.healthy, detail: r.detail })))
 }

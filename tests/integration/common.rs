@@ -517,3 +517,22 @@ impl Cluster {
         self.nodes[i].proc = self.spawn(&name, cp, pp, "new");
     }
 }
+
+/// What `dig` (BIND's own tool, not our reader) gets from `bind` for `name` and `rtype`, over
+/// TCP, one answer a line, sorted.
+pub fn dig(bind: &geolock_testkit::bind::Bind, name: &str, rtype: &str) -> Vec<String> {
+    let mut cmd = Command::new("dig");
+    cmd.args([&format!("@{}", bind.addr.ip()), "-p", &bind.addr.port().to_string(), "+short", "+tcp", name, rtype]);
+    let out = run_with_deadline(cmd, None, Duration::from_secs(20));
+    assert!(out.status.success(), "dig: {}", String::from_utf8_lossy(&out.stderr));
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+/// `etcdctl put` on `endpoint` within `timeout` (etcdctl's `--command-timeout`, such as `2s`):
+/// whether it succeeded, and what it printed on both streams.
+pub fn put_outcome(endpoint: &str, key: &str, value: &str, timeout: &str) -> (bool, String) {
+    let out = etcdctl(endpoint, &[&format!("--command-timeout={timeout}"), "put", key, value], None);
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}

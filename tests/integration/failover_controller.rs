@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::common::{etcdctl, free_port, lockctl_bg, run_with_deadline, Cluster};
+use crate::common::{dig, etcdctl, free_port, lockctl_bg, Cluster};
 use geolock_testkit::bind::Bind;
 
 const ZONE: &str = "geolock.test.";
@@ -130,13 +130,6 @@ fn refused_by_fence(tokens: &[i64]) -> Vec<i64> {
         })
         .copied()
         .collect()
-}
-
-/// `dig +short` at `bind`.
-fn dig(bind: &Bind, name: &str, rtype: &str) -> String {
-    let mut cmd = Command::new("dig");
-    cmd.args([&format!("@{}", bind.addr.ip()), "-p", &bind.addr.port().to_string(), "+short", "+tcp", name, rtype]);
-    String::from_utf8_lossy(&run_with_deadline(cmd, None, Duration::from_secs(20)).stdout).trim().to_string()
 }
 
 /// Wait for the controller process to exit; its exit status and log.
@@ -306,8 +299,8 @@ impl Scenario {
     /// The failover happened once: the name moved, the standby serves the data in epoch 1, one
     /// decision, each step finished once, one promotion, one DNS change.
     fn assert_failed_over_once(&self) {
-        assert_eq!(dig(&self.bind, NAME, "A"), "10.0.2.1");
-        assert_eq!(dig(&self.bind, &format!("_etcd-client._tcp.{NAME}"), "SRV"), "0 0 2379 l1.us-west.geolock.test.");
+        assert_eq!(dig(&self.bind, NAME, "A"), ["10.0.2.1"]);
+        assert_eq!(dig(&self.bind, &format!("_etcd-client._tcp.{NAME}"), "SRV"), ["0 0 2379 l1.us-west.geolock.test."]);
         let promoted = self.promoted();
         let got = etcdctl(&promoted, &["get", "k", "--print-value-only"], None);
         assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "before");

@@ -2,12 +2,11 @@
 //! A, AAAA and SRV records, a no-op when run again, and each refusal of the server its own error.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use geolock_client::dns::{DnsError, Endpoint, SrvTarget, Swapped, TsigKey, Updater};
 use geolock_testkit::bind::Bind;
 
-use crate::common::{rt, run_with_deadline};
+use crate::common::{dig, rt};
 
 const ZONE: &str = "geolock.test.";
 const NAME: &str = "clients.geolock.test.";
@@ -26,17 +25,6 @@ fn zone_lines(e: &Endpoint) -> Vec<String> {
     let mut lines: Vec<String> =
         e.addrs.iter().map(|a| format!("{NAME} IN {} {a}", if a.is_ipv4() { "A" } else { "AAAA" })).collect();
     lines.extend(e.members.iter().map(|m| format!("_etcd-client._tcp.{NAME} IN SRV 0 0 {} {}", m.port, m.host)));
-    lines
-}
-
-/// What `dig` (BIND's own resolver tool, not our reader) gets for `name` and `rtype`, sorted.
-fn dig(bind: &Bind, name: &str, rtype: &str) -> Vec<String> {
-    let mut cmd = std::process::Command::new("dig");
-    cmd.args([&format!("@{}", bind.addr.ip()), "-p", &bind.addr.port().to_string(), "+short", "+tcp", name, rtype]);
-    let out = run_with_deadline(cmd, None, Duration::from_secs(20));
-    assert!(out.status.success(), "dig: {}", String::from_utf8_lossy(&out.stderr));
-    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
-    lines.sort();
     lines
 }
 

@@ -11,8 +11,7 @@ const FENCED_1: &str = "geolock: this member was fenced by the failover to revis
 
 /// `etcdctl put` on `endpoint`: its exit status and what it printed, both streams.
 fn put(endpoint: &str, key: &str, value: &str) -> (bool, String) {
-    let out = etcdctl(endpoint, &["--command-timeout=4s", "put", key, value], None);
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    crate::common::put_outcome(endpoint, key, value, "4s")
 }
 
 /// The value of `key` as member `endpoint` has applied it (a serializable read: no quorum needed).

@@ -15,8 +15,7 @@ const NO_LEASE: &str = "geolock: this primary holds no region write lease (a maj
 
 /// `etcdctl put` on `endpoint`: whether it succeeded, and what it printed.
 fn put(endpoint: &str, key: &str) -> (bool, String) {
-    let out = etcdctl(endpoint, &["--command-timeout=2s", "put", key, "v"], None);
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    crate::common::put_outcome(endpoint, key, "v", "2s")
 }
 
 #[test]
