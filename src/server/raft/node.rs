@@ -197,15 +197,15 @@ impl Node {
 
     /// Propose on this node, which must lead. Returns the result and the entry's log index.
     pub(super) async fn propose_here(&self, cmd: Command) -> Result<(Applied, u64), NodeError> {
-        self.refuse_if_fenced()?;
-        self.check_write_lease()?;
-        self.serves_clients_as_leader()?;
+        self.may_serve_as_leader()?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd)).await {
             Err(_) => Err(NodeError::Timeout),
             // A commit that lands after the region write lease lapsed is not acknowledged: the
             // standby may be promoted by then. Its outcome is reported unknown, as a timeout.
-            Ok(Ok(_)) if self.check_write_lease().is_err() => Err(NodeError::Timeout),
-            Ok(Ok(resp)) => Ok((resp.data, resp.log_id.index)),
+            Ok(Ok(resp)) => match self.check_write_lease() {
+                Ok(()) => Ok((resp.data, resp.log_id.index)),
+                Err(_) => Err(NodeError::Timeout),
+            },
             Ok(Err(e)) => Err(e.into()),
         }
     }
@@ -233,16 +233,23 @@ impl Node {
 
     /// The read index on this node, which must lead; waits until it is applied here.
     pub(super) async fn read_index_here(&self) -> Result<u64, NodeError> {
-        self.refuse_if_fenced()?;
-        // After a failover the old primary's reads are stale: it answers none past its lease.
-        self.check_write_lease()?;
-        self.serves_clients_as_leader()?;
+        // After a failover the old primary's reads are stale: it answers none past its lease,
+        // checked again once the quorum confirmed the index.
+        self.may_serve_as_leader()?;
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
             Err(_) => Err(NodeError::Timeout),
-            Ok(Ok(_)) if self.check_write_lease().is_err() => Err(self.check_write_lease().unwrap_err()),
-            Ok(Ok(read)) => Ok(read.index()),
+            Ok(Ok(read)) => self.check_write_lease().map(|()| read.index()),
             Ok(Err(e)) => Err(e.into()),
         }
+    }
+
+    /// Whether this member may answer for the cluster as its leader: not fenced (`Fenced`),
+    /// holding the region write lease if it has one (`NoWriteLease`), and not a witness
+    /// (`NotLeader`). Checked before every write, read index and lease keep-alive it answers.
+    pub(super) fn may_serve_as_leader(&self) -> Result<(), NodeError> {
+        self.refuse_if_fenced()?;
+        self.check_write_lease()?;
+        self.serves_clients_as_leader()
     }
 
     /// A witness that leads does so only to hand over: it answers no client request, and the
@@ -312,9 +319,7 @@ impl Node {
     }
 
     pub(super) fn lease_keep_alive_here(&self, id: i64) -> Result<i64, NodeError> {
-        self.refuse_if_fenced()?;
-        self.check_write_lease()?;
-        self.serves_clients_as_leader()?;
+        self.may_serve_as_leader()?;
         if !self.quorum.leads() {
             return Err(self.not_leader());
         }

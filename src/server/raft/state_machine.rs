@@ -278,12 +278,13 @@ impl RaftStateMachine<TC> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<TC>, snapshot: Vec<u8>) -> Result<(), io::Error> {
-        // Held through the rewrite: a promotion seals the state machine under it.
-        let mut st = self.shared.lock();
-        if st.sealed {
-            return Err(sealed());
-        }
+        // Each write to the engine below is made under the lock a promotion seals the state
+        // machine with, and only while it is not sealed.
         if self.shared.witness {
+            let mut st = self.shared.lock();
+            if st.sealed {
+                return Err(sealed());
+            }
             // Whatever data came with it, a witness keeps the metadata only.
             let mut b = WriteBatch::default();
             b.put(Cf::SmMeta, APPLIED, encode(&meta.last_log_id));
@@ -319,9 +320,17 @@ impl RaftStateMachine<TC> for StateMachine {
         }
         b.put(Cf::SmMeta, APPLIED, encode(&meta.last_log_id));
         b.put(Cf::SmMeta, MEMBERSHIP, encode(&meta.last_membership));
-        self.shared.engine.write(b, true).map_err(io::Error::other)?;
+        {
+            let st = self.shared.lock();
+            if st.sealed {
+                return Err(sealed());
+            }
+            self.shared.engine.write(b, true).map_err(io::Error::other)?;
+        }
         save_snapshot_file(&self.snapshot_path(), meta, &snapshot)?;
-        st.machine = Machine::load(&*self.shared.engine).map_err(io::Error::other)?;
+        let machine = Machine::load(&*self.shared.engine).map_err(io::Error::other)?;
+        let mut st = self.shared.lock();
+        st.machine = machine;
         st.last_applied = meta.last_log_id;
         st.membership = meta.last_membership.clone();
         Ok(())
