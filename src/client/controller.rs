@@ -264,6 +264,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
             _ => None,
         }),
         feedback: Vec::new(),
+        fenced_majority: records.iter().any(|r| matches!(r, Record::Fenced { .. })),
     };
     let mut pending: VecDeque<Action> = first.into();
     let mut running: Option<StepTask> = None;
@@ -361,9 +362,21 @@ struct Executor {
     promoted: Option<String>,
     /// Events an action reported at once, for the runbook.
     feedback: Vec<Event>,
+    /// A majority of the old voters recorded the fence: PROMOTE need not wait out the lease.
+    fenced_majority: bool,
 }
 
 impl Executor {
+    /// How long the old primary's lease may still run by this process's monotonic clock: the
+    /// lease plus the drift bound from this vantage point's last grant. The runbook counts in
+    /// wall-clock milliseconds (they survive a restart, in the journal); a wall clock stepped
+    /// forward would end its wait early, and this floor, while the process that granted lives,
+    /// does not move with it.
+    fn lease_left_by_monotonic_clock(&self) -> Duration {
+        let lease = Duration::from_millis(self.cfg.write_lease_ms + self.cfg.clock_drift_ms);
+        self.vantage.last_grant().map_or(Duration::ZERO, |t| lease.saturating_sub(t.elapsed()))
+    }
+
     /// Carry out `action`: a record is synced before this returns; a step starts in a task of
     /// its own, which is returned.
     #[allow(clippy::type_complexity)]
@@ -375,8 +388,10 @@ impl Executor {
             Action::Journal(record) => {
                 tracing::info!("journal: {record:?}");
                 self.journal.append(&record)?;
-                if let Record::Chose { target, .. } = &record {
-                    self.promoted = Some(target.clone());
+                match &record {
+                    Record::Chose { target, .. } => self.promoted = Some(target.clone()),
+                    Record::Fenced { .. } => self.fenced_majority = true,
+                    _ => {}
                 }
                 if !matches!(record, Record::Armed { .. } | Record::Detected { .. }) {
                     self.progress_records += 1;
@@ -399,10 +414,21 @@ impl Executor {
                     _ => unreachable!("matched above"),
                 };
                 let (cfg, dns, promoted) = (self.cfg.clone(), self.dns.clone(), self.promoted.clone());
+                let not_before = match step {
+                    Step::Promote if !self.fenced_majority => self.lease_left_by_monotonic_clock(),
+                    _ => Duration::ZERO,
+                };
                 // Choosing PROMOTE's target has no effect to die after.
                 let die =
                     self.failpoint == Some(Failpoint::DieInStep(step)) && (step != Step::Promote || target.is_some());
                 let task = tokio::spawn(async move {
+                    if !not_before.is_zero() {
+                        tracing::warn!(
+                            "the wall clock says the old primary's lease has lapsed, this process's monotonic clock \
+                             says {not_before:?} more: waiting that out before PROMOTE"
+                        );
+                        tokio::time::sleep(not_before).await;
+                    }
                     let events = run_step(&cfg, dns.as_ref(), step, epoch, target, promoted).await;
                     if die {
                         tracing::warn!("failpoint: dying in {step:?}, its effect done and not journaled");
@@ -579,10 +605,11 @@ async fn fence(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String>
     }
     let members: Vec<&str> = cfg.primary.split(',').filter(|e| !e.is_empty()).collect();
     let asks = members.iter().map(|ep| tokio::time::timeout(Duration::from_secs(3), failover::fence(ep, epoch)));
-    let answers: Vec<(u64, Vec<Vec<u64>>)> = futures::future::join_all(asks)
-        .await
+    let fenced: Vec<fpb::FenceResponse> =
+        futures::future::join_all(asks).await.into_iter().filter_map(|r| r.ok()?.ok()).collect();
+    let old_applied = fenced.iter().map(|f| f.applied_index).max();
+    let answers: Vec<(u64, Vec<Vec<u64>>)> = fenced
         .into_iter()
-        .filter_map(|r| r.ok()?.ok())
         .map(|f| {
             let id = f.header.map_or(0, |h| h.member_id);
             (id, f.voter_configs.into_iter().map(|v| v.ids).collect())
@@ -595,7 +622,12 @@ async fn fence(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String>
         members.len(),
         if majority { ": a majority of the old voters" } else { "" }
     );
-    Ok(if majority { vec![Event::FencedByMajority { epoch, at_ms: now_ms() }] } else { vec![] })
+    let mut events: Vec<Event> =
+        old_applied.map(|index| Event::OldApplied { index, at_ms: now_ms() }).into_iter().collect();
+    if majority {
+        events.push(Event::FencedByMajority { epoch, at_ms: now_ms() });
+    }
+    Ok(events)
 }
 
 /// Status of each standby member that answers: (endpoint, revision epoch, applied index, is
@@ -634,8 +666,10 @@ async fn choose(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String
 /// until it serves. Only `target`: while it restarts into the new cluster it answers nobody,
 /// and another learner promoted meanwhile would seed a second cluster.
 async fn promote(epoch: u64, target: &str) -> Result<Vec<Event>, String> {
+    let mut events = Vec::new();
     match member_status(target).await {
         None => return Err(format!("the chosen learner {target} does not answer")),
+        // Promoted by an earlier run, whose answer (where it started) is lost.
         Some((e, _, _)) if e >= epoch => {}
         Some(_) => {
             let r = tokio::time::timeout(Duration::from_secs(10), failover::promote(target, epoch))
@@ -648,6 +682,11 @@ async fn promote(epoch: u64, target: &str) -> Result<Vec<Event>, String> {
                 r.dropped_entries,
                 r.cluster_id
             );
+            events.push(Event::Seeded {
+                applied_index: r.applied_index,
+                dropped_entries: r.dropped_entries,
+                at_ms: now_ms(),
+            });
         }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -657,7 +696,7 @@ async fn promote(epoch: u64, target: &str) -> Result<Vec<Event>, String> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(vec![])
+    Ok(events)
 }
 
 /// REDIRECT: the DNS compare-and-swap (a no-op when it already happened).
@@ -707,6 +746,7 @@ async fn notify(cfg: &ControllerConfig, epoch: u64, promoted: Option<&str>) -> R
     let records = Journal::read(&cfg.journal).map_err(|e| e.to_string())?;
     let timeline = failover::timeline(&records);
     tracing::info!("failed over into revision epoch {epoch}; the timeline:\n{}", timeline.join("\n"));
+    tracing::info!("{}", failover::describe_lost_window(failover::lost_window(&records)));
     let Some(webhook) = &cfg.notify else { return Ok(vec![]) };
     let steps: Vec<serde_json::Value> = failover::step_durations(&records)
         .into_iter()
@@ -717,6 +757,7 @@ async fn notify(cfg: &ControllerConfig, epoch: u64, promoted: Option<&str>) -> R
         "controller": cfg.name,
         "epoch": epoch,
         "promoted": promoted,
+        "lost_window": failover::lost_window(&records),
         "steps": steps,
         "timeline": timeline,
     });

@@ -118,6 +118,11 @@ pub enum Event {
     /// PROMOTE's first part: the executor chose `target`, the standby learner that applied the
     /// most, to seed the new cluster.
     Chose { target: String, at_ms: u64 },
+    /// FENCE found the old primary's members that answered applied up to `index` (the highest).
+    OldApplied { index: u64, at_ms: u64 },
+    /// PROMOTE seeded the new cluster from the old log's `applied_index`, dropping
+    /// `dropped_entries` the learner had received and not applied.
+    Seeded { applied_index: u64, dropped_entries: u64, at_ms: u64 },
 }
 
 /// A journal record: a decision, durable before what follows it is done.
@@ -172,6 +177,18 @@ pub enum Record {
     /// runs: promoting a second learner would make a second cluster.
     Chose {
         target: String,
+        at_ms: u64,
+    },
+    /// The highest index the old primary's members that answered FENCE had applied: with
+    /// [`Record::Seeded`], the lost window.
+    OldApplied {
+        index: u64,
+        at_ms: u64,
+    },
+    /// Where in the old log the new cluster starts.
+    Seeded {
+        applied_index: u64,
+        dropped_entries: u64,
         at_ms: u64,
     },
 }
@@ -232,6 +249,8 @@ pub struct Runbook {
     fenced: bool,
     /// The learner PROMOTE chose, once journaled.
     target: Option<String>,
+    /// The highest [`Record::OldApplied`] journaled.
+    old_applied: u64,
     /// Whether the running step's `Started` record is in the journal.
     started_journaled: bool,
 }
@@ -261,6 +280,7 @@ impl Runbook {
             lease_lapses_at_ms: 0,
             fenced: false,
             target: None,
+            old_applied: 0,
             started_journaled: false,
         }
     }
@@ -340,6 +360,17 @@ impl Runbook {
                     self.fenced = true;
                     out.push(Action::Journal(Record::Fenced { epoch, at_ms }));
                     out.extend(self.evaluate(at_ms));
+                }
+            }
+            Event::OldApplied { index, at_ms } => {
+                if self.new_epoch().is_some() && index > self.old_applied {
+                    self.old_applied = index;
+                    out.push(Action::Journal(Record::OldApplied { index, at_ms }));
+                }
+            }
+            Event::Seeded { applied_index, dropped_entries, at_ms } => {
+                if let Phase::Running { step: Step::Promote, .. } = self.phase {
+                    out.push(Action::Journal(Record::Seeded { applied_index, dropped_entries, at_ms }));
                 }
             }
             Event::RenewingStopped { last_grant_ms, at_ms } => {
@@ -533,6 +564,8 @@ impl Runbook {
             }
             Record::Fenced { .. } => self.fenced = true,
             Record::Chose { target, .. } => self.target = Some(target.clone()),
+            Record::OldApplied { index, .. } => self.old_applied = self.old_applied.max(*index),
+            Record::Seeded { .. } => {}
         }
     }
 }
@@ -549,7 +582,9 @@ pub fn timeline(records: &[Record]) -> Vec<String> {
         | Record::Finished { at_ms, .. }
         | Record::Failed { at_ms, .. }
         | Record::Fenced { at_ms, .. }
-        | Record::Chose { at_ms, .. } => *at_ms,
+        | Record::Chose { at_ms, .. }
+        | Record::OldApplied { at_ms, .. }
+        | Record::Seeded { at_ms, .. } => *at_ms,
         Record::AwaitingApproval { .. } => 0,
     };
     let t0 = records.iter().map(at).find(|t| *t > 0).unwrap_or(0);
@@ -582,10 +617,54 @@ pub fn timeline(records: &[Record]) -> Vec<String> {
             ),
             Record::Fenced { epoch, .. } => format!("a majority of the old voters recorded fenced({epoch})"),
             Record::Chose { target, .. } => format!("chose {target} to promote"),
+            Record::OldApplied { index, .. } => {
+                format!("the old primary's members that answered the fence had applied up to index {index}")
+            }
+            Record::Seeded { applied_index, dropped_entries, .. } => format!(
+                "seeded the new cluster from applied index {applied_index} ({dropped_entries} received entries dropped)"
+            ),
         };
         out.push(format!("+{} ms {line}", rel(at(r))));
     }
     out
+}
+
+/// What a failover lost, as far as the journal knows: the old primary's highest applied index
+/// among the members FENCE reached, where the new cluster started in the old log, and the
+/// entries between (applied by the old primary, never by the new). `None` unless both are
+/// known (an old primary that nobody reached tells nothing of what it committed last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LostWindow {
+    pub old_applied_index: u64,
+    pub seeded_from_index: u64,
+    pub lost_entries: u64,
+}
+
+/// The [`LostWindow`] the journal's records tell, if they tell it.
+pub fn lost_window(records: &[Record]) -> Option<LostWindow> {
+    let old = records
+        .iter()
+        .filter_map(|r| if let Record::OldApplied { index, .. } = r { Some(*index) } else { None })
+        .max()?;
+    let seeded = records.iter().rev().find_map(|r| {
+        if let Record::Seeded { applied_index, .. } = r {
+            Some(*applied_index)
+        } else {
+            None
+        }
+    })?;
+    Some(LostWindow { old_applied_index: old, seeded_from_index: seeded, lost_entries: old.saturating_sub(seeded) })
+}
+
+/// The lost window in a line, for the log and `lockctl failover status`.
+pub fn describe_lost_window(w: Option<LostWindow>) -> String {
+    match w {
+        Some(w) => format!(
+            "lost window: {} entries (the old primary applied up to index {}, the new cluster started from {})",
+            w.lost_entries, w.old_applied_index, w.seeded_from_index
+        ),
+        None => "lost window: not known (no old member answered the fence, or the seed was not journaled)".into(),
+    }
 }
 
 /// How long each finished step ran, in step order: from its last `Started` to its `Finished`,
@@ -1000,6 +1079,34 @@ mod tests {
         // A member that knows a newer membership: its sets count too.
         assert!(!fenced_by_majority(&[(1, one(&[1, 2, 3])), (2, one(&[2, 4, 5]))]));
         assert!(!fenced_by_majority(&[]));
+    }
+
+    #[test]
+    fn the_lost_window_is_known_only_when_the_fence_reached_an_old_member_and_the_seed_is_journaled() {
+        let mut r = armed(Mode::Auto, 0);
+        let mut journal = Vec::new();
+        let records = |out: Vec<Action>| -> Vec<Record> {
+            out.into_iter().filter_map(|a| if let Action::Journal(x) = a { Some(x) } else { None }).collect()
+        };
+        journal.extend(records(r.on(Event::OldApplied { index: 90, at_ms: 10 })));
+        assert!(journal.is_empty(), "nothing decided yet: {journal:?}");
+        journal.extend(records(decide(&mut r, 1_000)));
+        journal.extend(records(r.on(Event::OldApplied { index: 120, at_ms: 1_100 })));
+        journal.extend(records(r.on(Event::OldApplied { index: 110, at_ms: 1_101 })));
+        journal.extend(records(r.on(Event::Seeded { applied_index: 100, dropped_entries: 3, at_ms: 1_102 })));
+        assert_eq!(lost_window(&journal), None, "no seed outside PROMOTE");
+        journal.extend(records(r.on(Event::Done { step: Step::Fence, at_ms: 1_200 })));
+        journal.extend(records(r.on(Event::FencedByMajority { epoch: 1, at_ms: 1_300 })));
+        journal.extend(records(r.on(Event::Seeded { applied_index: 100, dropped_entries: 3, at_ms: 1_400 })));
+        assert_eq!(
+            lost_window(&journal),
+            Some(LostWindow { old_applied_index: 120, seeded_from_index: 100, lost_entries: 20 })
+        );
+        let told = timeline(&journal);
+        assert!(told.iter().any(|l| l.ends_with("had applied up to index 120")), "{told:?}");
+        assert!(!told.iter().any(|l| l.ends_with("had applied up to index 110")), "{told:?}");
+        assert!(told.iter().any(|l| l.ends_with("from applied index 100 (3 received entries dropped)")), "{told:?}");
+        assert_eq!(lost_window(&journal[..journal.len() - 1]), None);
     }
 
     #[test]

@@ -397,6 +397,10 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
             for line in geolock_client::failover::timeline(&records) {
                 println!("{line}");
             }
+            if decided.is_some() {
+                let window = geolock_client::failover::lost_window(&records);
+                println!("{}", geolock_client::failover::describe_lost_window(window));
+            }
             Ok(0)
         }
         FailoverCommand::Approve { client, token } => {

@@ -581,3 +581,31 @@ fn in_approve_mode_the_controller_waits_for_the_operators_token() {
     assert!(ok && log.contains("failed over into revision epoch 1"), "{log}");
     s.assert_failed_over_once();
 }
+
+/// Two of the primary's three voters SIGKILLed: no leader, so the primary is lost, but FENCE
+/// reaches the third, which records the fence and refuses writes by name; what it had applied
+/// and where the new cluster started give the lost window, in the journal and the status.
+#[test]
+fn a_primary_member_left_standing_is_fenced_and_tells_the_lost_window() {
+    let (mut s, mut controllers) = Scenario::start(1);
+    s.c.kill(0);
+    s.c.kill(1);
+    let (ok, log) = wait_exit(&mut controllers[0], Duration::from_secs(60));
+    assert!(ok && log.contains("failed over into revision epoch 1"), "{log}");
+    s.assert_failed_over_once();
+    let left = s.c.endpoint(2);
+    let put = crate::common::put_outcome(&left, "k", "stale", "2s");
+    assert!(!put.0 && put.1.contains("fenced by the failover to revision epoch 1"), "{put:?}");
+
+    let journal = s.dir.path().join("journal");
+    let out = crate::common::lockctl(&["failover", "status", "--journal", journal.to_str().unwrap()]);
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    let window = shown.lines().find(|l| l.starts_with("lost window: ")).unwrap_or_else(|| panic!("{shown}"));
+    // "lost window: N entries (the old primary applied up to index A, the new cluster started from B)"
+    let numbers: Vec<u64> =
+        window.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty()).map(|w| w.parse().unwrap()).collect();
+    let [lost, old, new] = numbers[..] else { panic!("{window}") };
+    assert!(old >= new && lost == old - new && new > 0, "{window}");
+    assert!(log.contains(window), "the controller's log tells the same: {log}");
+    eprintln!("two of three voters killed, the third fenced: {window}");
+}
