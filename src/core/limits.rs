@@ -95,6 +95,16 @@ pub const RELAY_FLOWS_MAX: usize = 1_024;
 /// Datagrams waiting out their delay on one path of the relay; more are dropped.
 pub const RELAY_QUEUE_DATAGRAMS_MAX: usize = 4_096;
 
+/// Connections one TCP relay carries at once; more are refused.
+pub const RELAY_TCP_CONNECTIONS_MAX: usize = 256;
+
+/// Largest chunk the TCP relay reads before it delays and forwards it.
+pub const RELAY_TCP_CHUNK_BYTES_MAX: usize = 64 * 1024;
+
+/// Chunks waiting out their delay in one direction of a TCP relay's connection; the relay
+/// reads no more until one leaves (TCP's own flow control then holds the sender).
+pub const RELAY_TCP_QUEUE_CHUNKS_MAX: usize = 64;
+
 /// Longest one-way latency a topology file may give a link, in milliseconds.
 pub const LINK_ONE_WAY_MS_MAX: f64 = 10_000.0;
 

@@ -116,11 +116,37 @@ pub async fn run_topology(dir: &Path, file: &Path, loopback: bool) -> Result<(),
     );
     let cluster = geolock_testkit::geo::GeoCluster::start(topology, opts).await?;
     for n in &cluster.nodes {
-        println!("{:<18} {:<8} {:<8} client {}  log {}", n.name, n.region, n.role, n.endpoint(), n.log.display());
+        println!(
+            "{:<18} {:<8} {:<8} client {}  pid {}  log {}",
+            n.name,
+            n.region,
+            n.role,
+            n.endpoint(),
+            n.pid().map_or("-".to_string(), |p| p.to_string()),
+            n.log.display()
+        );
     }
     let t = &cluster.topology;
     for l in &t.latency_ms.between {
         println!("{} <-> {}: {} ms round trip", l.a, l.b, l.one_way * 2.0);
+    }
+    if let Some(f) = &cluster.failover {
+        println!(
+            "failover controller {} (log {}), arbiter {} (log {})",
+            f.controller,
+            f.controller_log.display(),
+            f.arbiter,
+            f.arbiter_log.display()
+        );
+        println!(
+            "DNS: BIND9 on {} serves {}: dig @{} -p {} +short {} A",
+            f.dns.addr,
+            f.client_name,
+            f.dns.addr.ip(),
+            f.dns.addr.port(),
+            f.client_name
+        );
+        println!("the controller's runbook: lockctl failover status --journal {}", f.journal.display());
     }
     println!("voters: {}", cluster.voter_endpoints());
     println!("try: ETCDCTL_API=3 etcdctl --endpoints={} put hello world", cluster.voter_endpoints());

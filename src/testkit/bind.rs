@@ -23,6 +23,8 @@ pub enum BindError {
     Spawn(std::io::Error),
     #[error("named exited at start ({status}); its log:\n{log}")]
     Exited { status: std::process::ExitStatus, log: String },
+    #[error("named did not load the zone; its log:\n{log}")]
+    ZoneNotLoaded { log: String },
     #[error("named did not listen on {addr} within {READY_TIMEOUT:?}; its log:\n{log}")]
     NotReady { addr: SocketAddr, log: String },
 }
@@ -46,16 +48,23 @@ impl Bind {
     /// named serving `zone` (absolute) on a free loopback port, its files in `dir`; `records`
     /// are zone-file lines added after the SOA and NS records.
     pub fn start(dir: &Path, zone: &str, records: &[String]) -> Result<Bind, BindError> {
+        Bind::start_on(dir, std::net::Ipv4Addr::LOCALHOST, zone, records)
+    }
+
+    /// [`Bind::start`] listening on `ip` (an address of this namespace).
+    pub fn start_on(dir: &Path, ip: std::net::Ipv4Addr, zone: &str, records: &[String]) -> Result<Bind, BindError> {
+        // named changes to its directory first: a relative path would then name another place.
+        let dir = &std::fs::canonicalize(dir).map_err(|source| BindError::Write { dir: dir.to_path_buf(), source })?;
         let write = |name: &str, text: &str| {
             std::fs::write(dir.join(name), text).map_err(|source| BindError::Write { dir: dir.to_path_buf(), source })
         };
         let key = random_key("geolock-failover");
         let bystander_key = random_key("bystander");
         let port = crate::launch::free_port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let addr: SocketAddr = (ip, port).into();
         let d = dir.display();
         let mut conf = format!(
-            "options {{ directory \"{d}\"; listen-on port {port} {{ 127.0.0.1; }}; listen-on-v6 {{ none; }};\n\
+            "options {{ directory \"{d}\"; listen-on port {port} {{ {ip}; }}; listen-on-v6 {{ none; }};\n\
              pid-file \"{d}/named.pid\"; session-keyfile \"{d}/session.key\"; recursion no;\n\
              dnssec-validation no; notify no; }};\n\
              controls {{ }};\n"
@@ -102,10 +111,13 @@ impl Bind {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(BindError::Exited { status, log: self.log() });
             }
-            // named logs "running" once its zones are loaded and it listens.
-            if self.log().contains(" running")
-                && TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
-            {
+            // named logs "running" once it has tried its zones and listens; a zone it could not
+            // load it names, and runs without.
+            let log = self.log();
+            if log.contains("not loaded due to errors") {
+                return Err(BindError::ZoneNotLoaded { log });
+            }
+            if log.contains(" running") && TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {

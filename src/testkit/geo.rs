@@ -22,6 +22,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod failover;
+pub use failover::{FailoverRoles, VANTAGE_PORT};
+
 use crate::launch::MemberFlags;
 use crate::relay::{DelayFor, Relay};
 use crate::topology::Role;
@@ -45,6 +48,8 @@ pub enum GeoError {
     Unknown(String),
     #[error("harness: no free address block for another cluster on this machine")]
     NoAddresses,
+    #[error("harness: {0}")]
+    Bind(#[from] crate::bind::BindError),
 }
 
 /// How to run the harness.
@@ -126,6 +131,8 @@ pub struct GeoCluster {
     cut: Arc<Mutex<BTreeSet<String>>>,
     /// Members whose peer traffic the relays drop, by address, in either mode.
     isolated: Arc<Mutex<BTreeSet<IpAddr>>>,
+    /// An active-passive topology's controller, arbiter and DNS server.
+    pub failover: Option<FailoverRoles>,
     _relays: Vec<Relay>,
     _block: Block,
 }
@@ -208,6 +215,7 @@ impl GeoCluster {
             namespaces: HashMap::new(),
             cut: Arc::new(Mutex::new(BTreeSet::new())),
             isolated: Arc::new(Mutex::new(BTreeSet::new())),
+            failover: None,
             _relays: Vec::new(),
             _block: Block(block),
         };
@@ -224,6 +232,21 @@ impl GeoCluster {
             placed.push((n, r, node_ip(r, *j)));
             *j += 1;
         }
+        // The failover controller and arbiter each take the next address of their region.
+        let vantage_ips: Option<(IpAddr, IpAddr)> = topology.failover.as_ref().map(|f| {
+            let mut next = |region: &'_ str| {
+                let r = region_index[region];
+                let j = in_region.get(region).copied().unwrap_or_default();
+                in_region.insert(if region == f.standby { &f.standby } else { &f.arbiter }, j + 1);
+                node_ip(r, j)
+            };
+            (next(&f.standby), next(&f.arbiter))
+        });
+        let mut region_addrs: Vec<(u8, IpAddr)> = placed.iter().map(|(_, r, addr)| (*r, *addr)).collect();
+        if let (Some((ctl, arb)), Some(f)) = (vantage_ips, &topology.failover) {
+            region_addrs.push((region_index[f.standby.as_str()], ctl));
+            region_addrs.push((region_index[f.arbiter.as_str()], arb));
+        }
         if opts.namespaces {
             let pid = std::process::id();
             for region in &topology.regions {
@@ -238,8 +261,7 @@ impl GeoCluster {
                 ip(&["link", "set", &inner, "netns", &ns.name])?;
                 ip(&["addr", "add", &format!("{}/24", root_ip(r)), "dev", &ns.root_link])?;
                 ip(&["link", "set", &ns.root_link, "up"])?;
-                for (_, nr, addr) in placed.iter().filter(|(_, nr, _)| *nr == r) {
-                    debug_assert_eq!(*nr, r);
+                for (_, addr) in region_addrs.iter().filter(|(nr, _)| *nr == r) {
                     ip(&["-n", &ns.name, "addr", "add", &format!("{addr}/24"), "dev", &inner])?;
                 }
                 ip(&["-n", &ns.name, "link", "set", &inner, "up"])?;
@@ -275,6 +297,12 @@ impl GeoCluster {
             relays.push(relay);
         }
         cluster._relays = relays;
+        if let (Some((ctl, arb)), Some(spec)) = (vantage_ips, &topology.failover) {
+            let roots: failover::Roots =
+                topology.regions.iter().map(|r| (r.name.clone(), root_ip(region_index[r.name.as_str()]))).collect();
+            let (ctl, arb) = (SocketAddr::new(ctl, VANTAGE_PORT), SocketAddr::new(arb, VANTAGE_PORT));
+            cluster.failover = Some(failover::start(&cluster, spec, ctl, arb, &roots).await?);
+        }
         let founders: Vec<usize> =
             (0..cluster.nodes.len()).filter(|i| cluster.nodes[*i].role != Role::Learner).collect();
         let initial = founders
@@ -322,6 +350,11 @@ impl GeoCluster {
         }
         if let Some(ms) = self.topology.raft.election_timeout_ms {
             a.extend(["--election-timeout".into(), ms.to_string()]);
+        }
+        // The primary's voters write only while both vantage points grant the region write lease.
+        if let (Role::Voter, Some(f)) = (n.role, &self.failover) {
+            a.extend(["--failover-vantages".into(), f.vantages.clone()]);
+            a.extend(["--failover-write-lease-ms".into(), f.write_lease_ms.to_string()]);
         }
         a.extend(self.opts.extra_flags.iter().cloned());
         a

@@ -10,4 +10,5 @@ pub mod certs;
 pub mod geo;
 pub mod launch;
 pub mod relay;
+pub mod tcp_relay;
 pub mod topology;

@@ -39,6 +39,26 @@ pub struct Topology {
     #[serde(default)]
     pub raft: RaftTiming,
     pub nodes: Vec<TopologyNode>,
+    /// An active-passive pair's failover roles; none for a single cluster across regions.
+    #[serde(default)]
+    pub failover: Option<FailoverSpec>,
+}
+
+/// An active-passive pair (DESIGN.md "Region failover"): the voters' region is the primary;
+/// the learners of the `standby` region may be promoted; the failover controller runs there,
+/// beside the DNS server it updates, and the arbiter vantage point in the `arbiter` region.
+/// Durations in milliseconds, as the controller's configuration takes them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverSpec {
+    pub standby: String,
+    pub arbiter: String,
+    /// The DNS zone and the clients' name in it, both absolute (`geolock.test.`).
+    pub zone: String,
+    pub client_name: String,
+    pub write_lease_ms: u64,
+    pub detect_window_ms: u64,
+    pub probe_interval_ms: u64,
+    pub clock_drift_ms: u64,
 }
 
 /// Raft timing a topology needs: over a WAN the heartbeat interval must exceed the longest round
@@ -147,6 +167,9 @@ impl Topology {
                 ));
             }
         }
+        if let Some(f) = &self.failover {
+            self.check_failover(f, &regions)?;
+        }
         let mut names = BTreeSet::new();
         let mut addrs = BTreeSet::new();
         for n in &self.nodes {
@@ -163,6 +186,42 @@ impl Topology {
             }
         }
         Ok(())
+    }
+
+    fn check_failover(&self, f: &FailoverSpec, regions: &BTreeSet<&str>) -> Result<(), TopologyError> {
+        let bad = |m: String| Err(TopologyError::Invalid(format!("topology {}: failover: {m}", self.name)));
+        for (what, region) in [("standby", &f.standby), ("arbiter", &f.arbiter)] {
+            if !regions.contains(region.as_str()) {
+                return bad(format!("{what} region {region} is not a region of this topology"));
+            }
+        }
+        let Some(primary) = self.primary_region() else {
+            return bad("the voters (and only voters: no witness) must stand in one region, the primary".into());
+        };
+        if [&f.standby, &f.arbiter].contains(&&primary.to_string()) || f.standby == f.arbiter {
+            return bad(format!("the primary ({primary}), standby and arbiter regions must be three"));
+        }
+        if !self.nodes.iter().any(|n| n.role == Role::Learner && n.region == f.standby) {
+            return bad(format!("no learner stands in the standby region {} to be promoted", f.standby));
+        }
+        for (what, name) in [("zone", &f.zone), ("client_name", &f.client_name)] {
+            if !name.ends_with('.') {
+                return bad(format!("{what} {name:?} must be absolute (end with a dot)"));
+            }
+        }
+        if !f.client_name.ends_with(&format!(".{}", f.zone)) {
+            return bad(format!("client_name {} is not in zone {}", f.client_name, f.zone));
+        }
+        Ok(())
+    }
+
+    /// The one region every voting member stands in, when there is one and no witness: an
+    /// active-passive pair's primary.
+    pub fn primary_region(&self) -> Option<&str> {
+        let mut voting = self.nodes.iter().filter(|n| n.role != Role::Learner);
+        let first = voting.next()?;
+        let one = first.role == Role::Voter && voting.all(|n| n.role == Role::Voter && n.region == first.region);
+        one.then_some(first.region.as_str())
     }
 
     /// The one-way delay between two regions.
@@ -233,6 +292,28 @@ mod tests {
         let mut two_two = t.clone();
         two_two.nodes.retain(|n| n.role != Role::Witness);
         assert_eq!(two_two.regions_that_take_the_majority(), vec!["us-east", "us-west"]);
+    }
+
+    const ACTIVE_PASSIVE: &str = include_str!("../../regions/active-passive.yaml");
+
+    #[test]
+    fn the_active_passive_topology_loads_with_its_failover_roles() {
+        let t = Topology::parse(ACTIVE_PASSIVE).unwrap();
+        assert_eq!(t.primary_region(), Some("us-east"));
+        let f = t.failover.as_ref().unwrap();
+        assert_eq!((f.standby.as_str(), f.arbiter.as_str()), ("us-west", "europe"));
+        let count = |role, region: &str| t.nodes.iter().filter(|n| n.role == role && n.region == region).count();
+        assert_eq!((count(Role::Voter, "us-east"), count(Role::Learner, "us-west")), (3, 3));
+        // Losing the primary region loses the majority: the failover controller is what recovers.
+        assert_eq!(t.regions_that_take_the_majority(), vec!["us-east"]);
+        let with = |from: &str, to: &str| Topology::parse(&ACTIVE_PASSIVE.replace(from, to)).unwrap_err().to_string();
+        assert!(with("arbiter: europe", "arbiter: asia").contains("arbiter region asia is not a region"));
+        assert!(with("arbiter: europe", "arbiter: us-west").contains("must be three"));
+        // A witness among the primary's voters: no single region of voters only.
+        let witness = with("role: voter, client: \"127.0.1.3", "role: witness, client: \"127.0.1.3");
+        assert!(witness.contains("must stand in one region"), "{witness}");
+        assert!(with("client_name: clients.geolock.test.", "client_name: clients.example.com.").contains("not in zone"));
+        assert!(with("zone: geolock.test.", "zone: geolock.test").contains("must be absolute"));
     }
 
     #[test]

@@ -108,3 +108,19 @@ fn a_wrong_key_name_a_wrong_secret_no_key_a_refusing_policy_and_changed_records_
     let at: Vec<Option<usize>> = reasons.iter().map(|r| log.find(r)).collect();
     assert!(at.iter().all(Option::is_some) && at.is_sorted(), "{at:?} in named's log:\n{log}");
 }
+
+/// Found by `lockctl dev --topology regions/active-passive.yaml` run from a working directory:
+/// named changes to its directory before it reads the zone, so a relative directory named
+/// another place and the zone was not loaded (and named ran without it). A relative directory
+/// now works, and a zone that does not load is an error at start.
+#[test]
+fn named_started_on_a_relative_directory_loads_its_zone_and_a_bad_zone_is_refused() {
+    let dir = tempfile::Builder::new().prefix(".bind-relative").tempdir_in(".").unwrap();
+    let relative = std::path::Path::new(".").join(dir.path().file_name().unwrap());
+    let bind = Bind::start(&relative, ZONE, &zone_lines(&region(1, "us-east"))).unwrap();
+    assert_eq!(dig(&bind, NAME, "A"), ["10.0.1.1", "10.0.1.2", "10.0.1.3"]);
+    drop(bind);
+    let bad = tempfile::tempdir().unwrap();
+    let e = Bind::start(bad.path(), ZONE, &["this is not a record".to_string()]).err().expect("refused");
+    assert!(e.to_string().contains("named did not load the zone"), "{e}");
+}

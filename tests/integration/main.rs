@@ -9,6 +9,7 @@ mod differential;
 mod failover_controller;
 mod failover_dns;
 mod failover_fence;
+mod failover_geo;
 mod failover_lease;
 mod failover_promote;
 mod geo;
