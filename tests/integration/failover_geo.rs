@@ -36,10 +36,22 @@ fn losing_the_primary_region_fails_over_to_the_standby_and_moves_the_clients_nam
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // Writes acknowledged by the primary (commits within us-east), the last just before the loss.
-    let acked: Vec<String> =
-        (0..30).map(|i| format!("ap/{i:03}")).filter(|key| put_outcome(&primary, key, "v", "3s").0).collect();
-    assert_eq!(acked.len(), 30, "the primary refused writes before the loss");
+    // Writes acknowledged by the primary (commits within us-east), the last just before the loss;
+    // each tried until acknowledged (a loaded machine can make one wait past its lease renewal).
+    let acked: Vec<String> = (0..30)
+        .map(|i| format!("ap/{i:03}"))
+        .filter(|key| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !put_outcome(&primary, key, "v", "3s").0 {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            true
+        })
+        .collect();
+    assert_eq!(acked.len(), 30, "the primary refused writes for 20 s before the loss");
     let members = lockctl(&["member", "list", "--endpoints", &primary]);
     let lag: Vec<String> = String::from_utf8_lossy(&members.stdout)
         .lines()
