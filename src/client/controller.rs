@@ -516,7 +516,7 @@ impl Failpoint {
         let (kind, arg) = v.split_once(':')?;
         match kind {
             "die-after-records" => arg.parse().ok().map(Failpoint::DieAfterRecords),
-            "die-in-step" => [Step::Fence, Step::Promote, Step::Redirect, Step::Verify, Step::Notify]
+            "die-in-step" => [Step::Fence, Step::Promote, Step::Join, Step::Redirect, Step::Verify, Step::Notify]
                 .into_iter()
                 .find(|s| format!("{s:?}") == arg)
                 .map(Failpoint::DieInStep),
@@ -551,6 +551,7 @@ async fn run_step(
             (Step::Fence, _) => fence(cfg, epoch).await,
             (Step::Promote, None) => choose(cfg, epoch).await,
             (Step::Promote, Some(target)) => promote(epoch, &target).await,
+            (Step::Join, _) => join(cfg, epoch, promoted.as_deref().ok_or("no learner was promoted")?).await,
             (Step::Redirect, _) => redirect(dns).await,
             (Step::Verify, _) => verify(promoted.as_deref().ok_or("no learner was promoted")?, dns, epoch).await,
             (Step::Notify, _) => notify(cfg, epoch, promoted.as_deref()).await,
@@ -697,6 +698,91 @@ async fn promote(epoch: u64, target: &str) -> Result<Vec<Event>, String> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(events)
+}
+
+/// How long JOIN waits for the members it added to catch up and become voters before it goes
+/// on (they keep catching up after): a snapshot of the whole key space crosses one region.
+const JOIN_CATCH_UP_WAIT: Duration = Duration::from_secs(30);
+const _: () = assert!(JOIN_CATCH_UP_WAIT.as_secs() * 2 < STEP_DURATION_MAX.as_secs());
+
+/// JOIN: every other standby member that answers is wiped and added to the new primary
+/// (`promoted`) as a voter (a learner the leader promotes once it caught up); then wait, within
+/// [`JOIN_CATCH_UP_WAIT`], for them to be voters. A member already in the new cluster is only
+/// waited for; one that does not answer is left, logged, for `lockctl failover rejoin`.
+async fn join(cfg: &ControllerConfig, epoch: u64, promoted: &str) -> Result<Vec<Event>, String> {
+    use geolock_proto::etcdserverpb as pb;
+    let members = |ep: &str| {
+        let ep = ep.to_string();
+        async move {
+            let ch = crate::connect(&ep).await.map_err(|e| e.to_string())?;
+            let r = pb::cluster_client::ClusterClient::new(ch)
+                .member_list(pb::MemberListRequest { linearizable: true })
+                .await
+                .map_err(|e| format!("member list on {ep}: {}", e.message()))?
+                .into_inner();
+            Ok::<_, String>((r.header.unwrap_or_default(), r.members))
+        }
+    };
+    let (header, listed) = members(promoted).await?;
+    let leader = listed
+        .iter()
+        .find(|m| m.id == header.member_id)
+        .map(|m| m.name.clone())
+        .ok_or_else(|| format!("{promoted} is not in its own member list"))?;
+    let mut joining = Vec::new();
+    for ep in cfg.standby.split(',').filter(|e| !e.is_empty() && *e != promoted) {
+        let asked =
+            tokio::time::timeout(Duration::from_secs(10), failover::rejoin(ep, epoch, header.cluster_id, &leader));
+        let r = match asked.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!("standby member {ep} not joined ({e}): lockctl failover rejoin it when it is back");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "standby member {ep} did not answer within 10 s: lockctl failover rejoin it when it is back"
+                );
+                continue;
+            }
+        };
+        // One membership change at a time: the previous member's promotion may be under way.
+        let add_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !listed.iter().any(|m| m.name == r.name) {
+            match crate::member_add(promoted, &r.name, r.peer_urls.clone(), false).await {
+                Ok(_) => tracing::info!("{} ({ep}) wiped and added to the new primary", r.name),
+                Err(crate::ClientError::Rpc(s)) if s.message().contains("already exist") => {}
+                Err(crate::ClientError::Rpc(s))
+                    if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < add_deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(e) => return Err(format!("adding {} to the new primary: {e}", r.name)),
+            }
+            break;
+        }
+        joining.push(r.name);
+    }
+    let deadline = tokio::time::Instant::now() + JOIN_CATCH_UP_WAIT;
+    loop {
+        let (_, now) = members(promoted).await?;
+        let behind: Vec<&str> = joining
+            .iter()
+            .filter(|name| !now.iter().any(|m| &m.name == *name && !m.is_learner))
+            .map(String::as_str)
+            .collect();
+        if behind.is_empty() {
+            tracing::info!("joined the new primary as voters: {joining:?}");
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            tracing::warn!("still catching up after {JOIN_CATCH_UP_WAIT:?}, going on: {behind:?}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(vec![])
 }
 
 /// REDIRECT: the DNS compare-and-swap (a no-op when it already happened).

@@ -75,6 +75,10 @@ pub enum Step {
     Fence,
     /// Seed the new cluster, in the new epoch, from the standby learner with the most applied.
     Promote,
+    /// Make the other standby learners the new cluster's members: each is wiped and rejoins as
+    /// a learner, and is made a voter once it caught up (a standby member that does not answer
+    /// is left for `lockctl failover rejoin`).
+    Join,
     /// Move the client name's DNS records to the new region (one compare-and-swap).
     Redirect,
     /// Resolve, connect, write and read back, take and release a probe lock.
@@ -87,7 +91,8 @@ impl Step {
     fn next(self) -> Option<Step> {
         match self {
             Step::Fence => Some(Step::Promote),
-            Step::Promote => Some(Step::Redirect),
+            Step::Promote => Some(Step::Join),
+            Step::Join => Some(Step::Redirect),
             Step::Redirect => Some(Step::Verify),
             Step::Verify => Some(Step::Notify),
             Step::Notify => None,
@@ -725,6 +730,25 @@ pub async fn promote(endpoint: &str, epoch: u64) -> Result<fpb::PromoteResponse,
     let ch = crate::connect(endpoint).await?;
     let mut c = fpb::failover_client::FailoverClient::new(ch);
     Ok(c.promote(fpb::PromoteRequest { epoch }).await?.into_inner())
+}
+
+/// Make the member at `endpoint` an empty learner of the new primary, cluster `cluster_id` led
+/// by `leader` in revision epoch `epoch` (see `geolockpb.Failover.Rejoin`): it wipes its data
+/// and restarts; the caller then adds it on the new primary (MemberAdd, with the name and peer
+/// URLs answered).
+///
+/// Errors: [`ClientError::Connect`]; the member's refusal as [`ClientError::Rpc`] (a witness,
+/// the new primary's leader, or an epoch not above its own).
+pub async fn rejoin(
+    endpoint: &str,
+    epoch: u64,
+    cluster_id: u64,
+    leader: &str,
+) -> Result<fpb::RejoinResponse, ClientError> {
+    let ch = crate::connect(endpoint).await?;
+    let mut c = fpb::failover_client::FailoverClient::new(ch);
+    let req = fpb::RejoinRequest { epoch, cluster_id, leader_name: leader.to_string() };
+    Ok(c.rejoin(req).await?.into_inner())
 }
 
 /// A vantage point's side of the region write lease: it grants the primary's leader its share
@@ -1426,7 +1450,7 @@ mod tests {
         let mut journal = Vec::new();
         let first = unhealthy_from_both(&mut r, 0, 1_000);
         let effects = execute(&mut r, first, 1_000, &mut journal);
-        let all = [Step::Fence, Step::Promote, Step::Redirect, Step::Verify, Step::Notify];
+        let all = [Step::Fence, Step::Promote, Step::Join, Step::Redirect, Step::Verify, Step::Notify];
         assert_eq!(effects, all);
         assert_eq!(r.phase(), &Phase::Done { epoch: 1 });
         for crash in 0..=journal.len() {

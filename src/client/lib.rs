@@ -345,3 +345,23 @@ pub async fn resign(endpoints: &str, leader: &epb::LeaderKey) -> Result<(), Clie
     .await
     .map(drop)
 }
+
+/// Add member `name` at `peer_urls` through the first of `endpoints` that answers (etcd's
+/// MemberAdd, with the name geolock needs in gRPC metadata `MEMBER_NAME_HEADER`); a voter
+/// (`learner` false) is added as a learner and promoted by the leader once caught up.
+///
+/// Errors: [`ClientError::Connect`]; the cluster's refusal as [`ClientError::Rpc`] (etcd's
+/// texts: "etcdserver: member ID already exist", "etcdserver: Peer URLs already exists", ...),
+/// and a name that cannot travel as metadata as `InvalidArgument`.
+pub async fn member_add(
+    endpoints: &str,
+    name: &str,
+    peer_urls: Vec<String>,
+    learner: bool,
+) -> Result<pb::MemberAddResponse, ClientError> {
+    let value = name.parse().map_err(|_| tonic::Status::invalid_argument(format!("bad member name {name:?}")))?;
+    let ch = connect(endpoints).await?;
+    let mut req = tonic::Request::new(pb::MemberAddRequest { peer_ur_ls: peer_urls, is_learner: learner });
+    req.metadata_mut().insert(geolock_proto::MEMBER_NAME_HEADER, value);
+    Ok(pb::cluster_client::ClusterClient::new(ch).member_add(req).await?.into_inner())
+}

@@ -172,11 +172,7 @@ pub async fn member(endpoints: &str, cmd: MemberCommand) -> Result<u8, CommandEr
         MemberCommand::List => list(&members),
         MemberCommand::Add { name, peer_urls, learner } => {
             let urls: Vec<String> = peer_urls.split(',').filter(|u| !u.is_empty()).map(str::to_string).collect();
-            let mut req = tonic::Request::new(pb::MemberAddRequest { peer_ur_ls: urls.clone(), is_learner: learner });
-            let value =
-                name.parse().map_err(|_| tonic::Status::invalid_argument(format!("bad member name {name:?}")))?;
-            req.metadata_mut().insert(geolock_proto::MEMBER_NAME_HEADER, value);
-            let resp = cluster.member_add(req).await?.into_inner();
+            let resp = geolock_client::member_add(endpoints, &name, urls.clone(), learner).await?;
             let header = resp.header.unwrap_or_default();
             let id = resp.member.map_or(0, |m| m.id);
             println!("Member {id:x} added to cluster {:x}", header.cluster_id);

@@ -683,19 +683,8 @@ pub async fn status(endpoint: &str) -> Result<pb::StatusResponse, String> {
 async fn add_learner(endpoints: &str, name: &str, peer_url: &str) -> Result<(), GeoError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let attempt = async {
-            let ch = geolock_client::connect(endpoints).await.map_err(|e| e.to_string())?;
-            let mut req =
-                tonic::Request::new(pb::MemberAddRequest { peer_ur_ls: vec![peer_url.to_string()], is_learner: true });
-            req.metadata_mut()
-                .insert(geolock_proto::MEMBER_NAME_HEADER, name.parse().map_err(|_| format!("bad name {name}"))?);
-            pb::cluster_client::ClusterClient::new(ch)
-                .member_add(req)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.message().to_string())
-        };
-        match attempt.await {
+        let attempt = geolock_client::member_add(endpoints, name, vec![peer_url.to_string()], true);
+        match attempt.await.map(drop).map_err(|e| e.to_string()) {
             Ok(()) => return Ok(()),
             Err(e) if e.contains("already exist") => return Ok(()),
             Err(e) if Instant::now() > deadline => {

@@ -309,15 +309,21 @@ impl Scenario {
         assert!(v["header"]["revision"].as_i64().unwrap() > 1 << 40, "{v}");
         let journal = self.journal();
         assert_eq!(journal.lines().filter(|l| l.contains("\"Decided\"")).count(), 1, "{journal}");
-        for step in ["Fence", "Promote", "Redirect", "Verify", "Notify"] {
+        for step in ["Fence", "Promote", "Join", "Redirect", "Verify", "Notify"] {
             let finished =
                 journal.lines().filter(|l| l.contains("\"Finished\"") && l.contains(&format!("\"{step}\""))).count();
             assert_eq!(finished, 1, "{step} finished {finished} times:\n{journal}");
         }
-        // One learner seeded one new cluster, once; the other did not.
+        // One learner seeded one new cluster, once; the other was wiped once to join it, and
+        // is its voter.
         let logs: Vec<String> = self.learners.iter().map(|&i| self.c.log(i)).collect();
         let seeded: usize = logs.iter().map(|l| l.matches("seeded cluster").count()).sum();
         assert_eq!(seeded, 1, "{logs:?}");
+        let wiped: usize = logs.iter().map(|l| l.matches("wiped to rejoin").count()).sum();
+        assert_eq!(wiped, 1, "{logs:?}");
+        let members = crate::common::lockctl(&["member", "list", "--endpoints", &promoted]);
+        let voters = String::from_utf8_lossy(&members.stdout).lines().filter(|l| l.contains(", false, ")).count();
+        assert_eq!(voters, 2, "{}", String::from_utf8_lossy(&members.stdout));
         let named = self.bind.log();
         assert_eq!(named.matches("adding an RR at 'clients.geolock.test' A").count(), 1, "{named}");
     }
@@ -327,6 +333,14 @@ impl Scenario {
 fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_standby_by_dns() {
     let (mut s, mut controllers) = Scenario::start(2);
     let before = lock_tokens(&s.c.endpoints(), "failover-lock", 3);
+    // ROLLBACK refuses to join a cluster no failover made (the primary, still in epoch 0),
+    // before it moves anything.
+    let (peer, dir) = (s.c.peer_url(0), s.c.data_dir(0));
+    let args = ["failover", "rejoin", "--endpoints", &s.c.endpoints(), "--name", "n1", "--peer-urls", &peer];
+    let out = crate::common::lockctl(&[&args[..], &["--data-dir", dir.to_str().unwrap()]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is in revision epoch 0"), "{err}");
+    assert!(dir.exists(), "the data was moved for a refused rejoin");
     let lost = Instant::now();
     s.kill_primary();
     let (ok, log) = wait_exit(&mut controllers[0], Duration::from_secs(60));
@@ -338,7 +352,7 @@ fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_s
     let status = crate::common::lockctl(&["failover", "status", "--journal", journal_path.to_str().unwrap()]);
     let shown = String::from_utf8_lossy(&status.stdout).into_owned();
     assert!(shown.starts_with("failed over into revision epoch 1\n"), "{shown}");
-    for step in ["Fence", "Promote", "Redirect", "Verify", "Notify"] {
+    for step in ["Fence", "Promote", "Join", "Redirect", "Verify", "Notify"] {
         assert!(shown.contains(&format!("ms {step} finished in ")), "{step}: {shown}");
     }
     eprintln!("{shown}");
@@ -356,7 +370,7 @@ fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_s
     assert_eq!((b["event"].as_str(), b["epoch"].as_u64()), (Some("failed_over"), Some(1)), "{b}");
     assert_eq!(b["promoted"].as_str(), Some(s.promoted().as_str()), "{b}");
     let steps: Vec<&str> = b["steps"].as_array().unwrap().iter().map(|x| x["step"].as_str().unwrap()).collect();
-    assert_eq!(steps, ["Fence", "Promote", "Redirect", "Verify"], "{b}");
+    assert_eq!(steps, ["Fence", "Promote", "Join", "Redirect", "Verify"], "{b}");
     assert!(
         b["timeline"].as_array().unwrap().iter().any(|l| l.as_str().unwrap().contains("Promote finished in")),
         "{b}"
@@ -379,12 +393,6 @@ fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_s
         let args = ["failover", "rejoin", "--endpoints", endpoint, "--name", "n1", "--peer-urls", &peer];
         crate::common::lockctl(&[&args[..], &["--data-dir", dir.to_str().unwrap()]].concat())
     };
-    // Not into a cluster no failover made (the standby learner left behind is still in epoch 0).
-    let other = s.learners.iter().map(|&i| s.c.endpoint(i)).find(|e| *e != promoted).unwrap();
-    let out = rejoin(&other);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("is in revision epoch 0"), "{err}");
-    assert!(dir.exists(), "the data was moved for a refused rejoin");
     let out = rejoin(&promoted);
     let printed = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(

@@ -2,7 +2,8 @@
 //! in a network namespace when run as root, the topology's latency on every peer link and on
 //! the vantage points' traffic, BIND9 beside the standby, the arbiter in europe and the
 //! controller in us-west. The primary region is lost whole (its members SIGKILLed, its link
-//! down); the controller fails over into epoch 1 and moves the clients' name. Prints the RTO
+//! down); the controller fails over into epoch 1, makes the three standby members the new
+//! primary's voters, and moves the clients' name, through which a client then writes. Prints the RTO
 //! with the controller's per-step timeline, and the RPO next to the replication lag the primary
 //! reported just before the loss.
 
@@ -74,7 +75,8 @@ fn losing_the_primary_region_fails_over_to_the_standby_and_moves_the_clients_nam
     };
     let rto = lost.elapsed();
 
-    // The clients' name now resolves to the standby region, as BIND9 answers it.
+    // The clients' name now resolves to the standby region, as BIND9 answers it: each SRV
+    // record's host to its A record, with the record's port.
     let mut standby_ips: Vec<String> =
         g.c.nodes
             .iter()
@@ -83,15 +85,33 @@ fn losing_the_primary_region_fails_over_to_the_standby_and_moves_the_clients_nam
             .collect();
     standby_ips.sort();
     assert_eq!(dig(&failover.dns, &failover.client_name, "A"), standby_ips);
+    let resolved: Vec<String> = dig(&failover.dns, &format!("_etcd-client._tcp.{}", failover.client_name), "SRV")
+        .iter()
+        .map(|srv| {
+            let [_, _, port, host] = srv.split(' ').collect::<Vec<_>>()[..] else { panic!("{srv}") };
+            format!("{}:{port}", dig(&failover.dns, host, "A").join(""))
+        })
+        .collect();
+    assert_eq!(resolved.len(), 3, "{resolved:?}");
 
-    // The learner the controller chose serves writes in revision epoch 1.
+    // Through the name: a write in revision epoch 1, which every standby member (the promoted
+    // one and the two JOIN wiped and added) holds, all three voters of the new primary.
+    let through_name = resolved.join(",");
+    let put = etcdctl(&through_name, &["put", "after", "failover", "-w", "json"], None);
+    let r: serde_json::Value = serde_json::from_slice(&put.stdout).unwrap_or_else(|_| panic!("{put:?}"));
+    assert!(r["header"]["revision"].as_i64().unwrap() > 1 << 40, "{r}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while resolved.iter().any(|ep| local_value(ep, "after") != "failover") {
+        assert!(Instant::now() < deadline, "a standby member lacks the write after failover");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let members = lockctl(&["member", "list", "--endpoints", &through_name]);
+    let listed = String::from_utf8_lossy(&members.stdout).into_owned();
+    assert_eq!(listed.lines().filter(|l| l.contains(", false, ")).count(), 3, "{listed}");
     let text = std::fs::read_to_string(&journal).unwrap();
     let chose = text.lines().find(|l| l.contains("\"Chose\"")).unwrap_or_else(|| panic!("{text}"));
     let v: serde_json::Value = serde_json::from_str(chose).unwrap();
     let promoted = v["record"]["Chose"]["target"].as_str().unwrap().to_string();
-    let put = etcdctl(&promoted, &["put", "after", "failover", "-w", "json"], None);
-    let r: serde_json::Value = serde_json::from_slice(&put.stdout).unwrap_or_else(|_| panic!("{put:?}"));
-    assert!(r["header"]["revision"].as_i64().unwrap() > 1 << 40, "{r}");
 
     // RPO: writes the old primary acknowledged that the new one lacks.
     let missing = acked.iter().filter(|k| local_value(&promoted, k) != "v").count();

@@ -145,7 +145,7 @@ impl From<ApiError> for Status {
                 // another endpoint, and re-resolve the client name, which by then names the new
                 // primary.
                 NodeError::Fenced { .. } => Code::Unavailable,
-                NodeError::NotPromotable { .. } => Code::FailedPrecondition,
+                NodeError::NotPromotable { .. } | NodeError::NotRejoinable { .. } => Code::FailedPrecondition,
                 // Transient as a leaderless cluster is: etcd's clients retry.
                 NodeError::NoWriteLease { .. } => Code::Unavailable,
             },

@@ -38,4 +38,25 @@ impl fpb::failover_server::Failover for Api {
             cluster_id: seeded.cluster_id,
         }))
     }
+
+    async fn rejoin(&self, req: Request<fpb::RejoinRequest>) -> Result<Response<fpb::RejoinResponse>, Status> {
+        let req = req.into_inner();
+        if req.epoch == 0 || req.epoch > EPOCH_MAX || req.leader_name.is_empty() {
+            return Err(ApiError::InvalidArgument(format!(
+                "geolock: a rejoin names the new primary's revision epoch, from 1 to {EPOCH_MAX}, and its leader; \
+                 got epoch {} and leader {:?}",
+                req.epoch, req.leader_name
+            ))
+            .into());
+        }
+        let header = self.header(self.node.current_rev());
+        let restarting = self.node.rejoin(req.epoch, req.cluster_id, &req.leader_name).await.map_err(ApiError::from)?;
+        let (name, peer_urls) = self.node.identity();
+        Ok(Response::new(fpb::RejoinResponse {
+            header: Some(header),
+            restarting,
+            name: name.to_string(),
+            peer_urls: peer_urls.to_vec(),
+        }))
+    }
 }

@@ -15,7 +15,7 @@ use super::network::{self, Peers, SnapshotInbox};
 use super::quorum::QuorumView;
 use super::state_machine::{Shared, StateMachine};
 use super::write_lease::WriteLease;
-use super::{fence, promote};
+use super::{fence, rejoin};
 use super::{Member, Node, Raft, StartError};
 use crate::config::{Config, InitialMember, Role};
 use crate::rocks::{Footprint, RocksEngine};
@@ -30,12 +30,12 @@ impl Node {
     pub async fn start(cfg: &Config) -> Result<Arc<Node>, StartError> {
         let (engine, shared) = open_storage(cfg)?;
         let fenced_epoch = fence::load(&*engine)?;
-        // A learner that seeded a new cluster (PROMOTE) is that cluster's voter, whatever the
-        // flags it was started with say of the old one.
-        let seeded = promote::seeded_cluster_id(&*engine)?;
-        let role = if seeded.is_some() && cfg.role == Role::Learner { Role::Voter } else { cfg.role };
-        let id = member_id(&cfg.name);
         let members = cfg.initial_members()?;
+        // A member that seeded a new cluster (PROMOTE) or was wiped to join one (Rejoin) is in
+        // that cluster, whatever the flags it was started with say of the old one.
+        let flags = (cluster_id(&cfg.cluster.name), members.iter().map(|m| m.name.clone()).collect(), cfg.role);
+        let (cluster_id, founders, role, failed_over) = rejoin::start_as(&*engine, flags)?;
+        let id = member_id(&cfg.name);
         let raft_cfg = Arc::new(raft_config(cfg)?);
         let transport = bind_transport(cfg, members.len()).await?;
         let peers = Peers::new(transport.clone());
@@ -51,7 +51,7 @@ impl Node {
             fence::stop_taking_part(&raft);
             tracing::warn!("fenced by the failover to revision epoch {fenced_epoch}: refusing writes and Raft traffic");
         }
-        if !raft.is_initialized().await? && cfg.initial_cluster_state() == "new" {
+        if !failed_over && !raft.is_initialized().await? && cfg.initial_cluster_state() == "new" {
             initialize(&raft, cfg, &members).await?;
         }
         let me = Member {
@@ -67,12 +67,12 @@ impl Node {
             shared,
             id,
             me,
-            founders: members.iter().map(|m| m.name.clone()).collect(),
+            founders,
             role,
             lag: std::sync::Mutex::new(LagClock::default()),
             leader_contact_ms: std::sync::atomic::AtomicU64::new(0),
             quorum,
-            cluster_id: seeded.unwrap_or_else(|| cluster_id(&cfg.cluster.name)),
+            cluster_id,
             ttl_bounds: cfg.ttl_bounds(),
             quota_bytes: cfg.quota_bytes(),
             election_timeout: cfg.raft.election_timeout,
@@ -86,20 +86,20 @@ impl Node {
             fenced_epoch: std::sync::atomic::AtomicU64::new(fenced_epoch),
             failover_gate: tokio::sync::RwLock::new(()),
             restart: tokio::sync::watch::Sender::new(false),
-            write_lease: write_lease(cfg, seeded.is_some()),
+            write_lease: write_lease(cfg, failed_over),
         }))
     }
 }
 
 /// The region write lease, when the configuration names vantage points (each counted once).
-/// None on a member that seeded a new cluster: the old primary's vantage points have stopped
-/// granting, and a learner often shares the old primary's configuration.
-fn write_lease(cfg: &Config, seeded: bool) -> Option<WriteLease> {
+/// None on a member of a cluster a failover made: the old primary's vantage points have
+/// stopped granting, and its flags are still the old primary's.
+fn write_lease(cfg: &Config, failed_over: bool) -> Option<WriteLease> {
     let mut vantages: Vec<String> =
         cfg.failover.vantages.split(',').filter(|v| !v.is_empty()).map(str::to_string).collect();
     vantages.sort();
     vantages.dedup();
-    (!vantages.is_empty() && !seeded).then(|| WriteLease::new(vantages, cfg.failover.write_lease))
+    (!vantages.is_empty() && !failed_over).then(|| WriteLease::new(vantages, cfg.failover.write_lease))
 }
 
 /// The cluster's ID, from its name alone, so that a member added later computes the same one.

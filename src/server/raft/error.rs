@@ -70,6 +70,9 @@ pub enum NodeError {
     /// PROMOTE asked of a member that cannot seed a new primary.
     #[error("geolock: this member cannot seed the new primary: {why}")]
     NotPromotable { why: &'static str },
+    /// Rejoin asked of a member that cannot become a learner of the new primary.
+    #[error("geolock: this member cannot rejoin as a learner of the new primary: {why}")]
+    NotRejoinable { why: &'static str },
 }
 
 impl NodeError {

@@ -8,8 +8,9 @@
 //! - `log_store`, `state_machine`: openraft's storage on RocksDB
 //! - `membership`, `witness`, `quorum`, `lag`: membership changes, the witness role,
 //!   CheckQuorum, members' lag
-//! - `fence`, `promote`, `write_lease`: a member fenced out by a region failover; a learner
-//!   seeding the new primary; an active-passive primary's region write lease
+//! - `fence`, `promote`, `rejoin`, `write_lease`: a member fenced out by a region failover; a
+//!   learner seeding the new primary; a member wiped to learn from it; an active-passive
+//!   primary's region write lease
 //! - `error`: what requests and starts fail with; `format`: the replicated and persisted formats
 
 mod bootstrap;
@@ -25,6 +26,7 @@ mod node;
 mod peer_server;
 mod promote;
 mod quorum;
+mod rejoin;
 mod state_machine;
 mod tasks;
 mod witness;

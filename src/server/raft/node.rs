@@ -142,6 +142,11 @@ impl Node {
         }
     }
 
+    /// This member's name and peer URLs, as it states them in the membership.
+    pub fn identity(&self) -> (&str, &[String]) {
+        (&self.me.name, &self.me.peer_urls)
+    }
+
     /// Header fields of this member.
     pub fn header(&self) -> HeaderInfo {
         let m = self.raft.metrics();

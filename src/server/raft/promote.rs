@@ -31,7 +31,7 @@ use geolock_core::storage::{Cf, Engine, StorageError, WriteBatch};
 type TC = TypeConfig;
 
 /// The new cluster's ID, in [`Cf::RaftMeta`], once this member seeded one.
-const CLUSTER_ID: &[u8] = b"cluster_id";
+pub(super) const CLUSTER_ID: &[u8] = b"cluster_id";
 
 /// What seeding left.
 #[derive(Clone, Debug, PartialEq, Eq)]

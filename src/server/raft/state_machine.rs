@@ -138,6 +138,11 @@ impl Shared {
     pub fn db_size_bytes(&self) -> u64 {
         self.engine.size_bytes()
     }
+
+    /// The file openraft's current snapshot is kept in.
+    pub(super) fn snapshot_file(&self) -> PathBuf {
+        self.snapshot_dir.join("current")
+    }
 }
 
 fn read_meta<T: serde::de::DeserializeOwned>(engine: &dyn Engine, key: &[u8]) -> io::Result<Option<T>> {
@@ -157,7 +162,7 @@ pub struct StateMachine {
 
 impl StateMachine {
     fn snapshot_path(&self) -> PathBuf {
-        self.shared.snapshot_dir.join("current")
+        self.shared.snapshot_file()
     }
 }
 
