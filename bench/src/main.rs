@@ -39,6 +39,15 @@ enum What {
     /// losing the leader's region to the first acknowledged write. geolock only: the WAN relay
     /// carries QUIC (UDP), and etcd's peers speak TCP.
     Geo,
+    /// The active-passive topology (regions/active-passive.yaml) emulated on this machine, its
+    /// primary region lost (SIGKILL and link down) RUNS times, each on a fresh cluster: the
+    /// failover's timeline from the controller's journal (detect, fence, lease wait, promote,
+    /// join, redirect, verify) and the first write a client in the standby region gets
+    /// acknowledged through the DNS name. geolock only: etcd has no region failover.
+    Failover {
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
 }
 
 /// A cluster of three server processes, SIGKILLed on drop.
@@ -514,6 +523,7 @@ fn main() {
             println!("{:<34} etcd {em:.0} ms, geolock {gm:.0} ms, ratio x{:.2}", "  median of the above", gm / em);
         }
         What::Geo => rt.block_on(geo(&lockctl, cli.seconds)),
+        What::Failover { runs } => rt.block_on(region_failover(&lockctl, runs)),
         What::Lock => {
             let etcd = spawn("etcd", std::path::Path::new("etcd"), &[]);
             let geo = spawn("geolock", &lockctl, &["start"]);
@@ -645,4 +655,150 @@ async fn geo(lockctl: &std::path::Path, seconds: u64) {
         ),
         None => println!("us-east lost: no write acknowledged within 60 s"),
     }
+}
+
+/// One failover's figures, in milliseconds from the loss of the primary region.
+struct FailoverRun {
+    /// DETECT's decision, then each step's duration (the lease wait between FENCE and PROMOTE).
+    detect: u64,
+    fence: u64,
+    lease_wait: u64,
+    promote: u64,
+    join: u64,
+    redirect: u64,
+    verify: u64,
+    /// The controller's exit, and the standby client's first write through the name.
+    done: u64,
+    first_write: u64,
+}
+
+/// The region failover timeline; see [`What::Failover`].
+async fn region_failover(lockctl: &std::path::Path, runs: u32) {
+    use geolock_client::failover::{Record, Step};
+    use geolock_testkit::geo::{GeoCluster, GeoOptions};
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../regions/active-passive.yaml");
+    let topology = geolock_testkit::topology::Topology::load(&file).unwrap();
+    let spec = topology.failover.clone().expect("a failover section");
+    let wall_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let mut figures = Vec::new();
+    for run in 1..=runs {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = GeoOptions::new(lockctl.to_path_buf(), dir.path().to_path_buf());
+        if run == 1 {
+            let regions =
+                if opts.namespaces { "a network namespace per region" } else { "loopback addresses per region" };
+            println!(
+                "active-passive on this machine ({regions}); round trips us-east/us-west 60 ms, us-east/europe 100 ms, \
+                 us-west/europe 140 ms; detect window {} ms, write lease {} ms + drift {} ms, probe every {} ms",
+                spec.detect_window_ms, spec.write_lease_ms, spec.clock_drift_ms, spec.probe_interval_ms
+            );
+            println!(
+                "{:<4} {:>7} {:>6} {:>7} {:>8} {:>6} {:>8} {:>7} {:>7} {:>12}  (ms from the loss; steps: their own duration)",
+                "run", "detect", "fence", "lease", "promote", "join", "redirect", "verify", "done", "first write"
+            );
+        }
+        let mut g = GeoCluster::start(topology.clone(), opts).await.unwrap_or_else(|e| panic!("{e}"));
+        let f = g.failover.as_ref().unwrap();
+        let (journal, dns) = (f.journal.clone(), f.dns.addr);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&journal).unwrap_or_default().contains("\"Armed\"") {
+            assert!(Instant::now() < deadline, "the controller never saw the primary healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // A client in the standby region writes through the name, resolving it before every
+        // attempt, until a write lands in revision epoch 1.
+        let west = g.runtime_in(&spec.standby).unwrap();
+        let (zone, name) = (spec.zone.clone(), spec.client_name.clone());
+        let client = west.spawn(async move {
+            let resolver = geolock_client::dns::Updater::new(dns, &zone, &name, None).unwrap();
+            loop {
+                let found = resolver.read().await.map_err(|e| e.to_string());
+                let port = found.as_ref().ok().and_then(|f| f.members.iter().next().map(|m| m.port));
+                if let (Ok(found), Some(port)) = (found, port) {
+                    let eps: Vec<String> = found.addrs.iter().map(|a| format!("{a}:{port}")).collect();
+                    let opts = ConnectOptions::new()
+                        .with_connect_timeout(Duration::from_millis(500))
+                        .with_timeout(Duration::from_secs(1));
+                    if let Ok(mut c) = Client::connect(eps, Some(opts)).await {
+                        if let Ok(r) = c.put("failover-bench/first", "v", None).await {
+                            let rev = r.header().map_or(0, |h| h.revision());
+                            if geolock_core::kv::epoch_of(rev) >= 1 {
+                                return wall_ms();
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let lost = wall_ms();
+        g.drop_region(topology.primary_region().unwrap()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let f = g.failover.as_mut().unwrap();
+        while f.controller_exit().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the controller did not finish in 120 s: {}",
+                f.controller_log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let done = wall_ms() - lost;
+        let first = tokio::time::timeout(Duration::from_secs(60), client).await.ok().and_then(Result::ok);
+        let records = geolock_client::journal::Journal::read(&journal).unwrap();
+        let took: std::collections::BTreeMap<Step, u64> =
+            geolock_client::failover::step_durations(&records).into_iter().collect();
+        let at = |pick: &dyn Fn(&Record) -> Option<u64>| records.iter().find_map(pick).unwrap_or(0);
+        let detected = at(&|r| match r {
+            Record::Detected { at_ms, .. } => Some(*at_ms),
+            _ => None,
+        });
+        let fenced = at(&|r| match r {
+            Record::Finished { step: Step::Fence, at_ms } => Some(*at_ms),
+            _ => None,
+        });
+        let promoting = at(&|r| match r {
+            Record::Started { step: Step::Promote, at_ms } => Some(*at_ms),
+            _ => None,
+        });
+        let r = FailoverRun {
+            detect: detected.saturating_sub(lost),
+            fence: took.get(&Step::Fence).copied().unwrap_or(0),
+            lease_wait: promoting.saturating_sub(fenced),
+            promote: took.get(&Step::Promote).copied().unwrap_or(0),
+            join: took.get(&Step::Join).copied().unwrap_or(0),
+            redirect: took.get(&Step::Redirect).copied().unwrap_or(0),
+            verify: took.get(&Step::Verify).copied().unwrap_or(0),
+            done,
+            first_write: first.map_or(u64::MAX, |t| t.saturating_sub(lost)),
+        };
+        print_run(&run.to_string(), &r);
+        figures.push(r);
+        drop(west);
+    }
+    let median = |pick: fn(&FailoverRun) -> u64| {
+        let mut v: Vec<u64> = figures.iter().map(pick).collect();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let m = FailoverRun {
+        detect: median(|r| r.detect),
+        fence: median(|r| r.fence),
+        lease_wait: median(|r| r.lease_wait),
+        promote: median(|r| r.promote),
+        join: median(|r| r.join),
+        redirect: median(|r| r.redirect),
+        verify: median(|r| r.verify),
+        done: median(|r| r.done),
+        first_write: median(|r| r.first_write),
+    };
+    print_run("med", &m);
+}
+
+fn print_run(label: &str, r: &FailoverRun) {
+    let first = if r.first_write == u64::MAX { "none".to_string() } else { r.first_write.to_string() };
+    println!(
+        "{label:<4} {:>7} {:>6} {:>7} {:>8} {:>6} {:>8} {:>7} {:>7} {:>12}",
+        r.detect, r.fence, r.lease_wait, r.promote, r.join, r.redirect, r.verify, r.done, first
+    );
 }

@@ -648,7 +648,7 @@ async fn standby_status(cfg: &ControllerConfig) -> Vec<(String, u64, u64, bool)>
 async fn member_status(ep: &str) -> Option<(u64, u64, bool)> {
     let s = tokio::time::timeout(Duration::from_secs(3), failover::status(ep)).await.ok()?.ok()?;
     let rev = s.header.as_ref().map_or(0, |h| h.revision);
-    Some(((rev.max(0) as u64) >> 40, s.raft_applied_index, s.is_learner))
+    Some((failover::epoch_of(rev), s.raft_applied_index, s.is_learner))
 }
 
 /// PROMOTE's choice: the standby learner that applied the most (or one already in `epoch`,
@@ -705,83 +705,60 @@ async fn promote(epoch: u64, target: &str) -> Result<Vec<Event>, String> {
 const JOIN_CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 const _: () = assert!(JOIN_CATCH_UP_WAIT.as_secs() * 2 < STEP_DURATION_MAX.as_secs());
 
+/// How many of `joined` members, beside the one voter PROMOTE left, become voters: an even
+/// number, so that the new primary has an odd count (as etcd advises: a fourth voter raises
+/// the quorum without tolerating another failure, and two voters need both for every commit).
+fn voters_to_add(joined: usize) -> usize {
+    joined / 2 * 2
+}
+
 /// JOIN: every other standby member that answers is wiped and added to the new primary
-/// (`promoted`) as a voter (a learner the leader promotes once it caught up); then wait, within
-/// [`JOIN_CATCH_UP_WAIT`], for them to be voters. A member already in the new cluster is only
-/// waited for; one that does not answer is left, logged, for `lockctl failover rejoin`.
+/// (`promoted`) as a learner; then, within [`JOIN_CATCH_UP_WAIT`], an even number of them
+/// ([`voters_to_add`]) are made voters once caught up, the first in the configured order.
+/// A member already in the new cluster is not added again; one that does not answer is left,
+/// logged, for `lockctl failover rejoin`.
 async fn join(cfg: &ControllerConfig, epoch: u64, promoted: &str) -> Result<Vec<Event>, String> {
     use geolock_proto::etcdserverpb as pb;
-    let members = |ep: &str| {
-        let ep = ep.to_string();
-        async move {
-            let ch = crate::connect(&ep).await.map_err(|e| e.to_string())?;
-            let r = pb::cluster_client::ClusterClient::new(ch)
-                .member_list(pb::MemberListRequest { linearizable: true })
-                .await
-                .map_err(|e| format!("member list on {ep}: {}", e.message()))?
-                .into_inner();
-            Ok::<_, String>((r.header.unwrap_or_default(), r.members))
-        }
-    };
-    let (header, listed) = members(promoted).await?;
-    let leader = listed
-        .iter()
-        .find(|m| m.id == header.member_id)
-        .map(|m| m.name.clone())
-        .ok_or_else(|| format!("{promoted} is not in its own member list"))?;
-    let mut joining = Vec::new();
+    let new = failover::NewPrimary::ask(promoted).await.map_err(|e| format!("the new primary {promoted}: {e}"))?;
+    if new.epoch != epoch {
+        return Err(format!("{promoted} is in revision epoch {}, not {epoch}", new.epoch));
+    }
+    let mut joined = Vec::new();
     for ep in cfg.standby.split(',').filter(|e| !e.is_empty() && *e != promoted) {
-        let asked =
-            tokio::time::timeout(Duration::from_secs(10), failover::rejoin(ep, epoch, header.cluster_id, &leader));
-        let r = match asked.await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                tracing::warn!("standby member {ep} not joined ({e}): lockctl failover rejoin it when it is back");
-                continue;
+        match tokio::time::timeout(Duration::from_secs(20), failover::join(&new, ep, false)).await {
+            Ok(Ok(name)) => {
+                tracing::info!("{name} ({ep}) wiped and added to the new primary");
+                joined.push(name);
             }
-            Err(_) => {
-                tracing::warn!(
-                    "standby member {ep} did not answer within 10 s: lockctl failover rejoin it when it is back"
-                );
-                continue;
-            }
-        };
-        // One membership change at a time: the previous member's promotion may be under way.
-        let add_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !listed.iter().any(|m| m.name == r.name) {
-            match crate::member_add(promoted, &r.name, r.peer_urls.clone(), false).await {
-                Ok(_) => tracing::info!("{} ({ep}) wiped and added to the new primary", r.name),
-                Err(crate::ClientError::Rpc(s)) if s.message().contains("already exist") => {}
-                Err(crate::ClientError::Rpc(s))
-                    if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < add_deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                Err(e) => return Err(format!("adding {} to the new primary: {e}", r.name)),
-            }
-            break;
+            Ok(Err(e)) => tracing::warn!("standby member {ep} not joined ({e}): lockctl failover rejoin it"),
+            Err(_) => tracing::warn!("standby member {ep} not joined within 20 s: lockctl failover rejoin it"),
         }
-        joining.push(r.name);
     }
+    let voters = &joined[..voters_to_add(joined.len())];
     let deadline = tokio::time::Instant::now() + JOIN_CATCH_UP_WAIT;
-    loop {
-        let (_, now) = members(promoted).await?;
-        let behind: Vec<&str> = joining
-            .iter()
-            .filter(|name| !now.iter().any(|m| &m.name == *name && !m.is_learner))
-            .map(String::as_str)
-            .collect();
-        if behind.is_empty() {
-            tracing::info!("joined the new primary as voters: {joining:?}");
-            break;
+    for name in voters {
+        loop {
+            let members = failover::NewPrimary::ask(promoted).await.map_err(|e| e.to_string())?.members;
+            let Some(m) = members.iter().find(|m| &m.name == name) else {
+                return Err(format!("{name} is not a member of the new primary"));
+            };
+            if !m.is_learner {
+                break;
+            }
+            let ch = crate::connect(promoted).await.map_err(|e| e.to_string())?;
+            let mut cluster = pb::cluster_client::ClusterClient::new(ch);
+            match cluster.member_promote(pb::MemberPromoteRequest { id: m.id }).await {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    tracing::warn!("{name} not made a voter within {JOIN_CATCH_UP_WAIT:?}, going on: {}", e.message());
+                    return Ok(vec![]);
+                }
+                // Not yet in sync, or the previous promotion still under way.
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
         }
-        if tokio::time::Instant::now() > deadline {
-            tracing::warn!("still catching up after {JOIN_CATCH_UP_WAIT:?}, going on: {behind:?}");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    tracing::info!("joined the new primary: {voters:?} as voters, {:?} as learners", &joined[voters.len()..]);
     Ok(vec![])
 }
 
@@ -814,7 +791,7 @@ async fn verify(promoted: &str, dns: Option<&(Updater, Endpoint, Endpoint)>, epo
         ..Default::default()
     };
     let rev = kv.put(put).await.map_err(|e| format!("probe write: {e}"))?.into_inner().header.map_or(0, |h| h.revision);
-    if (rev.max(0) as u64) >> 40 != epoch {
+    if failover::epoch_of(rev) != epoch {
         return Err(format!("probe write at revision {rev}, outside revision epoch {epoch}"));
     }
     let mut session = crate::Session::grant(promoted, 10).await.map_err(|e| e.to_string())?;
@@ -863,6 +840,14 @@ mod tests {
             "{{\"name\": \"standby\", \"listen\": \"127.0.0.1:1\", \"journal\": \"j\", \"primary\": \"a\", \"standby\": \"b\", \"arbiters\": {arbiters:?}}}"
         );
         serde_json::from_str(&yaml).unwrap()
+    }
+
+    #[test]
+    fn join_leaves_the_new_primary_an_odd_number_of_voters() {
+        for (joined, added) in [(0, 0), (1, 0), (2, 2), (3, 2), (4, 4)] {
+            assert_eq!(voters_to_add(joined), added, "{joined} joined");
+            assert_eq!((1 + voters_to_add(joined)) % 2, 1);
+        }
     }
 
     #[test]

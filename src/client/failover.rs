@@ -751,6 +751,91 @@ pub async fn rejoin(
     Ok(c.rejoin(req).await?.into_inner())
 }
 
+/// The bits of a revision below its epoch (DESIGN.md "Region failover": a revision is
+/// `epoch << 40 | counter`); the same as `geolock_core::kv::REV_COUNTER_BITS`, which this
+/// library does not link (`lockctl`'s tests check they agree).
+pub const REV_COUNTER_BITS: u32 = 40;
+
+/// The revision epoch `revision` is in.
+pub fn epoch_of(revision: i64) -> u64 {
+    (revision.max(0) as u64) >> REV_COUNTER_BITS
+}
+
+/// A primary a failover made, as [`join`] needs it.
+#[derive(Clone, Debug)]
+pub struct NewPrimary {
+    /// The client endpoint it was asked through.
+    pub endpoint: String,
+    /// Its revision epoch, cluster ID and the name of the member that answered (its leader,
+    /// right after PROMOTE).
+    pub epoch: u64,
+    pub cluster_id: u64,
+    pub leader: String,
+    /// Its members, from a linearizable list.
+    pub members: Vec<geolock_proto::etcdserverpb::Member>,
+}
+
+impl NewPrimary {
+    /// Ask the member at `endpoint` (one member: a rejoined member accepts Raft traffic only
+    /// from the member named here).
+    ///
+    /// Errors: [`ClientError::Connect`]; its refusal as [`ClientError::Rpc`]; `FailedPrecondition`
+    /// when it is in revision epoch 0 (no failover made it) or absent from its own list.
+    pub async fn ask(endpoint: &str) -> Result<NewPrimary, ClientError> {
+        use geolock_proto::etcdserverpb as pb;
+        let ch = crate::connect(endpoint).await?;
+        let r = pb::cluster_client::ClusterClient::new(ch)
+            .member_list(pb::MemberListRequest { linearizable: true })
+            .await?
+            .into_inner();
+        let header = r.header.unwrap_or_default();
+        let epoch = epoch_of(header.revision);
+        let leader = r.members.iter().find(|m| m.id == header.member_id).map(|m| m.name.clone());
+        let refuse = |why: String| ClientError::Rpc(tonic::Status::failed_precondition(why));
+        if epoch == 0 {
+            return Err(refuse(format!(
+                "{endpoint} is in revision epoch 0, not a primary a failover made: rejoin joins the new primary"
+            )));
+        }
+        let leader = leader.ok_or_else(|| refuse(format!("{endpoint} is not in its own member list")))?;
+        Ok(NewPrimary {
+            endpoint: endpoint.to_string(),
+            epoch,
+            cluster_id: header.cluster_id,
+            leader,
+            members: r.members,
+        })
+    }
+}
+
+/// JOIN (and ROLLBACK in place) for one running member at `member`: wipe it into an empty
+/// learner of `new` ([`rejoin`]) and add it there, as a voter the leader promotes once caught
+/// up when `voter`, else as a learner; a member already listed is not added again. Returns its
+/// name.
+///
+/// Errors: [`rejoin`]'s; the new primary's refusal of the MemberAdd (a membership change
+/// still under way after 10 s is one).
+pub async fn join(new: &NewPrimary, member: &str, voter: bool) -> Result<String, ClientError> {
+    let r = rejoin(member, new.epoch, new.cluster_id, &new.leader).await?;
+    // One membership change at a time: the previous member's promotion may be under way.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !new.members.iter().any(|m| m.name == r.name) {
+        match crate::member_add(&new.endpoint, &r.name, r.peer_urls.clone(), !voter).await {
+            Err(ClientError::Rpc(s))
+                if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(ClientError::Rpc(s)) if s.message().contains("already exist") => break,
+            outcome => {
+                outcome?;
+                break;
+            }
+        }
+    }
+    Ok(r.name)
+}
+
 /// A vantage point's side of the region write lease: it grants the primary's leader its share
 /// while granting is on, and remembers when it last granted (on its own clock, at the grant: the
 /// controller waits the lease plus the clock-drift bound from then before it promotes). Cheap to

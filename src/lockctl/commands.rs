@@ -264,22 +264,27 @@ pub enum FailoverCommand {
         #[arg(long, value_parser = parse_token)]
         token: u64,
     },
-    /// ROLLBACK: make a recovered member of the old primary (or a standby learner not promoted)
-    /// a learner of the new primary at ENDPOINTS, never a voter. With the member stopped: its
-    /// data directory is moved aside (kept, for the lost window), it is added as a learner, and
-    /// the flags to start it with are printed; started so, it syncs the new primary's state.
+    /// ROLLBACK: make a recovered member of the old primary (or a standby member JOIN did not
+    /// reach) a learner of the new primary at ENDPOINTS (one member of it), never a voter.
+    /// With `--member`, the member runs: it is wiped in place (its data is not kept) and
+    /// restarts as the new primary's learner. With `--name`, `--peer-urls` and `--data-dir`,
+    /// it is stopped: its data directory is moved aside (kept, for the lost window), it is
+    /// added as a learner, and the flags to start it with are printed.
     Rejoin {
         #[command(flatten)]
         client: crate::cli::ClientArgs,
-        /// The member's name.
-        #[arg(long)]
-        name: String,
+        /// The running member's client endpoint.
+        #[arg(long, conflicts_with_all = ["name", "peer_urls", "data_dir"], required_unless_present = "name")]
+        member: Option<String>,
+        /// The stopped member's name.
+        #[arg(long, requires_all = ["peer_urls", "data_dir"])]
+        name: Option<String>,
         /// Its peer URLs, comma-separated.
         #[arg(long)]
-        peer_urls: String,
+        peer_urls: Option<String>,
         /// Its data directory.
         #[arg(long)]
-        data_dir: std::path::PathBuf,
+        data_dir: Option<std::path::PathBuf>,
     },
     /// How the vantage point at ENDPOINTS last saw the primary.
     Observe {
@@ -404,15 +409,24 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
             println!("approved: failing over into revision epoch {epoch}");
             Ok(0)
         }
-        FailoverCommand::Rejoin { client, name, peer_urls, data_dir } => {
-            let status = geolock_client::failover::status(&client.endpoints).await?;
-            let epoch = status.header.map_or(0, |h| h.revision).max(0) as u64 >> geolock_core::kv::REV_COUNTER_BITS;
-            if epoch == 0 {
-                return Err(CommandError::Rejoin(format!(
-                    "{} is in revision epoch 0, not a primary a failover made: rejoin joins the new primary",
-                    client.endpoints
-                )));
-            }
+        FailoverCommand::Rejoin { client, member: Some(member), .. } => {
+            let new = geolock_client::failover::NewPrimary::ask(&client.endpoints)
+                .await
+                .map_err(|e| CommandError::Rejoin(e.to_string()))?;
+            let name = geolock_client::failover::join(&new, &member, false).await?;
+            println!(
+                "{name} wiped and restarting as a learner of the primary in revision epoch {} (cluster {:x})",
+                new.epoch, new.cluster_id
+            );
+            Ok(0)
+        }
+        FailoverCommand::Rejoin { client, member: None, name, peer_urls, data_dir } => {
+            let (Some(name), Some(peer_urls), Some(data_dir)) = (name, peer_urls, data_dir) else {
+                return Err(CommandError::Rejoin("give --member, or --name with --peer-urls and --data-dir".into()));
+            };
+            let new = geolock_client::failover::NewPrimary::ask(&client.endpoints)
+                .await
+                .map_err(|e| CommandError::Rejoin(e.to_string()))?;
             if data_dir.exists() {
                 let secs =
                     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -426,7 +440,7 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
                     std::path::Path::new(&aside).display()
                 );
             }
-            println!("joining the primary in revision epoch {epoch} as a learner");
+            println!("joining the primary in revision epoch {} as a learner", new.epoch);
             member(&client.endpoints, MemberCommand::Add { name, peer_urls, learner: true }).await
         }
         FailoverCommand::Observe { client } => {
@@ -466,4 +480,15 @@ pub async fn failover_controller(path: &std::path::Path) -> Result<u8, CommandEr
     let epoch = geolock_client::controller::run(cfg).await?;
     println!("failed over into revision epoch {epoch}");
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_client_library_splits_revisions_into_epochs_as_the_key_space_does() {
+        assert_eq!(geolock_client::failover::REV_COUNTER_BITS, geolock_core::kv::REV_COUNTER_BITS);
+        for rev in [0, 1, (1 << 40) - 1, 1 << 40, 3 << 40 | 7, i64::MAX] {
+            assert_eq!(geolock_client::failover::epoch_of(rev), geolock_core::kv::epoch_of(rev), "{rev}");
+        }
+    }
 }

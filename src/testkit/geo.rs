@@ -113,6 +113,23 @@ impl GeoNode {
     }
 }
 
+/// The regions the relays cut off.
+#[derive(Debug, Default)]
+pub(crate) struct Cuts {
+    /// From everything, their own members too ([`GeoCluster::partition`] on loopback).
+    whole: BTreeSet<String>,
+    /// From the other regions only ([`GeoCluster::cut_wan`]).
+    wan: BTreeSet<String>,
+}
+
+impl Cuts {
+    /// Whether traffic from region `from` to region `to` is dropped.
+    pub(crate) fn drops(&self, from: &str, to: &str) -> bool {
+        let any = |set: &BTreeSet<String>| set.contains(from) || set.contains(to);
+        any(&self.whole) || (from != to && any(&self.wan))
+    }
+}
+
 /// Regions in namespaces: one per region, with the root end of its veth pair.
 #[derive(Debug)]
 struct Namespace {
@@ -127,8 +144,9 @@ pub struct GeoCluster {
     opts: GeoOptions,
     certs: PathBuf,
     namespaces: HashMap<String, Namespace>,
-    /// Regions cut off, in loopback mode (the relays drop their datagrams).
-    cut: Arc<Mutex<BTreeSet<String>>>,
+    /// Regions cut off: whole in loopback mode, and from the other regions only in either
+    /// (the relays drop their datagrams).
+    cut: Arc<Mutex<Cuts>>,
     /// Members whose peer traffic the relays drop, by address, in either mode.
     isolated: Arc<Mutex<BTreeSet<IpAddr>>>,
     /// An active-passive topology's controller, arbiter and DNS server.
@@ -213,7 +231,7 @@ impl GeoCluster {
             opts: opts.clone(),
             certs: opts.dir.join("certs"),
             namespaces: HashMap::new(),
-            cut: Arc::new(Mutex::new(BTreeSet::new())),
+            cut: Arc::new(Mutex::new(Cuts::default())),
             isolated: Arc::new(Mutex::new(BTreeSet::new())),
             failover: None,
             _relays: Vec::new(),
@@ -372,10 +390,15 @@ impl GeoCluster {
 
     /// Wait until node `i` answers a read (linearizable on voters, serializable elsewhere).
     async fn wait_serving(&mut self, i: usize, limit: Duration) -> Result<(), GeoError> {
+        self.wait_until(i, limit, false).await
+    }
+
+    /// Wait until node `i` serves reads, or with `status_only` only reports its status.
+    async fn wait_until(&mut self, i: usize, limit: Duration, status_only: bool) -> Result<(), GeoError> {
         let deadline = Instant::now() + limit;
         let serializable = self.nodes[i].role != Role::Voter;
         loop {
-            let probe = if self.nodes[i].role == Role::Witness {
+            let probe = if status_only || self.nodes[i].role == Role::Witness {
                 // A witness serves no reads: it is up once it reports status.
                 status(&self.nodes[i].endpoint()).await.map(|_| ())
             } else {
@@ -439,9 +462,44 @@ impl GeoCluster {
         self.wait_serving(i, Duration::from_secs(60)).await
     }
 
-    /// Cut region `region` off from every other (its nodes keep running).
+    /// Start node `name` again on its data, and wait only until it reports its status: an old
+    /// primary's voter without its region write lease serves no linearizable read.
+    pub async fn restart_reporting(&mut self, name: &str) -> Result<(), GeoError> {
+        let i = self.index(name)?;
+        self.kill(name)?;
+        self.spawn(i)?;
+        self.wait_until(i, Duration::from_secs(60), true).await
+    }
+
+    /// Cut region `region` off from every other (its nodes keep running). In namespaces its
+    /// link goes down: its members no longer reach each other either (their peer traffic
+    /// passes the root namespace's relays), nor clients outside it. See also
+    /// [`GeoCluster::cut_wan`].
     pub fn partition(&mut self, region: &str) -> Result<(), GeoError> {
         self.set_link(region, false)
+    }
+
+    /// Cut region `region` off from every other region, as a WAN partition does: its members
+    /// still reach each other, and clients in it (see [`GeoCluster::runtime_in`]) reach them;
+    /// the relays drop every datagram and connection between it and another region.
+    pub fn cut_wan(&mut self, region: &str) -> Result<(), GeoError> {
+        self.index_region(region)?;
+        self.cut.lock().unwrap().wan.insert(region.to_string());
+        Ok(())
+    }
+
+    /// Undo [`GeoCluster::cut_wan`].
+    pub fn heal_wan(&mut self, region: &str) -> Result<(), GeoError> {
+        self.index_region(region)?;
+        self.cut.lock().unwrap().wan.remove(region);
+        Ok(())
+    }
+
+    fn index_region(&self, region: &str) -> Result<(), GeoError> {
+        match self.topology.regions.iter().any(|r| r.name == region) {
+            true => Ok(()),
+            false => Err(GeoError::Unknown(region.to_string())),
+        }
     }
 
     /// Undo [`GeoCluster::partition`].
@@ -456,11 +514,11 @@ impl GeoCluster {
         match self.namespaces.get(region) {
             Some(ns) => ip(&["link", "set", &ns.root_link, if up { "up" } else { "down" }]),
             None => {
-                let mut cut = self.cut.lock().unwrap();
+                let whole = &mut self.cut.lock().unwrap().whole;
                 if up {
-                    cut.remove(region);
+                    whole.remove(region);
                 } else {
-                    cut.insert(region.to_string());
+                    whole.insert(region.to_string());
                 }
                 Ok(())
             }
@@ -637,15 +695,14 @@ fn delays(
     n: &TopologyNode,
     addr: IpAddr,
     region_of: Arc<HashMap<IpAddr, String>>,
-    cut: Arc<Mutex<BTreeSet<String>>>,
+    cut: Arc<Mutex<Cuts>>,
     isolated: Arc<Mutex<BTreeSet<IpAddr>>>,
 ) -> DelayFor {
     let topology = topology.clone();
     let here = n.region.clone();
     Arc::new(move |from: SocketAddr| {
         let there = region_of.get(&from.ip())?;
-        let cut = cut.lock().unwrap();
-        if cut.contains(there) || cut.contains(&here) {
+        if cut.lock().unwrap().drops(there, &here) {
             return None;
         }
         let isolated = isolated.lock().unwrap();

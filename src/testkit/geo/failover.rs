@@ -66,10 +66,7 @@ pub(super) type Roots = HashMap<String, IpAddr>;
 async fn relay(c: &GeoCluster, roots: &Roots, from: &str, target: SocketAddr, to: &str) -> Result<TcpRelay, GeoError> {
     let cut = c.cut.clone();
     let (a, b) = (from.to_string(), to.to_string());
-    let is_cut: Cut = Arc::new(move || {
-        let cut = cut.lock().unwrap();
-        cut.contains(&a) || cut.contains(&b)
-    });
+    let is_cut: Cut = Arc::new(move || cut.lock().unwrap().drops(&a, &b));
     Ok(TcpRelay::start(SocketAddr::new(roots[from], 0), target, c.topology.one_way(from, to), is_cut).await?)
 }
 
