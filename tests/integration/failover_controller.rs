@@ -426,13 +426,14 @@ fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_s
 }
 
 #[test]
-fn a_controller_killed_after_every_journal_record_and_once_mid_promote_fails_over_once() {
+fn a_controller_killed_after_every_journal_record_and_once_mid_promote_and_mid_join_fails_over_once() {
     let (mut s, mut granting) = Scenario::start(0);
     s.kill_primary();
     let cfg = s.config.to_str().unwrap().to_string();
     let mut lives = 0;
     let mut proc = granting.remove(0);
-    let mut mid_step = false;
+    // The steps a fresh life has died in, their effect done and not journaled.
+    let mut died_in: Vec<&str> = Vec::new();
     loop {
         let (ok, log) = wait_exit(&mut proc, Duration::from_secs(60));
         if ok {
@@ -442,19 +443,23 @@ fn a_controller_killed_after_every_journal_record_and_once_mid_promote_fails_ove
         lives += 1;
         assert!(lives < 40, "no end after {lives} controller lives:\n{}", s.journal());
         // Die after the next record; once, when PROMOTE has started, die in it instead, its
-        // promotion made and not journaled.
+        // promotion made and not journaled; and so in JOIN, its member wiped and added.
         let last = s.journal().lines().last().unwrap_or_default().to_string();
-        let failpoint = if !mid_step && last.contains("\"Started\"") && last.contains("\"Promote\"") {
-            mid_step = true;
-            "die-in-step:Promote"
-        } else {
-            "die-after-records:1"
+        let mid = ["Promote", "Join"].into_iter().find(|step| {
+            !died_in.contains(step) && last.contains("\"Started\"") && last.contains(&format!("\"{step}\""))
+        });
+        let failpoint = match mid {
+            Some(step) => {
+                died_in.push(step);
+                format!("die-in-step:{step}")
+            }
+            None => "die-after-records:1".to_string(),
         };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
-        cmd.args(["failover-controller", "--config", &cfg]).env("GEOLOCK_FAILPOINT", failpoint);
+        cmd.args(["failover-controller", "--config", &cfg]).env("GEOLOCK_FAILPOINT", &failpoint);
         proc = crate::common::spawn_logged(cmd, &s.dir.path().join(format!("controller-life-{lives}.log")));
     }
-    assert!(mid_step, "PROMOTE was never entered by a fresh life");
+    assert_eq!(died_in, ["Promote", "Join"], "steps not entered by a fresh life");
     eprintln!("{lives} controller lives");
     // Every record but `Armed` and `Detected` ones ended a life.
     let progress = s.journal().lines().filter(|l| !l.contains("\"Armed\"") && !l.contains("\"Detected\"")).count();
