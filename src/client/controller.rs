@@ -259,18 +259,13 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
         vantage: vantage.clone(),
         failpoint: Failpoint::from_env(),
         progress_records: 0,
-        promoted: records.iter().rev().find_map(|r| match r {
-            Record::Chose { target, .. } => Some(target.clone()),
-            _ => None,
-        }),
         feedback: Vec::new(),
-        fenced_majority: records.iter().any(|r| matches!(r, Record::Fenced { .. })),
     };
     let mut pending: VecDeque<Action> = first.into();
     let mut running: Option<StepTask> = None;
     loop {
         while let Some(action) = pending.pop_front() {
-            if let Some(started) = executor.carry_out(action)? {
+            if let Some(started) = executor.carry_out(action, &runbook)? {
                 running = Some(started);
             }
             for e in std::mem::take(&mut executor.feedback) {
@@ -357,13 +352,8 @@ struct Executor {
     failpoint: Option<Failpoint>,
     /// Records journaled by this process, `Armed` and `Detected` ones not counted.
     progress_records: usize,
-    /// The learner PROMOTE chose, once journaled: VERIFY probes it, as the other standby
-    /// learners stay learners of the lost cluster.
-    promoted: Option<String>,
     /// Events an action reported at once, for the runbook.
     feedback: Vec<Event>,
-    /// A majority of the old voters recorded the fence: PROMOTE need not wait out the lease.
-    fenced_majority: bool,
 }
 
 impl Executor {
@@ -377,22 +367,13 @@ impl Executor {
         self.vantage.last_grant().map_or(Duration::ZERO, |t| lease.saturating_sub(t.elapsed()))
     }
 
-    /// Carry out `action`: a record is synced before this returns; a step starts in a task of
-    /// its own, which is returned.
-    #[allow(clippy::type_complexity)]
-    fn carry_out(
-        &mut self,
-        action: Action,
-    ) -> Result<Option<(Step, tokio::task::JoinHandle<Vec<Event>>)>, ControllerError> {
+    /// Carry out `action`, which `runbook` returned: a record is synced before this returns; a
+    /// step starts in a task of its own, which is returned.
+    fn carry_out(&mut self, action: Action, runbook: &Runbook) -> Result<Option<StepTask>, ControllerError> {
         match action {
             Action::Journal(record) => {
                 tracing::info!("journal: {record:?}");
                 self.journal.append(&record)?;
-                match &record {
-                    Record::Chose { target, .. } => self.promoted = Some(target.clone()),
-                    Record::Fenced { .. } => self.fenced_majority = true,
-                    _ => {}
-                }
                 if !matches!(record, Record::Armed { .. } | Record::Detected { .. }) {
                     self.progress_records += 1;
                     if self.failpoint == Some(Failpoint::DieAfterRecords(self.progress_records)) {
@@ -413,9 +394,9 @@ impl Executor {
                     Action::Run { step, epoch } => (step, epoch, None),
                     _ => unreachable!("matched above"),
                 };
-                let (cfg, dns, promoted) = (self.cfg.clone(), self.dns.clone(), self.promoted.clone());
+                let (cfg, dns, promoted) = (self.cfg.clone(), self.dns.clone(), runbook.promoted().map(str::to_string));
                 let not_before = match step {
-                    Step::Promote if !self.fenced_majority => self.lease_left_by_monotonic_clock(),
+                    Step::Promote if !runbook.fenced_by_majority() => self.lease_left_by_monotonic_clock(),
                     _ => Duration::ZERO,
                 };
                 // Choosing PROMOTE's target has no effect to die after.

@@ -321,9 +321,36 @@ impl Runbook {
         (r, out)
     }
 
+    /// The runbook as `journal` left it, to read where it stands (`lockctl failover status`):
+    /// the phase, as [`Runbook::resume`] finds it, depends on no setting.
+    pub fn replayed(journal: &[Record]) -> Runbook {
+        let mut r = Runbook::new(Settings::default(), 0, 0);
+        for record in journal {
+            r.replay(record);
+        }
+        r
+    }
+
     /// Where the runbook stands.
     pub fn phase(&self) -> &Phase {
         &self.phase
+    }
+
+    /// Whether the primary has been seen healthy (DETECT counts from then on).
+    pub fn armed(&self) -> bool {
+        self.armed
+    }
+
+    /// The learner PROMOTE chose (journaled as [`Record::Chose`]): JOIN, VERIFY and NOTIFY act
+    /// on it.
+    pub fn promoted(&self) -> Option<&str> {
+        self.target.as_deref()
+    }
+
+    /// Whether a majority of the old voters recorded the fence ([`Record::Fenced`]): PROMOTE
+    /// need not wait out the old primary's lease.
+    pub fn fenced_by_majority(&self) -> bool {
+        self.fenced
     }
 
     /// Feed one event; returns what to do, in order.
@@ -578,25 +605,11 @@ impl Runbook {
 /// The journal as an operator reads it: one line a record, its time counted from the first
 /// record's, and each finished or failed step with how long it ran.
 pub fn timeline(records: &[Record]) -> Vec<String> {
-    let at = |r: &Record| match r {
-        Record::Armed { at_ms, .. }
-        | Record::Detected { at_ms, .. }
-        | Record::Recovered { at_ms }
-        | Record::Decided { at_ms, .. }
-        | Record::Started { at_ms, .. }
-        | Record::Finished { at_ms, .. }
-        | Record::Failed { at_ms, .. }
-        | Record::Fenced { at_ms, .. }
-        | Record::Chose { at_ms, .. }
-        | Record::OldApplied { at_ms, .. }
-        | Record::Seeded { at_ms, .. } => *at_ms,
-        Record::AwaitingApproval { .. } => 0,
-    };
-    let t0 = records.iter().map(at).find(|t| *t > 0).unwrap_or(0);
+    let t0 = records.iter().find_map(Record::at_ms).unwrap_or(0);
     let rel = |t: u64| t.saturating_sub(t0);
-    let mut started: BTreeMap<Step, u64> = BTreeMap::new();
     let mut out = Vec::new();
-    for r in records {
+    for (r, ran) in records.iter().zip(step_runs(records)) {
+        let ran_ms = ran.map_or(0, |(_, ms)| ms);
         let line = match r {
             Record::Armed { vantage, .. } => format!("armed: the primary seen healthy from {vantage}"),
             Record::Detected { vantages, .. } => format!("detected: lost as seen from {}", vantages.join(", ")),
@@ -606,20 +619,9 @@ pub fn timeline(records: &[Record]) -> Vec<String> {
                 "decided: fail over into revision epoch {epoch}; the old primary's write lease lapses at +{} ms",
                 rel(*lease_lapses_at_ms)
             ),
-            Record::Started { step, at_ms } => {
-                started.insert(*step, *at_ms);
-                format!("{step:?} started")
-            }
-            Record::Finished { step, at_ms } => {
-                format!(
-                    "{step:?} finished in {} ms",
-                    at_ms.saturating_sub(started.get(step).copied().unwrap_or(*at_ms))
-                )
-            }
-            Record::Failed { step, at_ms, reason } => format!(
-                "{step:?} failed after {} ms: {reason}",
-                at_ms.saturating_sub(started.get(step).copied().unwrap_or(*at_ms))
-            ),
+            Record::Started { step, .. } => format!("{step:?} started"),
+            Record::Finished { step, .. } => format!("{step:?} finished in {ran_ms} ms"),
+            Record::Failed { step, reason, .. } => format!("{step:?} failed after {ran_ms} ms: {reason}"),
             Record::Fenced { epoch, .. } => format!("a majority of the old voters recorded fenced({epoch})"),
             Record::Chose { target, .. } => format!("chose {target} to promote"),
             Record::OldApplied { index, .. } => {
@@ -629,9 +631,49 @@ pub fn timeline(records: &[Record]) -> Vec<String> {
                 "seeded the new cluster from applied index {applied_index} ({dropped_entries} received entries dropped)"
             ),
         };
-        out.push(format!("+{} ms {line}", rel(at(r))));
+        out.push(format!("+{} ms {line}", rel(r.at_ms().unwrap_or(0))));
     }
     out
+}
+
+impl Record {
+    /// When the record was made, in wall-clock milliseconds; none for
+    /// [`Record::AwaitingApproval`], which carries only its token's expiry.
+    pub fn at_ms(&self) -> Option<u64> {
+        match self {
+            Record::Armed { at_ms, .. }
+            | Record::Detected { at_ms, .. }
+            | Record::Recovered { at_ms }
+            | Record::Decided { at_ms, .. }
+            | Record::Started { at_ms, .. }
+            | Record::Finished { at_ms, .. }
+            | Record::Failed { at_ms, .. }
+            | Record::Fenced { at_ms, .. }
+            | Record::Chose { at_ms, .. }
+            | Record::OldApplied { at_ms, .. }
+            | Record::Seeded { at_ms, .. } => Some(*at_ms),
+            Record::AwaitingApproval { .. } => None,
+        }
+    }
+}
+
+/// For each record, in order: when it ends a run of a step (`Finished` or `Failed`), the step
+/// and the milliseconds since that step's last `Started`.
+fn step_runs(records: &[Record]) -> Vec<Option<(Step, u64)>> {
+    let mut started: BTreeMap<Step, u64> = BTreeMap::new();
+    records
+        .iter()
+        .map(|r| match r {
+            Record::Started { step, at_ms } => {
+                started.insert(*step, *at_ms);
+                None
+            }
+            Record::Finished { step, at_ms } | Record::Failed { step, at_ms, .. } => {
+                Some((*step, at_ms.saturating_sub(started.get(step).copied().unwrap_or(*at_ms))))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// What a failover lost, as far as the journal knows: the old primary's highest applied index
@@ -675,21 +717,8 @@ pub fn describe_lost_window(w: Option<LostWindow>) -> String {
 /// How long each finished step ran, in step order: from its last `Started` to its `Finished`,
 /// in milliseconds. NOTIFY, not finished while it reports, is left out.
 pub fn step_durations(records: &[Record]) -> Vec<(Step, u64)> {
-    let mut started: BTreeMap<Step, u64> = BTreeMap::new();
-    let mut took: BTreeMap<Step, u64> = BTreeMap::new();
-    for r in records {
-        match r {
-            Record::Started { step, at_ms } => {
-                started.insert(*step, *at_ms);
-            }
-            Record::Finished { step, at_ms } => {
-                if let Some(from) = started.get(step) {
-                    took.insert(*step, at_ms.saturating_sub(*from));
-                }
-            }
-            _ => {}
-        }
-    }
+    let finished = records.iter().zip(step_runs(records)).filter(|(r, _)| matches!(r, Record::Finished { .. }));
+    let took: BTreeMap<Step, u64> = finished.filter_map(|(_, ran)| ran).collect();
     took.into_iter().collect()
 }
 
@@ -1119,8 +1148,35 @@ mod tests {
     }
 
     #[test]
-    fn the_timeline_counts_from_the_first_record_and_times_each_step() {
+    fn a_replayed_journal_tells_where_the_runbook_stands_and_what_it_chose() {
+        let journal = [
+            Record::Armed { at_ms: 1_000, vantage: "standby".into() },
+            Record::AwaitingApproval { token: 0xa, expires_at_ms: 9_000 },
+            Record::Decided { epoch: 1, at_ms: 5_000, lease_lapses_at_ms: 7_000 },
+            Record::Started { step: Step::Fence, at_ms: 5_000 },
+            Record::Fenced { epoch: 1, at_ms: 5_010 },
+            Record::Finished { step: Step::Fence, at_ms: 5_020 },
+            Record::Started { step: Step::Promote, at_ms: 5_030 },
+            Record::Chose { target: "l1".into(), at_ms: 5_040 },
+            Record::Finished { step: Step::Promote, at_ms: 5_050 },
+            Record::Started { step: Step::Notify, at_ms: 5_060 },
+            Record::Finished { step: Step::Notify, at_ms: 5_070 },
+        ];
+        let at = |n: usize| Runbook::replayed(&journal[..n]);
+        assert_eq!((at(0).phase(), at(0).armed()), (&Phase::Watching, false));
+        assert_eq!((at(1).phase(), at(1).armed()), (&Phase::Watching, true));
+        assert_eq!(at(2).phase(), &Phase::AwaitingApproval { token: 0xa, expires_at_ms: 9_000 });
+        assert_eq!(at(3).phase(), &Phase::Running { epoch: 1, step: Step::Fence, retry_at_ms: None });
+        assert!(!at(4).fenced_by_majority() && at(5).fenced_by_majority());
+        assert_eq!(at(6).phase(), &Phase::WaitingForLease { epoch: 1 });
+        assert_eq!((at(7).promoted(), at(8).promoted()), (None, Some("l1")));
+        assert_eq!(at(11).phase(), &Phase::Done { epoch: 1 });
+    }
+
+    #[test]
+    fn the_timeline_counts_from_the_first_record_and_times_each_step_from_its_last_start() {
         let records = [
+            Record::AwaitingApproval { token: 0xa, expires_at_ms: 9_000 },
             Record::Detected { at_ms: 5_000, vantages: vec!["arbiter".into(), "standby".into()] },
             Record::Decided { epoch: 1, at_ms: 5_000, lease_lapses_at_ms: 7_000 },
             Record::Started { step: Step::Fence, at_ms: 5_000 },
@@ -1128,11 +1184,16 @@ mod tests {
             Record::Started { step: Step::Fence, at_ms: 6_040 },
             Record::Finished { step: Step::Fence, at_ms: 6_050 },
             Record::Started { step: Step::Promote, at_ms: 7_010 },
+            Record::Chose { target: "l1".into(), at_ms: 7_020 },
             Record::Finished { step: Step::Promote, at_ms: 7_215 },
+            Record::Started { step: Step::Notify, at_ms: 7_300 },
         ];
+        // NOTIFY, started and not finished, is not timed.
+        assert_eq!(step_durations(&records), [(Step::Fence, 10), (Step::Promote, 205)]);
         assert_eq!(
             timeline(&records),
             [
+                "+0 ms awaiting approval with token a",
                 "+0 ms detected: lost as seen from arbiter, standby",
                 "+0 ms decided: fail over into revision epoch 1; the old primary's write lease lapses at +2000 ms",
                 "+0 ms Fence started",
@@ -1140,7 +1201,9 @@ mod tests {
                 "+1040 ms Fence started",
                 "+1050 ms Fence finished in 10 ms",
                 "+2010 ms Promote started",
+                "+2020 ms chose l1 to promote",
                 "+2215 ms Promote finished in 205 ms",
+                "+2300 ms Notify started",
             ]
         );
     }
@@ -1216,22 +1279,6 @@ mod tests {
         assert!(!told.iter().any(|l| l.ends_with("had applied up to index 110")), "{told:?}");
         assert!(told.iter().any(|l| l.ends_with("from applied index 100 (3 received entries dropped)")), "{told:?}");
         assert_eq!(lost_window(&journal[..journal.len() - 1]), None);
-    }
-
-    #[test]
-    fn each_finished_step_is_timed_from_its_last_start() {
-        let records = [
-            Record::Decided { epoch: 1, at_ms: 5_000, lease_lapses_at_ms: 7_000 },
-            Record::Started { step: Step::Fence, at_ms: 5_000 },
-            Record::Failed { step: Step::Fence, at_ms: 5_040, reason: "hook".into() },
-            Record::Started { step: Step::Fence, at_ms: 6_040 },
-            Record::Finished { step: Step::Fence, at_ms: 6_050 },
-            Record::Started { step: Step::Promote, at_ms: 7_010 },
-            Record::Chose { target: "l1".into(), at_ms: 7_020 },
-            Record::Finished { step: Step::Promote, at_ms: 7_215 },
-            Record::Started { step: Step::Notify, at_ms: 7_300 },
-        ];
-        assert_eq!(step_durations(&records), [(Step::Fence, 10), (Step::Promote, 205)]);
     }
 
     #[test]

@@ -354,29 +354,10 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
             let records = geolock_client::journal::Journal::read(&journal).map_err(|e| {
                 CommandError::ControllerConfig { path: journal.display().to_string(), detail: e.to_string() }
             })?;
-            let decided = records.iter().find_map(|r| match r {
-                geolock_client::failover::Record::Decided { epoch, .. } => Some(*epoch),
-                _ => None,
-            });
-            let done = records.iter().any(|r| {
-                matches!(
-                    r,
-                    geolock_client::failover::Record::Finished { step: geolock_client::failover::Step::Notify, .. }
-                )
-            });
-            use geolock_client::failover::Record;
-            let armed = records.iter().any(|r| matches!(r, Record::Armed { .. }));
-            let awaiting = records
-                .iter()
-                .rev()
-                .find_map(|r| match r {
-                    Record::AwaitingApproval { token, expires_at_ms } => Some(Some((*token, *expires_at_ms))),
-                    Record::Recovered { .. } | Record::Decided { .. } => Some(None),
-                    _ => None,
-                })
-                .flatten();
-            match (decided, done, awaiting) {
-                (None, _, Some((token, expires_at_ms))) => {
+            use geolock_client::failover::{Phase, Runbook};
+            let runbook = Runbook::replayed(&records);
+            match runbook.phase() {
+                Phase::AwaitingApproval { token, expires_at_ms } => {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_millis() as u64);
@@ -388,17 +369,19 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
                         None => println!("awaiting approval; token {token:x} has expired, a new one follows"),
                     }
                 }
-                (None, _, None) if !armed => {
+                Phase::Watching if !runbook.armed() => {
                     println!("waiting to see the primary healthy once ({} records)", records.len())
                 }
-                (None, _, None) => println!("watching the primary ({} records)", records.len()),
-                (Some(epoch), false, _) => println!("failing over into revision epoch {epoch}"),
-                (Some(epoch), true, _) => println!("failed over into revision epoch {epoch}"),
+                Phase::Watching => println!("watching the primary ({} records)", records.len()),
+                Phase::Deciding { epoch } | Phase::Running { epoch, .. } | Phase::WaitingForLease { epoch } => {
+                    println!("failing over into revision epoch {epoch}")
+                }
+                Phase::Done { epoch } => println!("failed over into revision epoch {epoch}"),
             }
             for line in geolock_client::failover::timeline(&records) {
                 println!("{line}");
             }
-            if decided.is_some() {
+            if !matches!(runbook.phase(), Phase::Watching | Phase::AwaitingApproval { .. }) {
                 let window = geolock_client::failover::lost_window(&records);
                 println!("{}", geolock_client::failover::describe_lost_window(window));
             }
