@@ -120,14 +120,20 @@ pub(crate) struct Cuts {
     whole: BTreeSet<String>,
     /// From the other regions only ([`GeoCluster::cut_wan`]).
     wan: BTreeSet<String>,
+    /// Between two regions, each pair in name order ([`GeoCluster::cut_between`]).
+    pairs: BTreeSet<(String, String)>,
 }
 
 impl Cuts {
     /// Whether traffic from region `from` to region `to` is dropped.
     pub(crate) fn drops(&self, from: &str, to: &str) -> bool {
         let any = |set: &BTreeSet<String>| set.contains(from) || set.contains(to);
-        any(&self.whole) || (from != to && any(&self.wan))
+        any(&self.whole) || (from != to && (any(&self.wan) || self.pairs.contains(&pair(from, to))))
     }
+}
+
+fn pair(a: &str, b: &str) -> (String, String) {
+    (a.min(b).to_string(), a.max(b).to_string())
 }
 
 /// Regions in namespaces: one per region, with the root end of its veth pair.
@@ -492,6 +498,19 @@ impl GeoCluster {
     pub fn heal_wan(&mut self, region: &str) -> Result<(), GeoError> {
         self.index_region(region)?;
         self.cut.lock().unwrap().wan.remove(region);
+        Ok(())
+    }
+
+    /// Cut regions `a` and `b` off from each other only (a one-sided partition, as the
+    /// other regions see it); `up` undoes it.
+    pub fn cut_between(&mut self, a: &str, b: &str, up: bool) -> Result<(), GeoError> {
+        self.index_region(a)?;
+        self.index_region(b)?;
+        let pairs = &mut self.cut.lock().unwrap().pairs;
+        match up {
+            true => pairs.remove(&pair(a, b)),
+            false => pairs.insert(pair(a, b)),
+        };
         Ok(())
     }
 

@@ -283,3 +283,46 @@ fn a_partitioned_primary_region_writing_on_acknowledges_nothing_after_its_lease_
     assert!(v["header"]["revision"].as_i64().unwrap() > 1 << 40, "{v}");
     refused_by_name(&east_names[1]);
 }
+
+/// Whether the controller has decided anything: the journal holds a `Decided` record.
+fn decided(journal: &Path) -> bool {
+    std::fs::read_to_string(journal).unwrap_or_default().contains("\"Decided\"")
+}
+
+#[test]
+fn a_one_sided_partition_and_flapping_health_do_not_fail_over() {
+    let rt = rt();
+    let mut g = Geo::start(&rt, active_passive(), &[]);
+    let journal = g.c.failover.as_ref().unwrap().journal.clone();
+    let window = Duration::from_millis(active_passive().failover.unwrap().detect_window_ms);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&journal).unwrap_or_default().contains("\"Armed\"") {
+        assert!(Instant::now() < deadline, "the controller never saw the primary healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The standby cannot see the primary, the arbiter can: three windows, and no decision.
+    g.c.cut_between("us-east", "us-west", false).unwrap();
+    std::thread::sleep(window * 3);
+    let f = g.c.failover.as_mut().unwrap();
+    assert!(f.controller_exit().is_none() && !decided(&journal), "{}", std::fs::read_to_string(&journal).unwrap());
+    let log = std::fs::read_to_string(&f.controller_log).unwrap_or_default();
+    g.c.cut_between("us-east", "us-west", true).unwrap();
+    // Lost from everywhere for two thirds of the window, then back, four times over.
+    for _ in 0..4 {
+        g.c.cut_wan("us-east").unwrap();
+        std::thread::sleep(window * 2 / 3);
+        g.c.heal_wan("us-east").unwrap();
+        std::thread::sleep(window * 2 / 3);
+    }
+    let f = g.c.failover.as_mut().unwrap();
+    assert!(f.controller_exit().is_none() && !decided(&journal), "{}", std::fs::read_to_string(&journal).unwrap());
+    // The primary serves again, and the standby region never took writes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !put_outcome(&g.c.voter_endpoints(), "after-flapping", "v", "3s").0 {
+        assert!(Instant::now() < deadline, "the primary does not serve after the flapping:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = lockctl(&["failover", "status", "--journal", journal.to_str().unwrap()]);
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(shown.starts_with("watching the primary"), "{shown}");
+}
