@@ -686,6 +686,11 @@ async fn promote(epoch: u64, target: &str) -> Result<Vec<Event>, String> {
 const JOIN_CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 const _: () = assert!(JOIN_CATCH_UP_WAIT.as_secs() * 2 < STEP_DURATION_MAX.as_secs());
 
+/// How long, from JOIN's start, the other standby members have to answer (all of them
+/// together: a lost one must not hold the failover for long).
+const JOIN_ANSWER_WAIT: Duration = Duration::from_secs(10);
+const _: () = assert!(JOIN_ANSWER_WAIT.as_secs() + JOIN_CATCH_UP_WAIT.as_secs() < STEP_DURATION_MAX.as_secs());
+
 /// How many of `joined` members, beside the one voter PROMOTE left, become voters: an even
 /// number, so that the new primary has an odd count (as etcd advises: a fourth voter raises
 /// the quorum without tolerating another failure, and two voters need both for every commit).
@@ -705,14 +710,32 @@ async fn join(cfg: &ControllerConfig, epoch: u64, promoted: &str) -> Result<Vec<
         return Err(format!("{promoted} is in revision epoch {}, not {epoch}", new.epoch));
     }
     let mut joined = Vec::new();
+    let answer_by = tokio::time::Instant::now() + JOIN_ANSWER_WAIT;
     for ep in cfg.standby.split(',').filter(|e| !e.is_empty() && *e != promoted) {
-        match tokio::time::timeout(Duration::from_secs(20), failover::join(&new, ep, false)).await {
-            Ok(Ok(name)) => {
-                tracing::info!("{name} ({ep}) wiped and added to the new primary");
-                joined.push(name);
+        loop {
+            let asked = tokio::time::timeout_at(answer_by, failover::join(&new, ep, false)).await;
+            match asked {
+                Ok(Ok(name)) => {
+                    tracing::info!("{name} ({ep}) wiped and added to the new primary");
+                    joined.push(name);
+                }
+                // A member slow to answer (a loaded machine, a restart) is asked again.
+                Ok(Err(crate::ClientError::Connect(_))) if tokio::time::Instant::now() < answer_by => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                }
+                Ok(Err(crate::ClientError::Rpc(s)))
+                    if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < answer_by =>
+                {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                }
+                Ok(Err(e)) => tracing::warn!("standby member {ep} not joined ({e}): lockctl failover rejoin it"),
+                Err(_) => tracing::warn!(
+                    "standby member {ep} not joined within {JOIN_ANSWER_WAIT:?}: lockctl failover rejoin it"
+                ),
             }
-            Ok(Err(e)) => tracing::warn!("standby member {ep} not joined ({e}): lockctl failover rejoin it"),
-            Err(_) => tracing::warn!("standby member {ep} not joined within 20 s: lockctl failover rejoin it"),
+            break;
         }
     }
     let voters = &joined[..voters_to_add(joined.len())];

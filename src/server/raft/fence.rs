@@ -11,7 +11,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::format::{decode, encode};
+use super::format::{encode, read};
 use super::network::Kind;
 use super::{Node, NodeError, Raft};
 use geolock_core::storage::{Cf, Engine, StorageError, WriteBatch};
@@ -21,10 +21,7 @@ const FENCED_EPOCH: &[u8] = b"fenced_epoch";
 
 /// The epoch this member was fenced by, 0 if it never was.
 pub(super) fn load(engine: &dyn Engine) -> Result<u64, StorageError> {
-    match engine.get(Cf::RaftMeta, FENCED_EPOCH)? {
-        None => Ok(0),
-        Some(v) => decode(&v).map_err(|e| StorageError::Corrupt { what: "fence record", detail: e.to_string() }),
-    }
+    Ok(read(engine, Cf::RaftMeta, FENCED_EPOCH, "fence record")?.unwrap_or(0))
 }
 
 /// Whether a fenced member still answers a peer request of `kind`: only those that change

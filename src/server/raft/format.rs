@@ -56,6 +56,20 @@ pub(super) fn decode<T: DeserializeOwned>(record: &[u8]) -> Result<T, FormatErro
     }
 }
 
+/// The record [`encode`] wrote under `key` in `cf`, if any; `what` names it in the error
+/// a record that does not decode gives.
+pub(super) fn read<T: DeserializeOwned>(
+    engine: &dyn geolock_core::storage::Engine,
+    cf: geolock_core::storage::Cf,
+    key: &[u8],
+    what: &'static str,
+) -> Result<Option<T>, geolock_core::storage::StorageError> {
+    engine
+        .get(cf, key)?
+        .map(|v| decode(&v).map_err(|e| geolock_core::storage::StorageError::Corrupt { what, detail: e.to_string() }))
+        .transpose()
+}
+
 /// A member's role as the membership records it, apart from the configuration's [`Role`], so
 /// that a change to configuration cannot change what is replicated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

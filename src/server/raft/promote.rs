@@ -20,7 +20,7 @@ use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::vote::{RaftLeaderId, RaftLeaderIdExt};
 use openraft::{Membership, RaftTypeConfig};
 
-use super::format::{decode, encode};
+use super::format::{decode, encode, read};
 use super::{bootstrap, log_store, state_machine, Member, MemberRole, Node, NodeError, TypeConfig};
 use crate::config::Role;
 use geolock_core::kv::{epoch_of, KvError, EPOCH_MAX};
@@ -48,17 +48,7 @@ pub struct Seeded {
 
 /// The ID of the cluster this member seeded, if it seeded one.
 pub(super) fn seeded_cluster_id(engine: &dyn Engine) -> Result<Option<u64>, StorageError> {
-    engine
-        .get(Cf::RaftMeta, CLUSTER_ID)?
-        .map(|v| decode(&v).map_err(|e| StorageError::Corrupt { what: "cluster id", detail: e.to_string() }))
-        .transpose()
-}
-
-fn read<T: serde::de::DeserializeOwned>(engine: &dyn Engine, cf: Cf, key: &[u8]) -> Result<Option<T>, StorageError> {
-    engine
-        .get(cf, key)?
-        .map(|v| decode(&v).map_err(|e| StorageError::Corrupt { what: "raft metadata", detail: e.to_string() }))
-        .transpose()
+    read(engine, Cf::RaftMeta, CLUSTER_ID, "cluster id")
 }
 
 /// Rewrite the stopped member `id`'s storage so that it starts as the only voter `me` of cluster
@@ -70,8 +60,9 @@ pub(super) fn seed_new_cluster(
     cluster_id: u64,
     epoch: u64,
 ) -> Result<Seeded, StorageError> {
-    let applied: Option<LogIdOf<TC>> = read(engine, Cf::SmMeta, state_machine::APPLIED)?.flatten();
-    let vote: Option<VoteOf<TC>> = read(engine, Cf::RaftMeta, log_store::VOTE)?;
+    let applied: Option<LogIdOf<TC>> =
+        read(engine, Cf::SmMeta, state_machine::APPLIED, "last applied log id")?.flatten();
+    let vote: Option<VoteOf<TC>> = read(engine, Cf::RaftMeta, log_store::VOTE, "vote")?;
     let last: Option<LogIdOf<TC>> = match engine.last(Cf::Log)? {
         Some((_, v)) => Some(
             decode::<EntryOf<TC>>(&v)
@@ -203,7 +194,7 @@ mod tests {
         let membership = log[3].get_membership().expect("a membership entry").clone();
         assert_eq!(membership.voter_ids().collect::<Vec<_>>(), [2]);
         assert_eq!(membership.get_node(&2).unwrap().role, MemberRole::Voter);
-        let vote: VoteOf<TC> = read(&*engine, Cf::RaftMeta, log_store::VOTE).unwrap().unwrap();
+        let vote: VoteOf<TC> = read(&*engine, Cf::RaftMeta, log_store::VOTE, "vote").unwrap().unwrap();
         assert_eq!(vote, VoteOf::<TC>::new_committed(7, 2));
     }
 }

@@ -10,7 +10,7 @@
 //! (for an old primary's member) the lost window, which FENCE already reported. The record
 //! wins over the flags it was started with, which still describe the old cluster.
 
-use super::format::{decode, encode};
+use super::format::{encode, read};
 use super::{promote, Node, NodeError};
 use crate::config::Role;
 use geolock_core::kv::epoch_of;
@@ -36,10 +36,7 @@ pub struct Joined {
 
 /// The cluster this member was wiped to join, if it was.
 pub(super) fn joined(engine: &dyn Engine) -> Result<Option<Joined>, StorageError> {
-    engine
-        .get(Cf::RaftMeta, JOINED)?
-        .map(|v| decode(&v).map_err(|e| StorageError::Corrupt { what: "joined record", detail: e.to_string() }))
-        .transpose()
+    read(engine, Cf::RaftMeta, JOINED, "joined record")
 }
 
 /// Delete everything the stopped member holds, its fence record and any seeded cluster ID
