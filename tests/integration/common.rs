@@ -5,7 +5,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use geolock_testkit::launch::{free_port, MemberFlags};
@@ -535,4 +536,48 @@ pub fn dig(bind: &geolock_testkit::bind::Bind, name: &str, rtype: &str) -> Vec<S
 pub fn put_outcome(endpoint: &str, key: &str, value: &str, timeout: &str) -> (bool, String) {
     let out = etcdctl(endpoint, &[&format!("--command-timeout={timeout}"), "put", key, value], None);
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// A resource that accepts a writer only with a fencing token greater than every token it
+/// accepted before, and notices two writers inside it at once.
+#[derive(Default)]
+pub struct FencedResource {
+    last_token: Mutex<i64>,
+    inside: AtomicBool,
+    accepted: Mutex<Vec<i64>>,
+    rejections: AtomicUsize,
+    overlaps: AtomicUsize,
+}
+
+impl FencedResource {
+    pub async fn write(&self, token: i64) {
+        if self.inside.swap(true, Ordering::SeqCst) {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        {
+            let mut last = self.last_token.lock().unwrap();
+            if token <= *last {
+                self.rejections.fetch_add(1, Ordering::SeqCst);
+            } else {
+                *last = token;
+                self.accepted.lock().unwrap().push(token);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        self.inside.store(false, Ordering::SeqCst);
+    }
+
+    /// How many writes it accepted; or what went wrong: a token rejected, two holders inside
+    /// at once, tokens not strictly increasing.
+    pub fn verdict(&self) -> Result<usize, String> {
+        let (r, o) = (self.rejections.load(Ordering::SeqCst), self.overlaps.load(Ordering::SeqCst));
+        let accepted = self.accepted.lock().unwrap();
+        if r > 0 || o > 0 {
+            return Err(format!("{r} rejected tokens, {o} overlapping holds"));
+        }
+        if !accepted.windows(2).all(|w| w[0] < w[1]) {
+            return Err(format!("tokens not strictly increasing: {accepted:?}"));
+        }
+        Ok(accepted.len())
+    }
 }

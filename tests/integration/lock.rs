@@ -1,54 +1,12 @@
 //! Locks and elections: native v3lock/v3election callers, `lockctl`, and etcdctl's recipes.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, LockOptions};
 
-use crate::common::{client, etcdctl_bg, lockctl_bg, rt, wait_lines, GeoNode};
-
-/// A resource that accepts a writer only with a fencing token greater than every token it
-/// accepted before, and notices two writers inside it at once.
-#[derive(Default)]
-struct FencedResource {
-    last_token: Mutex<i64>,
-    inside: AtomicBool,
-    accepted: Mutex<Vec<i64>>,
-    rejections: AtomicUsize,
-    overlaps: AtomicUsize,
-}
-
-impl FencedResource {
-    async fn write(&self, token: i64) {
-        if self.inside.swap(true, Ordering::SeqCst) {
-            self.overlaps.fetch_add(1, Ordering::SeqCst);
-        }
-        {
-            let mut last = self.last_token.lock().unwrap();
-            if token <= *last {
-                self.rejections.fetch_add(1, Ordering::SeqCst);
-            } else {
-                *last = token;
-                self.accepted.lock().unwrap().push(token);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        self.inside.store(false, Ordering::SeqCst);
-    }
-
-    fn verdict(&self) -> Result<usize, String> {
-        let (r, o) = (self.rejections.load(Ordering::SeqCst), self.overlaps.load(Ordering::SeqCst));
-        let accepted = self.accepted.lock().unwrap();
-        if r > 0 || o > 0 {
-            return Err(format!("{r} rejected tokens, {o} overlapping holds"));
-        }
-        if !accepted.windows(2).all(|w| w[0] < w[1]) {
-            return Err(format!("tokens not strictly increasing: {accepted:?}"));
-        }
-        Ok(accepted.len())
-    }
-}
+use crate::common::{client, etcdctl_bg, lockctl_bg, rt, wait_lines, FencedResource, GeoNode};
 
 /// How a contender takes the lock: returns (fencing token, key to unlock).
 #[derive(Clone, Copy)]
