@@ -534,7 +534,7 @@ async fn run_step(
             (Step::Promote, Some(target)) => promote(epoch, &target).await,
             (Step::Join, _) => join(cfg, epoch, promoted.as_deref().ok_or("no learner was promoted")?).await,
             (Step::Redirect, _) => redirect(dns).await,
-            (Step::Verify, _) => verify(promoted.as_deref().ok_or("no learner was promoted")?, dns, epoch).await,
+            (Step::Verify, _) => verify(cfg, promoted.as_deref().ok_or("no learner was promoted")?, dns, epoch).await,
             (Step::Notify, _) => notify(cfg, epoch, promoted.as_deref()).await,
         }
     };
@@ -777,34 +777,84 @@ async fn redirect(dns: Option<&(Updater, Endpoint, Endpoint)>) -> Result<Vec<Eve
     Ok(vec![])
 }
 
-/// VERIFY: the name resolves to the standby's records, and the new primary (`promoted`) takes a write, reads
-/// it back in the new epoch, and grants and releases a probe lock.
-async fn verify(promoted: &str, dns: Option<&(Updater, Endpoint, Endpoint)>, epoch: u64) -> Result<Vec<Event>, String> {
-    if let Some((updater, _, to)) = dns {
-        let found = updater.read().await.map_err(|e| e.to_string())?;
-        if found != *to {
-            return Err(format!("the client name resolves to {found}, not {to}"));
+/// VERIFY: the name resolves to the standby's records; through the members its SRV records
+/// lead to (or `promoted` without DNS), a probe write lands in the new epoch and reads back,
+/// and a probe lock is granted and released; no member of the old primary takes a write.
+async fn verify(
+    cfg: &ControllerConfig,
+    promoted: &str,
+    dns: Option<&(Updater, Endpoint, Endpoint)>,
+    epoch: u64,
+) -> Result<Vec<Event>, String> {
+    use geolock_proto::etcdserverpb as pb;
+    let through = match dns {
+        Some((updater, _, to)) => {
+            let found = updater.read().await.map_err(|e| e.to_string())?;
+            if found != *to {
+                return Err(format!("the client name resolves to {found}, not {to}"));
+            }
+            let members = updater.members().await.map_err(|e| e.to_string())?;
+            if members.is_empty() {
+                return Err(format!("the client name's SRV records ({to}) lead to no address"));
+            }
+            members.iter().map(std::net::SocketAddr::to_string).collect::<Vec<_>>().join(",")
         }
-    }
-    let ch = crate::connect(promoted).await.map_err(|e| e.to_string())?;
-    let mut kv = geolock_proto::etcdserverpb::kv_client::KvClient::new(ch);
-    let key = b"geolock/failover/verify".to_vec();
-    let put = geolock_proto::etcdserverpb::PutRequest {
-        key: key.clone(),
-        value: epoch.to_string().into_bytes(),
-        ..Default::default()
+        None => promoted.to_string(),
     };
+    let ch = crate::connect(&through).await.map_err(|e| e.to_string())?;
+    let mut kv = pb::kv_client::KvClient::new(ch);
+    let (key, value) = (b"geolock/failover/verify".to_vec(), epoch.to_string().into_bytes());
+    let put = pb::PutRequest { key: key.clone(), value: value.clone(), ..Default::default() };
     let rev = kv.put(put).await.map_err(|e| format!("probe write: {e}"))?.into_inner().header.map_or(0, |h| h.revision);
     if failover::epoch_of(rev) != epoch {
         return Err(format!("probe write at revision {rev}, outside revision epoch {epoch}"));
     }
-    let mut session = crate::Session::grant(promoted, 10).await.map_err(|e| e.to_string())?;
+    let got = kv.range(pb::RangeRequest { key, ..Default::default() }).await.map_err(|e| format!("probe read: {e}"))?;
+    if got.into_inner().kvs.first().map(|kv| &kv.value) != Some(&value) {
+        return Err("the probe write does not read back".into());
+    }
+    let mut session = crate::Session::grant(&through, 10).await.map_err(|e| e.to_string())?;
     let held =
-        crate::acquire(promoted, "geolock/failover/verify-lock", &mut session).await.map_err(|e| e.to_string())?;
-    crate::unlock(promoted, &held.key).await.map_err(|e| e.to_string())?;
-    session.revoke(promoted).await;
-    tracing::info!("verified: probe write at revision {rev:#x}, probe lock token {:#x}", held.token);
+        crate::acquire(&through, "geolock/failover/verify-lock", &mut session).await.map_err(|e| e.to_string())?;
+    crate::unlock(&through, &held.key).await.map_err(|e| e.to_string())?;
+    session.revoke(&through).await;
+    let old = old_primary_takes_no_write(cfg, epoch).await?;
+    tracing::info!(
+        "verified through {through}: probe write at revision {rev:#x}, probe lock token {:#x}; {old}",
+        held.token
+    );
     Ok(vec![])
+}
+
+/// How long VERIFY waits for each old member's answer to its probe write.
+const OLD_PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// A probe write to each of the old primary's members, at once: an error if any acknowledges
+/// it (the fence failed), else how they refused.
+async fn old_primary_takes_no_write(cfg: &ControllerConfig, epoch: u64) -> Result<String, String> {
+    use geolock_proto::etcdserverpb as pb;
+    let members: Vec<&str> = cfg.primary.split(',').filter(|e| !e.is_empty()).collect();
+    let probes = members.iter().map(|ep| async move {
+        let probe = async {
+            let ch = crate::connect(ep).await.map_err(|e| e.to_string())?;
+            let put = pb::PutRequest {
+                key: b"geolock/failover/verify-old-primary".to_vec(),
+                value: epoch.to_string().into_bytes(),
+                ..Default::default()
+            };
+            pb::kv_client::KvClient::new(ch).put(put).await.map_err(|e| e.message().to_string())
+        };
+        (ep, tokio::time::timeout(OLD_PROBE_WAIT, probe).await)
+    });
+    for (ep, outcome) in futures::future::join_all(probes).await {
+        if let Ok(Ok(acked)) = outcome {
+            let rev = acked.into_inner().header.map_or(0, |h| h.revision);
+            return Err(format!(
+                "the old primary's member {ep} acknowledged a write at revision {rev} after the failover"
+            ));
+        }
+    }
+    Ok(format!("none of the old primary's {} members took a probe write", members.len()))
 }
 
 /// NOTIFY: the journal's timeline, and each step's duration, in the log and to the webhook. A

@@ -215,15 +215,8 @@ impl Updater {
         for (owner, rtype) in
             [(&self.name, RecordType::A), (&self.name, RecordType::AAAA), (&self.srv_name, RecordType::SRV)]
         {
-            let mut q = Message::query();
-            q.add_query(Query::query(owner.clone(), rtype));
-            let (answer, _) = self.exchange(q, false).await?;
-            match answer.response_code {
-                ResponseCode::NoError | ResponseCode::NXDomain => {}
-                code => return Err(DnsError::Answer { server: self.server, what: "a query", code }),
-            }
-            for r in answer.answers.iter().filter(|r| r.name == *owner) {
-                match &r.data {
+            for data in self.query(owner, rtype).await? {
+                match data {
                     RData::A(a) => {
                         found.addrs.insert(IpAddr::V4(a.0));
                     }
@@ -241,6 +234,40 @@ impl Updater {
             }
         }
         Ok(found)
+    }
+
+    /// The members a client finds by DNS discovery of the client name (as etcd's
+    /// `--discovery-srv`): each `_etcd-client._tcp` SRV target's A and AAAA addresses, as this
+    /// server answers them, with the target's port. Empty when the name has no SRV record.
+    ///
+    /// Errors: the server's failure to answer, or an answer other than NOERROR and NXDOMAIN.
+    pub async fn members(&self) -> Result<Vec<SocketAddr>, DnsError> {
+        let mut found = Vec::new();
+        for member in self.read().await?.members {
+            let host = absolute("SRV target", &member.host)?;
+            for rtype in [RecordType::A, RecordType::AAAA] {
+                for data in self.query(&host, rtype).await? {
+                    match data {
+                        RData::A(a) => found.push(SocketAddr::new(IpAddr::V4(a.0), member.port)),
+                        RData::AAAA(a) => found.push(SocketAddr::new(IpAddr::V6(a.0), member.port)),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The `rtype` records of `owner` the server answers with.
+    async fn query(&self, owner: &Name, rtype: RecordType) -> Result<Vec<RData>, DnsError> {
+        let mut q = Message::query();
+        q.add_query(Query::query(owner.clone(), rtype));
+        let (answer, _) = self.exchange(q, false).await?;
+        match answer.response_code {
+            ResponseCode::NoError | ResponseCode::NXDomain => {}
+            code => return Err(DnsError::Answer { server: self.server, what: "a query", code }),
+        }
+        Ok(answer.answers.into_iter().filter(|r| r.name == *owner).map(|r| r.data).collect())
     }
 
     /// Replace `expected` by `new` in one update whose prerequisites are `expected`.

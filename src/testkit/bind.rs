@@ -111,13 +111,18 @@ impl Bind {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(BindError::Exited { status, log: self.log() });
             }
-            // named logs "running" once it has tried its zones and listens; a zone it could not
-            // load it names, and runs without.
+            // named loads zones in the background: "running" can come before the zone's
+            // verdict, so wait for the verdict itself ("loaded serial", or "not loaded due to
+            // errors", after which named runs without the zone).
             let log = self.log();
             if log.contains("not loaded due to errors") {
                 return Err(BindError::ZoneNotLoaded { log });
             }
-            if log.contains(" running") && TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            let loaded = format!("zone {}/IN: loaded serial", self.zone.trim_end_matches('.'));
+            if log.contains(&loaded)
+                && log.contains(" running")
+                && TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {

@@ -29,15 +29,19 @@ fn write_config(
     webhook: &Webhook,
 ) -> std::path::PathBuf {
     let secret = data_encoding::BASE64.encode(&bind.key.secret);
+    // The standby's members by name (`l1`, `l2`, ... on loopback, each with an A record in the
+    // zone), so that VERIFY's DNS discovery leads to them.
+    let srv: Vec<String> = standby_srv(standby).iter().map(|(host, port)| format!("\"{host}:{port}\"")).collect();
     let text = format!(
         "name: standby\nlisten: \"{listen}\"\njournal: \"{journal}\"\nprimary: \"{primary}\"\nstandby: \"{standby}\"\n\
          arbiters: [\"{arbiter}\"]\nepoch: 0\nmode: {mode}\ndetect_window_ms: 1000\nprobe_interval_ms: 200\n\
          write_lease_ms: 1500\nclock_drift_ms: 500\nstep_retry_ms: 1000\n\
          dns:\n  server: \"{server}\"\n  zone: \"{ZONE}\"\n  name: \"{NAME}\"\n  key_name: \"{key}\"\n  key_secret: \"{secret}\"\n\
          \x20 primary: {{ addrs: [\"10.0.1.1\"], srv: [\"n1.us-east.geolock.test:2379\"] }}\n\
-         \x20 standby: {{ addrs: [\"10.0.2.1\"], srv: [\"l1.us-west.geolock.test:2379\"] }}\n\
+         \x20 standby: {{ addrs: [\"127.0.0.1\"], srv: [{srv}] }}\n\
          notify:\n  webhook: \"http://127.0.0.1:{hook}/failover\"\n  attempts: 3\n  timeout_ms: 2000\n",
         hook = webhook.port,
+        srv = srv.join(", "),
         journal = dir.join("journal").display(),
         server = bind.addr,
         key = bind.key.name,
@@ -45,6 +49,20 @@ fn write_config(
     let path = dir.join("controller.yaml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// The standby's SRV targets: `l{i}.us-west.geolock.test` for its i-th endpoint, with its port.
+fn standby_srv(standby: &str) -> Vec<(String, u16)> {
+    standby
+        .split(',')
+        .enumerate()
+        .map(|(i, ep)| {
+            (
+                format!("l{}.us-west.{}", i + 1, ZONE.trim_end_matches('.')),
+                ep.rsplit(':').next().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
 }
 
 /// A webhook receiver: Python's own HTTP server, which answers its first POST with 503 (so
@@ -202,10 +220,13 @@ impl Scenario {
     /// through a [`VantageView`]; the controllers run in `mode` (`auto` or `approve`).
     fn start_seen(controllers: usize, through_proxies: bool, mode: &str) -> (Scenario, Vec<crate::common::Proc>) {
         let dir = tempfile::tempdir().unwrap();
-        let records = [
+        let learner_ports = [free_port(), free_port()];
+        let standby = learner_ports.map(|p| format!("127.0.0.1:{p}"));
+        let mut records = vec![
             format!("{NAME} IN A 10.0.1.1"),
             format!("_etcd-client._tcp.{NAME} IN SRV 0 0 2379 n1.us-east.geolock.test."),
         ];
+        records.extend(standby_srv(&standby.join(",")).into_iter().map(|(host, _)| format!("{host}. IN A 127.0.0.1")));
         let bind = Bind::start(dir.path(), ZONE, &records).unwrap();
         let webhook = Webhook::start(dir.path());
         let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port())).map(|(c, p)| (c, p, p)).collect();
@@ -215,8 +236,6 @@ impl Scenario {
             None => ports.iter().map(|p| format!("127.0.0.1:{}", p.0)).collect::<Vec<_>>().join(","),
         };
         let (ctl, arb) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-        let learner_ports = [free_port(), free_port()];
-        let standby = learner_ports.map(|p| format!("127.0.0.1:{p}"));
         let config = write_config(dir.path(), &ctl, &arb, &primary, &standby.join(","), &bind, mode, &webhook);
         let arbiter = lockctl_bg(
             "",
@@ -284,8 +303,19 @@ impl Scenario {
     /// The failover happened once: the name moved, the standby serves the data in epoch 1, one
     /// decision, each step finished once, one promotion, one DNS change.
     fn assert_failed_over_once(&self) {
-        assert_eq!(dig(&self.bind, NAME, "A"), ["10.0.2.1"]);
-        assert_eq!(dig(&self.bind, &format!("_etcd-client._tcp.{NAME}"), "SRV"), ["0 0 2379 l1.us-west.geolock.test."]);
+        assert_eq!(dig(&self.bind, NAME, "A"), ["127.0.0.1"]);
+        let srv: Vec<String> = self
+            .learners
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let port = self.c.endpoint(i).rsplit(':').next().unwrap().to_string();
+                format!("0 0 {port} l{}.us-west.geolock.test.", k + 1)
+            })
+            .collect();
+        let mut srv = srv;
+        srv.sort();
+        assert_eq!(dig(&self.bind, &format!("_etcd-client._tcp.{NAME}"), "SRV"), srv);
         let promoted = self.promoted();
         let got = etcdctl(&promoted, &["get", "k", "--print-value-only"], None);
         assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "before");

@@ -208,11 +208,15 @@ impl Node {
         Ok(())
     }
 
-    /// Hand leadership to voter `to` and wait until it leads.
+    /// Hand leadership to voter `to` and wait until it leads: for as long as etcd's request
+    /// timeout (its `ReqTimeout`, 5 s plus two election timeouts), which bounds etcd's own
+    /// MoveLeader wait besides the client's deadline. Three election timeouts, the wait before,
+    /// timed out under the load of a full test run (the transferee must catch up and win a
+    /// vote on a machine shared with a dozen clusters).
     pub(super) async fn transfer_leadership(&self, to: u64) -> Result<(), NodeError> {
         self.refuse_if_fenced()?;
         self.raft.trigger().transfer_leader(to).await.map_err(|_| NodeError::Stopped)?;
-        let waited = self.election_timeout * 3;
+        let waited = Duration::from_secs(5) + self.election_timeout * 2;
         self.raft
             .wait(Some(waited))
             .metrics(|m| m.current_leader == Some(to), "leadership transferred")
