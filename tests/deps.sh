@@ -5,10 +5,12 @@
 # etcd-client (etcdctl, the reference client), etcd-server (etcd, for side-by-side tests),
 # iproute2 (`ip`, for the multi-region harness's network namespaces), python3 (the programs
 # the partition tests' lock holders run), bind9 (named, the DNS server the failover controller
-# updates) and bind9-dnsutils (dig, to read what named serves independently of our own reader).
+# updates), bind9-dnsutils (dig, to read what named serves independently of our own reader),
+# prometheus (promtool, which checks the /metrics exposition and unit-tests the alert rules, and the
+# server, which evaluates them against a live cluster) and chromium (a real browser for the cluster page).
 set -euo pipefail
 need=()
-for p in libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server iproute2 python3 bind9 bind9-dnsutils; do
+for p in libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server iproute2 python3 bind9 bind9-dnsutils prometheus chromium; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

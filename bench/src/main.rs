@@ -48,6 +48,10 @@ enum What {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// What metrics cost: put and range throughput of one geolock node with `--metrics off` and
+    /// one with `--metrics extensive` scraped every second (Prometheus scrapes every 15 s to 1
+    /// min), etcd beside them for scale.
+    Metrics,
 }
 
 /// A cluster of three server processes, SIGKILLed on drop.
@@ -443,6 +447,51 @@ async fn run_locks(endpoint: &str, clients: usize, shared_name: bool, seconds: u
     LockFigures { cycles_per_s: wait.len() as f64 / elapsed, wait, handover }
 }
 
+/// The `metrics` workload: see [`What::Metrics`].
+async fn metrics_cost(lockctl: &std::path::Path, seconds: u64) {
+    let etcd = spawn("etcd", std::path::Path::new("etcd"), &[]);
+    let off = spawn("geolock metrics off", lockctl, &["start", "--metrics", "off"]);
+    let on = spawn("geolock metrics extensive", lockctl, &["start", "--metrics", "extensive"]);
+    let servers = [&etcd, &off, &on];
+    let endpoints: Vec<&str> = servers.iter().map(|s| s.endpoint.as_str()).collect();
+    warm_up(&endpoints).await;
+    let scraped = on.endpoint.clone();
+    let scraper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Ok(mut conn) = tokio::net::TcpStream::connect(&scraped).await else { continue };
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let req = format!("GET /metrics HTTP/1.1\r\nHost: {scraped}\r\nConnection: close\r\n\r\n");
+            let mut body = Vec::new();
+            if conn.write_all(req.as_bytes()).await.is_ok() {
+                let _ = conn.read_to_end(&mut body).await;
+            }
+        }
+    });
+    println!("{:<30} {:>26} {:>10} {:>9} {:>9}", "workload", "server", "ops/s", "p50 ms", "p99 ms");
+    for (label, op, clients) in [
+        ("put 256 B, 16 clients", Op::Put, 16),
+        ("put 256 B, 1 client", Op::Put, 1),
+        ("linearizable range, 16 clients", Op::Get, 16),
+    ] {
+        let figs = side_by_side(&endpoints, op, clients, seconds).await;
+        for (s, f) in servers.iter().zip(&figs) {
+            println!("{label:<30} {:>26} {:>10.0} {:>9.2} {:>9.2}", s.name, f.ops_per_s, f.p50_ms, f.p99_ms);
+        }
+        let (off, on) = (&figs[1], &figs[2]);
+        println!(
+            "{label:<30} {:>26} throughput x{:.3} (cost {:+.1} %), p50 x{:.3}, p99 x{:.3}",
+            "metrics on / off",
+            on.ops_per_s / off.ops_per_s,
+            (1.0 - on.ops_per_s / off.ops_per_s) * 100.0,
+            on.p50_ms / off.p50_ms,
+            on.p99_ms / off.p99_ms
+        );
+    }
+    scraper.abort();
+}
+
 fn main() {
     let cli = Cli::parse();
     let lockctl =
@@ -522,6 +571,7 @@ fn main() {
             let (em, gm) = (median(&mut e), median(&mut g));
             println!("{:<34} etcd {em:.0} ms, geolock {gm:.0} ms, ratio x{:.2}", "  median of the above", gm / em);
         }
+        What::Metrics => rt.block_on(metrics_cost(&lockctl, cli.seconds)),
         What::Geo => rt.block_on(geo(&lockctl, cli.seconds)),
         What::Failover { runs } => rt.block_on(region_failover(&lockctl, runs)),
         What::Lock => {

@@ -425,6 +425,12 @@ impl Mvcc {
         self.bytes
     }
 
+    /// Keys whose latest version is not a deletion. Counted on each call (O(keys)): metrics
+    /// ask every few seconds, and a count kept on every write would be paid by every write.
+    pub fn live_keys(&self) -> usize {
+        self.index.values().filter(|vs| vs.last().is_some_and(|v| v.value.is_some())).count()
+    }
+
     /// The revision reads see: writes of the operation in progress included.
     fn read_rev(&self) -> Rev {
         if self.pending_subs > 0 {

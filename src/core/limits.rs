@@ -158,3 +158,9 @@ const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX / 2);
 const _: () = assert!(LEARNER_IN_SYNC_PERCENT <= 100);
 const _: () = assert!(PEER_STREAM_RECEIVE_WINDOW_BYTES as usize > GRPC_MESSAGE_BYTES_MAX);
 const _: () = assert!(PEER_RECEIVE_WINDOW_BYTES >= PEER_STREAM_RECEIVE_WINDOW_BYTES);
+
+/// Distinct lock names (their first path segment) metrics keep series for; later ones share
+/// the label `other`. Each name costs a few dozen series (a waiter gauge, a counter, a
+/// histogram's buckets), and a name comes from any client, so without this bound a client
+/// could grow the exposition without end.
+pub const LOCK_METRIC_NAMES_MAX: usize = 64;

@@ -106,6 +106,16 @@ impl LockQueues {
         self.queues.values().map(|q| q.waiters.values().map(Vec::len).sum::<usize>()).sum()
     }
 
+    /// The `max` longest queues among the prefixes with waiters here: each prefix with its
+    /// keys (holder and every waiter, whichever member they wait on), longest first, then by
+    /// prefix.
+    pub fn longest(&self, max: usize) -> Vec<(Vec<u8>, usize)> {
+        let mut all: Vec<(Vec<u8>, usize)> = self.queues.iter().map(|(p, q)| (p.clone(), q.keys.len())).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(max);
+        all
+    }
+
     /// `waiter` waits until the key created at `rev` is the oldest under `prefix`. Registers it
     /// only if the answer is [`Wait::Queued`].
     pub fn wait(&mut self, prefix: &[u8], rev: Rev, waiter: WaiterId, kv: &Mvcc) -> Wait {
@@ -314,5 +324,26 @@ mod tests {
         assert_eq!(q.wait(b"a/b/c/", rc, 8, &kv), Wait::Holding);
         assert_eq!(q.on_events(&del(&mut kv, b"a/b/1")), Woken::default(), "a/b/c/1 is still ahead");
         assert_eq!(q.on_events(&del(&mut kv, b"a/b/c/1")), Woken { holding: vec![9], lost: vec![] });
+    }
+
+    #[test]
+    fn the_longest_queues_come_first_and_count_every_key() {
+        let mut kv = Mvcc::new();
+        let mut q = LockQueues::new();
+        let (a1, _) = put(&mut kv, b"a/1");
+        let (a2, _) = put(&mut kv, b"a/2");
+        let (_, _) = put(&mut kv, b"b/1");
+        let (b2, _) = put(&mut kv, b"b/2");
+        let (b3, _) = put(&mut kv, b"b/3");
+        let (_, _) = put(&mut kv, b"c/1");
+        assert_eq!(q.wait(b"a/", a1, 1, &kv), Wait::Holding, "a holder is not queued");
+        assert!(q.longest(5).is_empty());
+        assert_eq!(q.wait(b"a/", a2, 2, &kv), Wait::Queued);
+        assert_eq!(q.wait(b"b/", b2, 3, &kv), Wait::Queued);
+        assert_eq!(q.wait(b"b/", b3, 4, &kv), Wait::Queued);
+        assert_eq!(q.longest(5), vec![(b"b/".to_vec(), 3), (b"a/".to_vec(), 2)]);
+        assert_eq!(q.longest(1), vec![(b"b/".to_vec(), 3)]);
+        q.on_events(&del(&mut kv, b"b/1"));
+        assert_eq!(q.longest(5), vec![(b"a/".to_vec(), 2), (b"b/".to_vec(), 2)]);
     }
 }

@@ -131,6 +131,13 @@ struct StartArgs {
     listen_client_urls: Option<String>,
     #[arg(long)]
     advertise_client_urls: Option<String>,
+    /// Plain-HTTP URLs serving /metrics, /health, /livez, /readyz and the cluster page alone
+    /// (etcd's flag), for when the client URLs need client certificates.
+    #[arg(long)]
+    listen_metrics_urls: Option<String>,
+    /// basic (etcd's default), extensive (adds the gRPC handling-time histogram) or off.
+    #[arg(long)]
+    metrics: Option<String>,
     #[arg(long)]
     listen_peer_urls: Option<String>,
     #[arg(long)]
@@ -187,6 +194,8 @@ impl StartArgs {
         add("data_dir", &self.data_dir);
         add("listen_client_urls", &self.listen_client_urls);
         add("advertise_client_urls", &self.advertise_client_urls);
+        add("listen_metrics_urls", &self.listen_metrics_urls);
+        add("metrics", &self.metrics);
         add("listen_peer_urls", &self.listen_peer_urls);
         add("initial_advertise_peer_urls", &self.initial_advertise_peer_urls);
         add("initial_cluster", &self.initial_cluster);

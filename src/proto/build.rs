@@ -11,6 +11,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;
+    // Every method with its gRPC type, as go-grpc-prometheus labels them (etcd's `grpc_type`).
+    let mut methods = String::from("pub const GRPC_METHODS: &[(&str, &str, &str)] = &[\n");
+    for file in &fds.file {
+        for service in &file.service {
+            let full = format!("{}.{}", file.package(), service.name());
+            for m in &service.method {
+                let kind = match (m.client_streaming(), m.server_streaming()) {
+                    (false, false) => "unary",
+                    (true, false) => "client_stream",
+                    (false, true) => "server_stream",
+                    (true, true) => "bidi_stream",
+                };
+                methods.push_str(&format!("    ({full:?}, {:?}, {kind:?}),\n", m.name()));
+            }
+        }
+    }
+    methods.push_str("];\n");
+    std::fs::write(std::path::Path::new(&std::env::var("OUT_DIR")?).join("grpc_methods.rs"), methods)?;
     tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())
 }

@@ -6,6 +6,13 @@
 /// name field; `lockctl member add` sets it, and a member ID is derived from its name).
 pub const MEMBER_NAME_HEADER: &str = "geolock-member-name";
 
+/// Every method of every service above: `(service, method, grpc_type)`, with the service's
+/// full name (`etcdserverpb.KV`) and go-grpc-prometheus's type names (`unary`,
+/// `client_stream`, `server_stream`, `bidi_stream`).
+pub mod methods {
+    include!(concat!(env!("OUT_DIR"), "/grpc_methods.rs"));
+}
+
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");
 }

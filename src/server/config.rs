@@ -96,6 +96,21 @@ impl Default for LeaseSection {
     }
 }
 
+/// How much of the per-RPC gRPC metrics a member keeps (etcd's `--metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsLevel {
+    /// geolock's own: no per-RPC counting at all (the other metrics stay), for measuring what
+    /// the counting costs.
+    Off,
+    /// etcd's default: `grpc_server_{started,handled,msg_received,msg_sent}_total`.
+    #[default]
+    Basic,
+    /// Also the `grpc_server_handling_seconds` histogram, which etcd's mixin alert
+    /// `etcdGRPCRequestsSlow` reads.
+    Extensive,
+}
+
 /// `watch:` section.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -152,6 +167,12 @@ pub struct Config {
     pub listen_client_urls: String,
     /// Comma-separated client URLs told to others.
     pub advertise_client_urls: String,
+    /// How many gRPC metrics to keep (etcd's `--metrics`).
+    pub metrics: MetricsLevel,
+    /// Comma-separated `http://host:port` URLs serving `/metrics`, the health endpoints and the
+    /// cluster page alone, in plain HTTP (etcd's `--listen-metrics-urls`); empty: none. The
+    /// client URLs serve the same paths too.
+    pub listen_metrics_urls: String,
     /// Comma-separated URLs to accept peers on; whatever the scheme, peers speak QUIC.
     pub listen_peer_urls: String,
     /// Comma-separated peer URLs told to others.
@@ -187,6 +208,8 @@ impl Default for Config {
             data_dir: String::new(),
             listen_client_urls: "http://127.0.0.1:2379".into(),
             advertise_client_urls: "http://127.0.0.1:2379".into(),
+            listen_metrics_urls: String::new(),
+            metrics: MetricsLevel::default(),
             listen_peer_urls: "http://127.0.0.1:2380".into(),
             initial_advertise_peer_urls: "http://127.0.0.1:2380".into(),
             initial_cluster: String::new(),
@@ -316,6 +339,11 @@ impl Config {
     /// `host:port` clients connect to first.
     pub fn client_listen_addrs(&self) -> Result<Vec<String>, ConfigError> {
         self.listen_client_urls.split(',').filter(|u| !u.is_empty()).map(host_port).collect()
+    }
+
+    /// `host:port` of each metrics URL.
+    pub fn metrics_listen_addrs(&self) -> Result<Vec<String>, ConfigError> {
+        self.listen_metrics_urls.split(',').filter(|u| !u.is_empty()).map(host_port).collect()
     }
 
     /// Client URLs advertised to others.

@@ -1,7 +1,7 @@
 //! The geolock server: everything a member process runs over the pure core.
 //!
 //! Modules, lowest first; a module never imports one above it:
-//! 1. [`config`] (flags, environment and file), [`rocks`] (the only importer of RocksDB),
+//! 1. [`config`] (flags, environment and file), [`metrics`] (the Prometheus registry), [`rocks`] (the only importer of RocksDB),
 //!    [`transport`] (the only importer of quinn)
 //! 2. [`raft`] (the only importer of openraft)
 //! 3. [`api`] (tonic services and the one table that maps errors to gRPC statuses)
@@ -10,8 +10,13 @@
 //! Only [`config`] and [`roles`] are public (`lockctl` starts a member with them); everything
 //! else is the crate's own, so the compiler reports what nothing uses.
 
+// The health checks' futures nest the API, the node and openraft's calls deeper than rustc's
+// default layout query limit of 128.
+#![recursion_limit = "256"]
+
 mod api;
 pub mod config;
+mod metrics;
 mod raft;
 mod rocks;
 pub mod roles;

@@ -25,10 +25,11 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let addrs = cfg.client_listen_addrs()?;
     let mut listeners = Vec::new();
     for addr in &addrs {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| RunError::Listen { addr: addr.clone(), source })?;
-        listeners.push(l);
+        listeners.push(bind(addr).await?);
+    }
+    let mut metrics_listeners = Vec::new();
+    for addr in &cfg.metrics_listen_addrs()? {
+        metrics_listeners.push(bind(addr).await?);
     }
     let node = Node::start(&cfg).await?;
     for task in tasks(&cfg) {
@@ -45,8 +46,19 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         let mut rx = stop_rx.clone();
         let node = node.clone();
         let hierarchical = cfg.lock.hierarchical_prefixes.clone();
+        let metrics = cfg.metrics;
         servers.push(tokio::spawn(async move {
-            crate::api::serve(node, &hierarchical, l, async move {
+            crate::api::serve(node, &hierarchical, metrics, l, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+        }));
+    }
+    for l in metrics_listeners {
+        let mut rx = stop_rx.clone();
+        let node = node.clone();
+        servers.push(tokio::spawn(async move {
+            crate::api::serve_metrics(node, l, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
             .await
@@ -69,6 +81,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         return Err(exec_self());
     }
     Ok(())
+}
+
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener, RunError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::Listen { addr: addr.to_string(), source })
 }
 
 /// Start this process again in place, same PID, arguments and output, once PROMOTE rewrote its
@@ -94,6 +110,7 @@ fn tasks(cfg: &Config) -> Vec<Task> {
         Task::Snapshots,
         Task::Publish,
         Task::WatchProgress { every: cfg.watch.progress_notify_interval },
+        Task::PeerMetrics,
     ];
     let mut tasks = match cfg.role {
         Role::Voter | Role::Learner => voter.to_vec(),

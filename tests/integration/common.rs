@@ -234,6 +234,45 @@ impl Etcd {
     }
 }
 
+/// A real three-member etcd cluster on loopback (Debian's etcd-server), each member also given
+/// `extra`, for side-by-side comparison with a geolock cluster.
+pub struct EtcdCluster {
+    pub procs: Vec<Proc>,
+    pub client_ports: Vec<u16>,
+    _tmp: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    pub fn start(extra: &[&str]) -> EtcdCluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial =
+            ports.iter().enumerate().map(|(i, p)| format!("e{}=http://127.0.0.1:{}", i + 1, p.1)).collect::<Vec<_>>();
+        let mut procs = Vec::new();
+        for (i, (cp, pp)) in ports.iter().enumerate() {
+            let name = format!("e{}", i + 1);
+            let flags = MemberFlags {
+                initial_cluster: initial.join(","),
+                ..MemberFlags::single(&name, tmp.path().join(&name), *cp, *pp)
+            };
+            let mut cmd = Command::new("etcd");
+            cmd.args(flags.args()).args(extra);
+            procs.push(spawn_logged(cmd, &tmp.path().join(format!("{name}.log"))));
+        }
+        let mut c = EtcdCluster { procs, client_ports: ports.iter().map(|p| p.0).collect(), _tmp: tmp };
+        for i in 0..3 {
+            let ep = c.endpoint(i);
+            wait_ready(&ep, &mut c.procs[i]);
+        }
+        c
+    }
+
+    /// `host:port` of member `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.client_ports[i])
+    }
+}
+
 /// Connect the `etcd-client` crate to endpoints (comma-separated).
 pub async fn client(endpoints: &str) -> etcd_client::Client {
     let opts = etcd_client::ConnectOptions::new()
@@ -260,6 +299,8 @@ pub struct Cluster {
     extra: Vec<String>,
     /// The peer port each member is known by, where it is not the one it listens on.
     advertised: std::collections::HashMap<String, u16>,
+    /// Each member's `--role` where it is not a voter.
+    roles: std::collections::HashMap<String, String>,
     tmp: tempfile::TempDir,
 }
 
@@ -319,6 +360,21 @@ impl Cluster {
         c
     }
 
+    /// A cluster whose member `i` starts with `--role roles[i]` (voter, witness); waits until
+    /// each voter serves linearizable reads and each witness answers a status request.
+    pub fn start_roles(roles: &[&str]) -> Cluster {
+        let ports = roles.iter().map(|_| (free_port(), free_port())).map(|(c, p)| (c, p, p)).collect();
+        let mut c = Cluster::spawn_all_roles(ports, &[], roles);
+        for (i, role) in roles.iter().enumerate() {
+            let ep = c.endpoint(i);
+            match *role {
+                "witness" => wait_answering(&ep, &mut c.nodes[i].proc, &["endpoint", "status"]),
+                _ => wait_ready(&ep, &mut c.nodes[i].proc),
+            }
+        }
+        c
+    }
+
     /// [`Cluster::start_with`] for members that may refuse linearizable reads (an active-passive
     /// primary without its region write lease): waits for each to answer a serializable one.
     pub fn start_serving_serializable(n: usize, extra: &[&str]) -> Cluster {
@@ -332,6 +388,11 @@ impl Cluster {
     }
 
     fn spawn_all(ports: Vec<(u16, u16, u16)>, extra: &[&str]) -> Cluster {
+        let voters = vec!["voter"; ports.len()];
+        Cluster::spawn_all_roles(ports, extra, &voters)
+    }
+
+    fn spawn_all_roles(ports: Vec<(u16, u16, u16)>, extra: &[&str], roles: &[&str]) -> Cluster {
         let n = ports.len();
         let tmp = tempfile::tempdir().unwrap();
         let certs = tmp.path().join("certs");
@@ -355,7 +416,9 @@ impl Cluster {
         }
         let extra = extra.iter().map(|s| s.to_string()).collect();
         let advertised = ports.iter().enumerate().map(|(i, p)| (format!("n{}", i + 1), p.2)).collect();
-        let mut c = Cluster { nodes: Vec::new(), initial, extra, advertised, tmp };
+        let roles =
+            (0..n).filter(|i| roles[*i] != "voter").map(|i| (format!("n{}", i + 1), roles[i].to_string())).collect();
+        let mut c = Cluster { nodes: Vec::new(), initial, extra, advertised, roles, tmp };
         for (i, (cp, pp, _)) in ports.into_iter().enumerate() {
             let name = format!("n{}", i + 1);
             let proc = c.spawn(&name, cp, pp, "new");
@@ -398,6 +461,9 @@ impl Cluster {
         };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
         cmd.args(flags.lockctl_start(Some(certs))).args(&self.extra);
+        if let Some(role) = self.roles.get(name) {
+            cmd.args(["--role", role]);
+        }
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = self.tmp.path().join(format!("{name}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
         spawn_logged(cmd, &log)

@@ -19,6 +19,7 @@ mod linearizability;
 mod lock;
 mod maintenance;
 mod membership;
+mod observability;
 mod partition;
 mod wan;
 mod watch;

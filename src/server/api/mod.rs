@@ -4,6 +4,8 @@
 mod convert;
 mod errors;
 mod failover_service;
+mod grpc_metrics;
+mod http;
 mod lock_service;
 use geolock_proto as proto;
 mod watch_service;
@@ -31,10 +33,13 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>
 /// The etcd API version we speak; clients use it to decide which features to use.
 pub const API_VERSION: &str = "3.5.0";
 
-/// Serve every client service on `addr` until `shutdown` resolves.
+/// Serve every client service on `listener` until `shutdown` resolves: the etcd gRPC API,
+/// `grpc.health.v1`, and over HTTP/1.1 or HTTP/2 the paths of [`http`] (`/metrics`, `/health`,
+/// `/livez`, `/readyz`), as etcd's client port does.
 pub async fn serve(
     node: Arc<Node>,
     hierarchical_prefixes: &[String],
+    metrics: crate::config::MetricsLevel,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
@@ -45,6 +50,9 @@ pub async fn serve(
     use pb::watch_server::WatchServer;
     let hierarchical = Arc::new(hierarchical_prefixes.iter().map(|p| p.as_bytes().to_vec()).collect());
     let api = Api { node, hierarchical };
+    grpc_metrics::register();
+    http::register();
+    crate::raft::register_metrics();
     macro_rules! sized {
         ($s:expr) => {
             $s.max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX).max_encoding_message_size(usize::MAX)
@@ -60,8 +68,13 @@ pub async fn serve(
         }))),
         Role::Voter | Role::Learner => Ok(req),
     };
+    let health = grpc_health(&api.node);
     use tonic::service::interceptor::InterceptedService as Guarded;
     tonic::transport::Server::builder()
+        .accept_http1(true)
+        .layer(grpc_metrics::GrpcMetricsLayer::new(metrics))
+        .add_routes(tonic::service::Routes::from(http::router(api.clone())))
+        .add_service(health)
         .add_service(Guarded::new(sized!(KvServer::new(api.clone())), serves))
         .add_service(Guarded::new(sized!(LeaseServer::new(api.clone())), serves))
         .add_service(Guarded::new(sized!(WatchServer::new(api.clone())), serves))
@@ -75,6 +88,42 @@ pub async fn serve(
         ))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
+}
+
+/// Serve only the HTTP paths of [`http`], in plain HTTP (etcd's `--listen-metrics-urls`).
+pub async fn serve_metrics(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let api = Api { node, hierarchical: Arc::default() };
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .add_routes(tonic::service::Routes::from(http::router(api)))
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .await
+}
+
+/// `grpc.health.v1.Health` for the whole server (service name ""): serving while this member
+/// knows a leader, never on a witness, which serves no client requests. Kept up to date each
+/// half second while the node lives.
+fn grpc_health(
+    node: &Arc<Node>,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let node = Arc::downgrade(node);
+    tokio::spawn(async move {
+        use tonic_health::ServingStatus;
+        loop {
+            let Some(n) = node.upgrade() else { return };
+            let serving = n.role() != Role::Witness && n.status().leader != 0;
+            drop(n);
+            let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status("", status).await;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    });
+    service
 }
 
 /// Accepted connections with Nagle's algorithm off: a response written in two frames must not
@@ -174,6 +223,7 @@ impl pb::kv_server::Kv for Api {
         check_size(&r)?;
         geolock_core::kv::check_key(&r.key).map_err(ApiError::from)?;
         let r = convert::range_in(r)?;
+        crate::raft::count_range();
         let (resp, rev) = self.read(r.serializable, |m| m.range(&r)).await?;
         Ok(Response::new(convert::range_out(resp, self.header(rev))))
     }
@@ -207,6 +257,7 @@ impl pb::kv_server::Kv for Api {
             // Read-only Txns are served like reads, linearizably, without a log entry.
             geolock_core::kv::validate_txn(&t).map_err(ApiError::from)?;
             let (resp, rev) = self.read(false, |m| m.read_only_txn(&t)).await?;
+            crate::raft::count_txn(&resp);
             return Ok(Response::new(convert::txn_out(resp, &self.header(rev))));
         }
         match self.propose(Command::Txn(t)).await? {

@@ -29,7 +29,7 @@ pub(super) fn load(engine: &dyn Engine) -> Result<u64, StorageError> {
 /// client learns why.
 pub(super) fn answered_when_fenced(kind: Kind) -> bool {
     match kind {
-        Kind::LogState | Kind::Lag | Kind::LeaseTimeToLive => true,
+        Kind::LogState | Kind::Lag | Kind::View | Kind::LeaseTimeToLive => true,
         Kind::ForwardWrite | Kind::ReadIndex | Kind::LeaseKeepAlive => true,
         Kind::AppendEntries
         | Kind::StreamAppend
@@ -116,6 +116,6 @@ mod tests {
     fn a_fenced_member_answers_only_what_changes_nothing_and_what_it_must_refuse_by_name() {
         let answered: Vec<u8> =
             (0..=u8::MAX).filter_map(Kind::of).filter(|k| answered_when_fenced(*k)).map(|k| k as u8).collect();
-        assert_eq!(answered, [6, 7, 8, 9, 13, 14]);
+        assert_eq!(answered, [6, 7, 8, 9, 13, 14, 15]);
     }
 }

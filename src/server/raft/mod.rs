@@ -11,6 +11,7 @@
 //! - `fence`, `promote`, `rejoin`, `write_lease`: a member fenced out by a region failover; a
 //!   learner seeding the new primary; a member wiped to learn from it; an active-passive
 //!   primary's region write lease
+//! - `metrics`, `view`: this member's figures for Prometheus, and its account for the cluster page
 //! - `error`: what requests and starts fail with; `format`: the replicated and persisted formats
 
 mod bootstrap;
@@ -21,6 +22,7 @@ mod forward;
 mod lag;
 mod log_store;
 mod membership;
+mod metrics;
 mod network;
 mod node;
 mod peer_server;
@@ -29,6 +31,7 @@ mod quorum;
 mod rejoin;
 mod state_machine;
 mod tasks;
+mod view;
 mod witness;
 mod write_lease;
 
@@ -39,9 +42,11 @@ use serde::{Deserialize, Serialize};
 
 pub use error::{NodeError, StartError};
 pub use membership::{MemberChange, MemberError};
+pub use metrics::{count_range, count_txn, register as register_metrics};
 pub use node::Node;
 pub use state_machine::LockWake;
 pub use tasks::Task;
+pub use view::HOT_LOCKS_MAX;
 
 pub use format::MemberRole;
 use geolock_core::machine::{Applied, Command};

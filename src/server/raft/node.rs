@@ -188,16 +188,25 @@ impl Node {
     /// follower through the leader, then until this node has applied it too (so a read here
     /// after the write sees it).
     pub async fn propose(&self, cmd: Command) -> Result<Applied, NodeError> {
-        self.refuse_if_fenced()?;
-        let _permit =
-            self.proposals.try_acquire().map_err(|_| NodeError::TooManyProposals { max: PROPOSALS_IN_FLIGHT_MAX })?;
-        self.with_leader(|| async {
-            let here = || self.propose_here(cmd.clone());
-            let (applied, index) = self.on_leader(Kind::ForwardWrite, &cmd, PROPOSE_TIMEOUT, here).await?;
-            self.wait_applied(index).await?;
-            Ok(applied)
-        })
-        .await
+        let done = async {
+            self.refuse_if_fenced()?;
+            let _permit = self
+                .proposals
+                .try_acquire()
+                .map_err(|_| NodeError::TooManyProposals { max: PROPOSALS_IN_FLIGHT_MAX })?;
+            self.with_leader(|| async {
+                let here = || self.propose_here(cmd.clone());
+                let (applied, index) = self.on_leader(Kind::ForwardWrite, &cmd, PROPOSE_TIMEOUT, here).await?;
+                self.wait_applied(index).await?;
+                Ok(applied)
+            })
+            .await
+        }
+        .await;
+        if done.is_err() {
+            super::metrics::PROPOSALS_FAILED.inc();
+        }
+        done
     }
 
     /// Propose on this node, which must lead. Returns the result and the entry's log index.
@@ -465,7 +474,16 @@ impl Node {
             }
         }
         let _withdraw = WithdrawOnDrop { shared: &self.shared, prefix, rev, id };
-        rx.await.unwrap_or(LockWake::Lost)
+        let locks = &super::metrics::LOCKS;
+        let label = super::metrics::lock_label(prefix);
+        let _waiting = super::metrics::Waiting::start(locks.waiters.with_label_values(&[&label]));
+        let queued = std::time::Instant::now();
+        let woken = rx.await.unwrap_or(LockWake::Lost);
+        if woken == LockWake::Holding {
+            locks.handovers.with_label_values(&[&label]).inc();
+            locks.wait_seconds.with_label_values(&[&label]).observe(queued.elapsed().as_secs_f64());
+        }
+        woken
     }
 
     /// Forget a stream.

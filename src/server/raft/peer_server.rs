@@ -31,6 +31,9 @@ pub(super) async fn serve_peers(node: Weak<Node>) {
         }
     };
     while let Some((conn, peer)) = transport.accept(&members).await {
+        if let Some(n) = node.upgrade() {
+            n.peers.accepted(&peer, &conn);
+        }
         let node = node.clone();
         tokio::spawn(async move {
             let max = geolock_core::limits::PEER_MESSAGE_BYTES_MAX;
@@ -175,6 +178,7 @@ impl Node {
             Kind::WitnessPurge => encode(&self.witness_purge(decode(body)?).await.map_err(remote)),
             Kind::LogState => encode(&self.last_log_id()),
             Kind::Lag => encode(&Ok::<_, RemoteError>(self.lags_here())),
+            Kind::View => encode(&Ok::<_, RemoteError>(self.view_here())),
             Kind::LeaseKeepAlive => encode(&self.lease_keep_alive_here(decode(body)?).map_err(remote)),
             Kind::LeaseTimeToLive => {
                 let (id, keys): (i64, bool) = decode(body)?;

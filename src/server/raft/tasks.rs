@@ -30,6 +30,8 @@ pub enum Task {
     WatchProgress { every: Duration },
     /// While leading an active-passive primary, renew the region write lease.
     WriteLease,
+    /// Each second, sample the peer connections' traffic and round-trip times for metrics.
+    PeerMetrics,
 }
 
 impl Node {
@@ -45,6 +47,7 @@ impl Node {
             Task::Publish => tokio::spawn(Node::publish_self(node, self.me.clone())),
             Task::WatchProgress { every } => tokio::spawn(progress_notify_loop(node, every)),
             Task::WriteLease => tokio::spawn(super::write_lease::renew_loop(node)),
+            Task::PeerMetrics => tokio::spawn(peer_metrics_loop(node)),
         };
     }
 }
@@ -58,9 +61,16 @@ async fn leadership_loop(node: Weak<Node>) {
     let tick = Duration::from_millis(50);
     let mut leading = false;
     let mut was = Leadership::Follows;
+    let mut leader_seen = None;
     loop {
         tokio::time::sleep(tick).await;
         let Some(node) = node.upgrade() else { return };
+        // As etcd counts them: every change to a new known leader, the first one included.
+        let leader = node.raft.metrics().borrow_watched().current_leader;
+        if leader.is_some() && leader != leader_seen {
+            leader_seen = leader;
+            super::metrics::LEADER_CHANGES.inc();
+        }
         let now = node.quorum.leadership();
         match (was, now) {
             (Leadership::Leads, Leadership::LostQuorum { since_ack }) => tracing::warn!(
@@ -97,6 +107,7 @@ async fn leadership_loop(node: Weak<Node>) {
             LEASE_EXPIRIES_PER_PROPOSAL_MAX,
         );
         for id in expired {
+            super::metrics::LEASES_EXPIRED.inc();
             let n = node.clone();
             tokio::spawn(async move {
                 if let Err(e) = n.propose(Command::LeaseRevoke { id }).await {
@@ -118,6 +129,18 @@ async fn snapshot_loop(node: Weak<Node>) {
         if let Err(e) = node.raft.trigger().snapshot().await {
             tracing::warn!("hourly snapshot: {e}");
         }
+    }
+}
+
+/// Samples the peer connections for metrics each second: etcd's peer prober also measures
+/// round trips about once a second.
+async fn peer_metrics_loop(node: Weak<Node>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        ticker.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let ids: Vec<(u64, String)> = node.members().into_iter().map(|m| (m.id, m.name)).collect();
+        node.peers.sample_metrics(&ids);
     }
 }
 
