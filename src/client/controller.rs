@@ -2,6 +2,8 @@
 //! runbook ([`crate::failover::Runbook`]) what it observes and carries out what the runbook
 //! returns, in order, each journal record synced ([`crate::journal`]) before the next action.
 //!
+//! It serves `/metrics` on the same address: the runbook's phase and step (`controller_metrics`).
+//!
 //! It is itself a vantage point: it serves `geolockpb.Vantage` (granting the primary's leader its
 //! region write lease until the runbook decides, and answering Observe), probes the primary, and
 //! asks the other vantage points (arbiters) for their views. Only one controller acts: it holds
@@ -242,8 +244,17 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
     let policy = failover::GrantPolicy { lease_ms_max: cfg.write_lease_ms, epoch: cfg.epoch };
     let vantage = Vantage::new(!decided, Some(policy));
     let (approvals_tx, mut approvals) = tokio::sync::mpsc::channel(APPROVALS_QUEUED_MAX);
+    crate::controller_metrics::publish(&runbook, cfg.epoch);
+    let metrics = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], crate::controller_metrics::exposition())
+        }),
+    );
     tokio::spawn(
         tonic::transport::Server::builder()
+            .accept_http1(true)
+            .add_routes(tonic::service::Routes::from(metrics))
             .add_service(fpb::vantage_server::VantageServer::new(vantage.clone()))
             .add_service(fpb::controller_server::ControllerServer::new(Approvals(approvals_tx)))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
@@ -272,6 +283,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
                 pending.extend(runbook.on(e));
             }
         }
+        crate::controller_metrics::publish(&runbook, cfg.epoch);
         if let Phase::Done { epoch } = runbook.phase() {
             tracing::info!("failover into revision epoch {epoch} done");
             return Ok(*epoch);

@@ -88,6 +88,21 @@ pub enum Step {
 }
 
 impl Step {
+    /// Every step, in the order they run.
+    pub const ALL: [Step; 6] = [Step::Fence, Step::Promote, Step::Join, Step::Redirect, Step::Verify, Step::Notify];
+
+    /// The step's name in lower case (`fence`), as metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Fence => "fence",
+            Step::Promote => "promote",
+            Step::Join => "join",
+            Step::Redirect => "redirect",
+            Step::Verify => "verify",
+            Step::Notify => "notify",
+        }
+    }
+
     fn next(self) -> Option<Step> {
         match self {
             Step::Fence => Some(Step::Promote),
@@ -235,6 +250,24 @@ pub enum Phase {
     WaitingForLease { epoch: u64 },
     /// Every step finished.
     Done { epoch: u64 },
+}
+
+impl Phase {
+    /// Every phase's name, as metrics label them.
+    pub const NAMES: [&'static str; 6] =
+        ["watching", "awaiting_approval", "deciding", "running", "waiting_for_lease", "done"];
+
+    /// This phase's name, one of [`Phase::NAMES`].
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Watching => "watching",
+            Phase::AwaitingApproval { .. } => "awaiting_approval",
+            Phase::Deciding { .. } => "deciding",
+            Phase::Running { .. } => "running",
+            Phase::WaitingForLease { .. } => "waiting_for_lease",
+            Phase::Done { .. } => "done",
+        }
+    }
 }
 
 /// The runbook for one failover out of `epoch` (the primary's current revision epoch).

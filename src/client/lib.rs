@@ -7,6 +7,7 @@
 //! (REDIRECT) is [`dns`].
 
 pub mod controller;
+mod controller_metrics;
 pub mod dns;
 pub mod failover;
 pub mod journal;

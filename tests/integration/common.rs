@@ -647,3 +647,71 @@ impl FencedResource {
         Ok(accepted.len())
     }
 }
+
+/// A sample line: its metric name, labels and value.
+pub fn parse_sample(line: &str) -> Option<(String, std::collections::BTreeMap<String, String>, f64)> {
+    let (name, rest) = match line.find(['{', ' ']) {
+        Some(i) => line.split_at(i),
+        None => return None,
+    };
+    let mut labels = std::collections::BTreeMap::new();
+    let mut rest = rest;
+    if let Some(body) = rest.strip_prefix('{') {
+        let mut chars = body.char_indices().peekable();
+        let end;
+        loop {
+            let (start, c) = chars.next()?;
+            if c == '}' {
+                end = start;
+                break;
+            }
+            if c == ',' {
+                continue;
+            }
+            let eq = body[start..].find('=')? + start;
+            let key = body[start..eq].to_string();
+            while chars.peek().is_some_and(|(i, _)| *i <= eq + 1) {
+                chars.next();
+            }
+            let mut value = String::new();
+            loop {
+                let (_, c) = chars.next()?;
+                match c {
+                    '\\' => value.push(chars.next()?.1),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+            labels.insert(key, value);
+        }
+        rest = &body[end + 1..];
+    }
+    let value = rest.split_whitespace().next()?;
+    let value = if value == "+Inf" { f64::INFINITY } else { value.parse().ok()? };
+    Some((name.to_string(), labels, value))
+}
+
+/// The value of the first sample in a Prometheus exposition named `name` whose labels include
+/// `labels`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).filter_map(parse_sample).find_map(|(n, ls, v)| {
+        (n == name && labels.iter().all(|(k, want)| ls.get(*k).is_some_and(|got| got == want))).then_some(v)
+    })
+}
+
+/// An HTTP client that gives up after `timeout`.
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    // reqwest takes the process's rustls provider (for https, unused here); the project's is ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().timeout(timeout).build().unwrap()
+}
+
+/// GET `url`: status and body. Panics if nothing answers within 15 s.
+pub fn get(url: &str) -> (u16, String) {
+    rt().block_on(async {
+        let client = http_client(Duration::from_secs(15));
+        let resp = client.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap())
+    })
+}

@@ -356,9 +356,45 @@ fn a_killed_primary_is_failed_over_once_by_the_controller_and_clients_find_the_s
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("is in revision epoch 0"), "{err}");
     assert!(dir.exists(), "the data was moved for a refused rejoin");
+    // The controller's /metrics: armed and watching; then, until it exits, what it shows.
+    let metrics = format!("http://{}/metrics", s.controller);
+    let shown = crate::common::get(&metrics).1;
+    for (name, labels, want) in [
+        ("geolock_failover_armed", &[][..], 1.0),
+        ("geolock_failover_in_progress", &[], 0.0),
+        ("geolock_failover_phase", &[("phase", "watching")], 1.0),
+        ("geolock_failover_phase", &[("phase", "running")], 0.0),
+    ] {
+        assert_eq!(crate::common::sample(&shown, name, labels), Some(want), "{name}{labels:?}:\n{shown}");
+    }
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let watcher = {
+        let (seen, metrics) = (seen.clone(), metrics.clone());
+        std::thread::spawn(move || {
+            let client = crate::common::http_client(Duration::from_millis(500));
+            let rt = crate::common::rt();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                let Ok(text) = rt.block_on(async { client.get(&metrics).send().await?.text().await }) else { break };
+                for step in ["fence", "promote", "join", "redirect", "verify", "notify"] {
+                    if crate::common::sample(&text, "geolock_failover_step", &[("step", step)]) == Some(1.0) {
+                        seen.lock().unwrap().insert(step);
+                    }
+                }
+                if crate::common::sample(&text, "geolock_failover_in_progress", &[]) == Some(1.0) {
+                    seen.lock().unwrap().insert("in progress");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
     let lost = Instant::now();
     s.kill_primary();
     let (ok, log) = wait_exit(&mut controllers[0], Duration::from_secs(60));
+    watcher.join().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    // Polled every 20 ms: the quick steps may come and go between two polls, the others not.
+    assert!(seen.contains("in progress") && seen.len() >= 3, "the controller's /metrics showed only {seen:?}");
     let rto = lost.elapsed();
     assert!(ok && log.contains("failed over into revision epoch 1"), "{log}");
     eprintln!("primary killed to failover done: {} ms", rto.as_millis());
