@@ -52,6 +52,11 @@ enum What {
     /// one with `--metrics extensive` scraped every second (Prometheus scrapes every 15 s to 1
     /// min), etcd beside them for scale.
     Metrics,
+    /// What tracing costs: put and range throughput of one geolock node with tracing off, one
+    /// sampling 1 % to a live OTLP receiver (in this process), and one sampling every request
+    /// to a collector address where nothing listens (its export queue overflows, and requests
+    /// must not notice).
+    Tracing,
 }
 
 /// A cluster of three server processes, SIGKILLed on drop.
@@ -447,6 +452,77 @@ async fn run_locks(endpoint: &str, clients: usize, shared_name: bool, seconds: u
     LockFigures { cycles_per_s: wait.len() as f64 / elapsed, wait, handover }
 }
 
+/// An OTLP/gRPC trace receiver that counts the spans it is sent.
+#[derive(Clone, Default)]
+struct SpanCounter(Arc<std::sync::atomic::AtomicU64>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for SpanCounter {
+    async fn export(
+        &self,
+        req: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let n: usize = req.into_inner().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+        self.0.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// The `tracing` workload: see [`What::Tracing`].
+async fn tracing_cost(lockctl: &std::path::Path, seconds: u64) {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let receiver = SpanCounter::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let live = listener.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dead = format!("127.0.0.1:{}", free_port());
+    let traced = |collector: &str, rate: &str| {
+        [
+            "start".to_string(),
+            "--experimental-enable-distributed-tracing".into(),
+            "--experimental-distributed-tracing-address".into(),
+            collector.to_string(),
+            "--experimental-distributed-tracing-sampling-rate".into(),
+            rate.to_string(),
+        ]
+    };
+    let (one_pct, all) = (traced(&live, "10000"), traced(&dead, "1000000"));
+    let off = spawn("geolock tracing off", lockctl, &["start"]);
+    let sampled = spawn("geolock 1 %, receiver up", lockctl, &one_pct.iter().map(String::as_str).collect::<Vec<_>>());
+    let down = spawn("geolock 100 %, collector down", lockctl, &all.iter().map(String::as_str).collect::<Vec<_>>());
+    let servers = [&off, &sampled, &down];
+    let endpoints: Vec<&str> = servers.iter().map(|s| s.endpoint.as_str()).collect();
+    warm_up(&endpoints).await;
+    println!("{:<30} {:>30} {:>10} {:>9} {:>9}", "workload", "server", "ops/s", "p50 ms", "p99 ms");
+    for (label, op, clients) in [
+        ("put 256 B, 16 clients", Op::Put, 16),
+        ("put 256 B, 1 client", Op::Put, 1),
+        ("linearizable range, 16 clients", Op::Get, 16),
+    ] {
+        let figs = side_by_side(&endpoints, op, clients, seconds).await;
+        for (s, f) in servers.iter().zip(&figs) {
+            println!("{label:<30} {:>30} {:>10.0} {:>9.2} {:>9.2}", s.name, f.ops_per_s, f.p50_ms, f.p99_ms);
+        }
+        for (i, what) in [(1, "1 % / off"), (2, "collector down / off")] {
+            println!(
+                "{label:<30} {what:>30} throughput x{:.3} (cost {:+.1} %), p50 x{:.3}, p99 x{:.3}",
+                figs[i].ops_per_s / figs[0].ops_per_s,
+                (1.0 - figs[i].ops_per_s / figs[0].ops_per_s) * 100.0,
+                figs[i].p50_ms / figs[0].p50_ms,
+                figs[i].p99_ms / figs[0].p99_ms
+            );
+        }
+    }
+    println!("spans received from the 1 % node: {}", receiver.0.load(std::sync::atomic::Ordering::Relaxed));
+}
+
 /// The `metrics` workload: see [`What::Metrics`].
 async fn metrics_cost(lockctl: &std::path::Path, seconds: u64) {
     let etcd = spawn("etcd", std::path::Path::new("etcd"), &[]);
@@ -572,6 +648,7 @@ fn main() {
             println!("{:<34} etcd {em:.0} ms, geolock {gm:.0} ms, ratio x{:.2}", "  median of the above", gm / em);
         }
         What::Metrics => rt.block_on(metrics_cost(&lockctl, cli.seconds)),
+        What::Tracing => rt.block_on(tracing_cost(&lockctl, cli.seconds)),
         What::Geo => rt.block_on(geo(&lockctl, cli.seconds)),
         What::Failover { runs } => rt.block_on(region_failover(&lockctl, runs)),
         What::Lock => {

@@ -164,3 +164,8 @@ const _: () = assert!(PEER_RECEIVE_WINDOW_BYTES >= PEER_STREAM_RECEIVE_WINDOW_BY
 /// histogram's buckets), and a name comes from any client, so without this bound a client
 /// could grow the exposition without end.
 pub const LOCK_METRIC_NAMES_MAX: usize = 64;
+
+/// Finished trace spans waiting for export. A put makes four (the RPC, propose, commit, apply);
+/// at the ~10 000 puts per second a node takes here, fully sampled, this is 50 ms of spans: a
+/// collector that stalls longer loses spans (counted), never requests' time.
+pub const TRACE_SPANS_QUEUED_MAX: usize = 2048;

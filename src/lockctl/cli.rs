@@ -138,6 +138,21 @@ struct StartArgs {
     /// basic (etcd's default), extensive (adds the gRPC handling-time histogram) or off.
     #[arg(long)]
     metrics: Option<String>,
+    /// Export OpenTelemetry traces over OTLP/gRPC (etcd's flag).
+    #[arg(long)]
+    experimental_enable_distributed_tracing: bool,
+    /// The OTLP collector's host:port (etcd's flag; default localhost:4317).
+    #[arg(long)]
+    experimental_distributed_tracing_address: Option<String>,
+    /// The spans' service.name (etcd's flag; default geolock).
+    #[arg(long)]
+    experimental_distributed_tracing_service_name: Option<String>,
+    /// The spans' service.instance.id (etcd's flag; default the member's name).
+    #[arg(long)]
+    experimental_distributed_tracing_instance_id: Option<String>,
+    /// Requests traced per million when the client's trace context does not decide (etcd's flag).
+    #[arg(long)]
+    experimental_distributed_tracing_sampling_rate: Option<u32>,
     #[arg(long)]
     listen_peer_urls: Option<String>,
     #[arg(long)]
@@ -196,6 +211,19 @@ impl StartArgs {
         add("advertise_client_urls", &self.advertise_client_urls);
         add("listen_metrics_urls", &self.listen_metrics_urls);
         add("metrics", &self.metrics);
+        if self.experimental_enable_distributed_tracing {
+            add("tracing.experimental_enable_distributed_tracing", &Some("true".to_string()));
+        }
+        add("tracing.experimental_distributed_tracing_address", &self.experimental_distributed_tracing_address);
+        add(
+            "tracing.experimental_distributed_tracing_service_name",
+            &self.experimental_distributed_tracing_service_name,
+        );
+        add("tracing.experimental_distributed_tracing_instance_id", &self.experimental_distributed_tracing_instance_id);
+        add(
+            "tracing.experimental_distributed_tracing_sampling_rate",
+            &self.experimental_distributed_tracing_sampling_rate.map(|r| r.to_string()),
+        );
         add("listen_peer_urls", &self.listen_peer_urls);
         add("initial_advertise_peer_urls", &self.initial_advertise_peer_urls);
         add("initial_cluster", &self.initial_cluster);

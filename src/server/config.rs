@@ -96,6 +96,32 @@ impl Default for LeaseSection {
     }
 }
 
+/// `tracing:` section: OpenTelemetry traces over OTLP/gRPC, named as etcd 3.5's flags.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TracingSection {
+    pub experimental_enable_distributed_tracing: bool,
+    /// The collector's OTLP/gRPC `host:port` (or URL).
+    pub experimental_distributed_tracing_address: String,
+    pub experimental_distributed_tracing_service_name: String,
+    /// `service.instance.id` of this member's spans; its name when empty.
+    pub experimental_distributed_tracing_instance_id: String,
+    /// Requests traced per million, when the client's trace context does not decide.
+    pub experimental_distributed_tracing_sampling_rate: u32,
+}
+
+impl Default for TracingSection {
+    fn default() -> Self {
+        TracingSection {
+            experimental_enable_distributed_tracing: false,
+            experimental_distributed_tracing_address: "localhost:4317".into(),
+            experimental_distributed_tracing_service_name: "geolock".into(),
+            experimental_distributed_tracing_instance_id: String::new(),
+            experimental_distributed_tracing_sampling_rate: 0,
+        }
+    }
+}
+
 /// How much of the per-RPC gRPC metrics a member keeps (etcd's `--metrics`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -199,6 +225,7 @@ pub struct Config {
     pub watch: WatchSection,
     pub lock: LockSection,
     pub failover: FailoverSection,
+    pub tracing: TracingSection,
 }
 
 impl Default for Config {
@@ -227,6 +254,7 @@ impl Default for Config {
             watch: WatchSection::default(),
             lock: LockSection::default(),
             failover: FailoverSection::default(),
+            tracing: TracingSection::default(),
         }
     }
 }
@@ -266,6 +294,12 @@ impl Config {
         let l = &self.lease;
         if !(l.min_ttl <= l.default_ttl && l.default_ttl <= l.max_ttl) {
             return Err(ConfigError::Invalid("lease: need min_ttl <= default_ttl <= max_ttl".into()));
+        }
+        if self.tracing.experimental_distributed_tracing_sampling_rate > 1_000_000 {
+            return Err(ConfigError::Invalid(format!(
+                "tracing: experimental_distributed_tracing_sampling_rate is per million, not {}",
+                self.tracing.experimental_distributed_tracing_sampling_rate
+            )));
         }
         if l.max_ttl.as_secs() as i64 > geolock_core::limits::LEASE_TTL_S_MAX || l.min_ttl.as_secs() == 0 {
             return Err(ConfigError::Invalid(format!(

@@ -1,7 +1,8 @@
 //! The geolock server: everything a member process runs over the pure core.
 //!
 //! Modules, lowest first; a module never imports one above it:
-//! 1. [`config`] (flags, environment and file), [`metrics`] (the Prometheus registry), [`rocks`] (the only importer of RocksDB),
+//! 1. [`config`] (flags, environment and file), [`metrics`] (the Prometheus registry), [`otel`]
+//!    (OpenTelemetry traces), [`rocks`] (the only importer of RocksDB),
 //!    [`transport`] (the only importer of quinn)
 //! 2. [`raft`] (the only importer of openraft)
 //! 3. [`api`] (tonic services and the one table that maps errors to gRPC statuses)
@@ -17,6 +18,7 @@
 mod api;
 pub mod config;
 mod metrics;
+mod otel;
 mod raft;
 mod rocks;
 pub mod roles;

@@ -16,6 +16,8 @@ pub enum RunError {
     Start(#[from] StartError),
     #[error("client API: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tracing(#[from] crate::otel::TracingError),
     #[error("starting again after PROMOTE: {0}")]
     Restart(std::io::Error),
 }
@@ -31,6 +33,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     for addr in &cfg.metrics_listen_addrs()? {
         metrics_listeners.push(bind(addr).await?);
     }
+    crate::otel::init(&cfg.tracing, &cfg.name)?;
     let node = Node::start(&cfg).await?;
     for task in tasks(&cfg) {
         node.spawn(task);
@@ -46,9 +49,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         let mut rx = stop_rx.clone();
         let node = node.clone();
         let hierarchical = cfg.lock.hierarchical_prefixes.clone();
-        let metrics = cfg.metrics;
+        let (metrics, tracing) = (cfg.metrics, cfg.tracing.experimental_enable_distributed_tracing);
         servers.push(tokio::spawn(async move {
-            crate::api::serve(node, &hierarchical, metrics, l, async move {
+            crate::api::serve(node, &hierarchical, metrics, tracing, l, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
             .await

@@ -535,3 +535,88 @@ fn the_cluster_page_shows_every_member_of_the_2_2_1_topology_and_follows_a_leade
     );
     assert!(dom.contains("unreachable: "), "{dom}");
 }
+
+/// An OTLP/gRPC trace receiver (a collector's front half, from `opentelemetry-proto`): it keeps
+/// every span it is sent.
+#[derive(Clone, Default)]
+struct OtlpReceiver(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for OtlpReceiver {
+    async fn export(
+        &self,
+        req: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let mut kept = self.0.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                kept.extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[test]
+fn a_traced_put_reaches_an_otlp_receiver_as_a_span_tree_under_the_callers_trace() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let rt = rt();
+    let receiver = OtlpReceiver::default();
+    let port = free_port();
+    let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port))).unwrap();
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // Sampling rate 0: only a request whose caller's trace context is sampled is traced.
+    let collector = format!("127.0.0.1:{port}");
+    let node = GeoNode::start_with(&[
+        "--experimental-enable-distributed-tracing",
+        "--experimental-distributed-tracing-address",
+        &collector,
+        "--experimental-distributed-tracing-sampling-rate",
+        "0",
+    ]);
+    etcdctl_ok(&node.endpoint(), &["put", "untraced", "v"]);
+    let (trace_id, parent_id) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    rt.block_on(async {
+        use geolock_proto::etcdserverpb::{kv_client::KvClient, PutRequest};
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.endpoint())).unwrap();
+        let mut kv = KvClient::new(channel.connect().await.unwrap());
+        let mut req =
+            tonic::Request::new(PutRequest { key: b"traced".to_vec(), value: b"v".to_vec(), ..Default::default() });
+        req.metadata_mut().insert("traceparent", format!("00-{trace_id}-{parent_id}-01").parse().unwrap());
+        kv.put(req).await.unwrap();
+    });
+    let spans = wait_for(Duration::from_secs(15), "the put's four spans at the receiver", || {
+        let spans = receiver.0.lock().unwrap().clone();
+        (spans.len() >= 4).then_some(spans)
+    });
+    let hex = |b: &[u8]| data_encoding::HEXLOWER.encode(b);
+    assert!(spans.iter().all(|s| hex(&s.trace_id) == trace_id), "a span outside the caller's trace: {spans:?}");
+    let named = |name: &str| {
+        let found: Vec<_> = spans.iter().filter(|s| s.name == name).collect();
+        assert_eq!(found.len(), 1, "{name} in {spans:?}");
+        found[0].clone()
+    };
+    let rpc = named("etcdserverpb.KV/Put");
+    assert_eq!(hex(&rpc.parent_span_id), parent_id, "the RPC's span is not the caller's child");
+    assert_eq!(rpc.kind, opentelemetry_proto::tonic::trace::v1::span::SpanKind::Server as i32);
+    let propose = named("propose");
+    assert_eq!(propose.parent_span_id, rpc.span_id, "propose is not the RPC's child");
+    for child in ["commit", "apply"] {
+        let s = named(child);
+        assert_eq!(s.parent_span_id, propose.span_id, "{child} is not propose's child");
+        assert!(
+            s.start_time_unix_nano >= propose.start_time_unix_nano
+                && s.end_time_unix_nano <= propose.end_time_unix_nano
+        );
+    }
+    let m = metrics(&node.endpoint());
+    assert!(sample(&m, "geolock_tracing_spans_exported_total", &[]).unwrap() >= 4.0, "{m}");
+    assert_eq!(sample(&m, "geolock_tracing_spans_dropped_total", &[]), Some(0.0));
+}

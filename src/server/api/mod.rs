@@ -5,6 +5,7 @@ mod convert;
 mod errors;
 mod failover_service;
 mod grpc_metrics;
+mod grpc_tracing;
 mod http;
 mod lock_service;
 use geolock_proto as proto;
@@ -40,6 +41,7 @@ pub async fn serve(
     node: Arc<Node>,
     hierarchical_prefixes: &[String],
     metrics: crate::config::MetricsLevel,
+    tracing: bool,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
@@ -73,6 +75,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .accept_http1(true)
         .layer(grpc_metrics::GrpcMetricsLayer::new(metrics))
+        .layer(grpc_tracing::GrpcTracingLayer { enabled: tracing })
         .add_routes(tonic::service::Routes::from(http::router(api.clone())))
         .add_service(health)
         .add_service(Guarded::new(sized!(KvServer::new(api.clone())), serves))

@@ -188,6 +188,9 @@ impl Node {
     /// follower through the leader, then until this node has applied it too (so a read here
     /// after the write sees it).
     pub async fn propose(&self, cmd: Command) -> Result<Applied, NodeError> {
+        use opentelemetry::trace::{FutureExt, TraceContextExt, Tracer};
+        // A child of the RPC's span when traces are on (a no-op span when they are off).
+        let cx = opentelemetry::Context::current_with_span(opentelemetry::global::tracer("geolock").start("propose"));
         let done = async {
             self.refuse_if_fenced()?;
             let _permit = self
@@ -197,21 +200,28 @@ impl Node {
             self.with_leader(|| async {
                 let here = || self.propose_here(cmd.clone());
                 let (applied, index) = self.on_leader(Kind::ForwardWrite, &cmd, PROPOSE_TIMEOUT, here).await?;
-                self.wait_applied(index).await?;
+                let apply = opentelemetry::global::tracer("geolock").start("apply");
+                let waited =
+                    self.wait_applied(index).with_context(opentelemetry::Context::current_with_span(apply)).await;
+                waited?;
                 Ok(applied)
             })
             .await
         }
+        .with_context(cx.clone())
         .await;
         if done.is_err() {
             super::metrics::PROPOSALS_FAILED.inc();
         }
+        cx.span().end();
         done
     }
 
     /// Propose on this node, which must lead. Returns the result and the entry's log index.
     pub(super) async fn propose_here(&self, cmd: Command) -> Result<(Applied, u64), NodeError> {
         self.may_serve_as_leader()?;
+        // openraft answers a write once it is committed and applied here, on the leader.
+        let _commit = opentelemetry::trace::Tracer::start(&opentelemetry::global::tracer("geolock"), "commit");
         match tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(cmd)).await {
             Err(_) => Err(NodeError::Timeout),
             // A commit that lands after the region write lease lapsed is not acknowledged: the
