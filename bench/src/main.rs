@@ -452,36 +452,36 @@ async fn run_locks(endpoint: &str, clients: usize, shared_name: bool, seconds: u
     LockFigures { cycles_per_s: wait.len() as f64 / elapsed, wait, handover }
 }
 
-/// An OTLP/gRPC trace receiver that counts the spans it is sent.
-#[derive(Clone, Default)]
-struct SpanCounter(Arc<std::sync::atomic::AtomicU64>);
-
-#[tonic::async_trait]
-impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for SpanCounter {
-    async fn export(
-        &self,
-        req: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
-    ) -> Result<
-        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
-        tonic::Status,
-    > {
-        let n: usize = req.into_inner().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
-        self.0.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(tonic::Response::new(Default::default()))
+/// Put and range throughput of `servers` side by side, and for each `(i, what)` of `compared`
+/// the ratio of server `i`'s figures to server `base`'s.
+async fn compare_costs(servers: &[&Server], base: usize, compared: &[(usize, &str)], seconds: u64) {
+    let endpoints: Vec<&str> = servers.iter().map(|s| s.endpoint.as_str()).collect();
+    println!("{:<30} {:>30} {:>10} {:>9} {:>9}", "workload", "server", "ops/s", "p50 ms", "p99 ms");
+    for (label, op, clients) in [
+        ("put 256 B, 16 clients", Op::Put, 16),
+        ("put 256 B, 1 client", Op::Put, 1),
+        ("linearizable range, 16 clients", Op::Get, 16),
+    ] {
+        let figs = side_by_side(&endpoints, op, clients, seconds).await;
+        for (s, f) in servers.iter().zip(&figs) {
+            println!("{label:<30} {:>30} {:>10.0} {:>9.2} {:>9.2}", s.name, f.ops_per_s, f.p50_ms, f.p99_ms);
+        }
+        for (i, what) in compared {
+            let (b, f) = (&figs[base], &figs[*i]);
+            println!(
+                "{label:<30} {what:>30} throughput x{:.3} (cost {:+.1} %), p50 x{:.3}, p99 x{:.3}",
+                f.ops_per_s / b.ops_per_s,
+                (1.0 - f.ops_per_s / b.ops_per_s) * 100.0,
+                f.p50_ms / b.p50_ms,
+                f.p99_ms / b.p99_ms
+            );
+        }
     }
 }
 
 /// The `tracing` workload: see [`What::Tracing`].
 async fn tracing_cost(lockctl: &std::path::Path, seconds: u64) {
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
-    let receiver = SpanCounter::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let live = listener.local_addr().unwrap().to_string();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (receiver, live) = geolock_testkit::otlp::OtlpReceiver::start().await.unwrap();
     let dead = format!("127.0.0.1:{}", free_port());
     let traced = |collector: &str, rate: &str| {
         [
@@ -500,27 +500,8 @@ async fn tracing_cost(lockctl: &std::path::Path, seconds: u64) {
     let servers = [&off, &sampled, &down];
     let endpoints: Vec<&str> = servers.iter().map(|s| s.endpoint.as_str()).collect();
     warm_up(&endpoints).await;
-    println!("{:<30} {:>30} {:>10} {:>9} {:>9}", "workload", "server", "ops/s", "p50 ms", "p99 ms");
-    for (label, op, clients) in [
-        ("put 256 B, 16 clients", Op::Put, 16),
-        ("put 256 B, 1 client", Op::Put, 1),
-        ("linearizable range, 16 clients", Op::Get, 16),
-    ] {
-        let figs = side_by_side(&endpoints, op, clients, seconds).await;
-        for (s, f) in servers.iter().zip(&figs) {
-            println!("{label:<30} {:>30} {:>10.0} {:>9.2} {:>9.2}", s.name, f.ops_per_s, f.p50_ms, f.p99_ms);
-        }
-        for (i, what) in [(1, "1 % / off"), (2, "collector down / off")] {
-            println!(
-                "{label:<30} {what:>30} throughput x{:.3} (cost {:+.1} %), p50 x{:.3}, p99 x{:.3}",
-                figs[i].ops_per_s / figs[0].ops_per_s,
-                (1.0 - figs[i].ops_per_s / figs[0].ops_per_s) * 100.0,
-                figs[i].p50_ms / figs[0].p50_ms,
-                figs[i].p99_ms / figs[0].p99_ms
-            );
-        }
-    }
-    println!("spans received from the 1 % node: {}", receiver.0.load(std::sync::atomic::Ordering::Relaxed));
+    compare_costs(&servers, 0, &[(1, "1 % / off"), (2, "collector down / off")], seconds).await;
+    println!("spans received from the 1 % node: {}", receiver.count());
 }
 
 /// The `metrics` workload: see [`What::Metrics`].
@@ -545,26 +526,7 @@ async fn metrics_cost(lockctl: &std::path::Path, seconds: u64) {
             }
         }
     });
-    println!("{:<30} {:>26} {:>10} {:>9} {:>9}", "workload", "server", "ops/s", "p50 ms", "p99 ms");
-    for (label, op, clients) in [
-        ("put 256 B, 16 clients", Op::Put, 16),
-        ("put 256 B, 1 client", Op::Put, 1),
-        ("linearizable range, 16 clients", Op::Get, 16),
-    ] {
-        let figs = side_by_side(&endpoints, op, clients, seconds).await;
-        for (s, f) in servers.iter().zip(&figs) {
-            println!("{label:<30} {:>26} {:>10.0} {:>9.2} {:>9.2}", s.name, f.ops_per_s, f.p50_ms, f.p99_ms);
-        }
-        let (off, on) = (&figs[1], &figs[2]);
-        println!(
-            "{label:<30} {:>26} throughput x{:.3} (cost {:+.1} %), p50 x{:.3}, p99 x{:.3}",
-            "metrics on / off",
-            on.ops_per_s / off.ops_per_s,
-            (1.0 - on.ops_per_s / off.ops_per_s) * 100.0,
-            on.p50_ms / off.p50_ms,
-            on.p99_ms / off.p99_ms
-        );
-    }
+    compare_costs(&servers, 1, &[(2, "metrics on / off")], seconds).await;
     scraper.abort();
 }
 

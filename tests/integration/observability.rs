@@ -536,44 +536,11 @@ fn the_cluster_page_shows_every_member_of_the_2_2_1_topology_and_follows_a_leade
     assert!(dom.contains("unreachable: "), "{dom}");
 }
 
-/// An OTLP/gRPC trace receiver (a collector's front half, from `opentelemetry-proto`): it keeps
-/// every span it is sent.
-#[derive(Clone, Default)]
-struct OtlpReceiver(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>);
-
-#[tonic::async_trait]
-impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for OtlpReceiver {
-    async fn export(
-        &self,
-        req: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
-    ) -> Result<
-        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
-        tonic::Status,
-    > {
-        let mut kept = self.0.lock().unwrap();
-        for rs in req.into_inner().resource_spans {
-            for ss in rs.scope_spans {
-                kept.extend(ss.spans);
-            }
-        }
-        Ok(tonic::Response::new(Default::default()))
-    }
-}
-
 #[test]
 fn a_traced_put_reaches_an_otlp_receiver_as_a_span_tree_under_the_callers_trace() {
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
     let rt = rt();
-    let receiver = OtlpReceiver::default();
-    let port = free_port();
-    let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port))).unwrap();
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (receiver, collector) = rt.block_on(geolock_testkit::otlp::OtlpReceiver::start()).unwrap();
     // Sampling rate 0: only a request whose caller's trace context is sampled is traced.
-    let collector = format!("127.0.0.1:{port}");
     let node = GeoNode::start_with(&[
         "--experimental-enable-distributed-tracing",
         "--experimental-distributed-tracing-address",
@@ -593,7 +560,7 @@ fn a_traced_put_reaches_an_otlp_receiver_as_a_span_tree_under_the_callers_trace(
         kv.put(req).await.unwrap();
     });
     let spans = wait_for(Duration::from_secs(15), "the put's four spans at the receiver", || {
-        let spans = receiver.0.lock().unwrap().clone();
+        let spans = receiver.spans();
         (spans.len() >= 4).then_some(spans)
     });
     let hex = |b: &[u8]| data_encoding::HEXLOWER.encode(b);
@@ -605,7 +572,7 @@ fn a_traced_put_reaches_an_otlp_receiver_as_a_span_tree_under_the_callers_trace(
     };
     let rpc = named("etcdserverpb.KV/Put");
     assert_eq!(hex(&rpc.parent_span_id), parent_id, "the RPC's span is not the caller's child");
-    assert_eq!(rpc.kind, opentelemetry_proto::tonic::trace::v1::span::SpanKind::Server as i32);
+    assert_eq!(rpc.kind, geolock_testkit::otlp::SpanKind::Server as i32);
     let propose = named("propose");
     assert_eq!(propose.parent_span_id, rpc.span_id, "propose is not the RPC's child");
     for child in ["commit", "apply"] {
