@@ -245,12 +245,18 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
     let vantage = Vantage::new(!decided, Some(policy));
     let (approvals_tx, mut approvals) = tokio::sync::mpsc::channel(APPROVALS_QUEUED_MAX);
     crate::controller_metrics::publish(&runbook, cfg.epoch);
-    let metrics = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(|| async {
-            ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], crate::controller_metrics::exposition())
-        }),
-    );
+    let metrics = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(|| async {
+                (
+                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                    crate::controller_metrics::exposition(),
+                )
+            }),
+        )
+        // Another path is a gRPC method this controller does not serve: gRPC's Unimplemented.
+        .fallback(|| async { [("content-type", "application/grpc"), ("grpc-status", "12")] });
     tokio::spawn(
         tonic::transport::Server::builder()
             .accept_http1(true)

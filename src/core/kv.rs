@@ -316,6 +316,8 @@ pub struct Mvcc {
     compact_rev: Rev,
     /// Bytes of keys and values held, for the space quota.
     bytes: u64,
+    /// Keys whose latest version is not a deletion (kept on each write: metrics read it).
+    live: usize,
     /// Writes made by the operation in progress: they share `current_rev + 1`.
     pending_subs: u32,
 }
@@ -407,6 +409,7 @@ impl Mvcc {
                 }
             }
         }
+        m.live = m.count_live();
         Ok(m)
     }
 
@@ -425,9 +428,12 @@ impl Mvcc {
         self.bytes
     }
 
-    /// Keys whose latest version is not a deletion. Counted on each call (O(keys)): metrics
-    /// ask every few seconds, and a count kept on every write would be paid by every write.
+    /// Keys whose latest version is not a deletion.
     pub fn live_keys(&self) -> usize {
+        self.live
+    }
+
+    fn count_live(&self) -> usize {
         self.index.values().filter(|vs| vs.last().is_some_and(|v| v.value.is_some())).count()
     }
 
@@ -620,6 +626,10 @@ impl Mvcc {
         batch.put(Cf::Kv, rev_key(v.rev, v.sub).to_vec(), postcard::to_allocvec(&sv).expect("encodes"));
         self.bytes += (key.len() + v.value.as_ref().map_or(0, |x| x.len())) as u64;
         self.changes.insert((v.rev, v.sub), key.clone());
+        // Compaction never drops a key's latest version while it is live, so only writes move
+        // the count.
+        let was_live = self.index.get(&key).and_then(|vs| vs.last()).is_some_and(|old| old.value.is_some());
+        self.live = self.live + usize::from(v.value.is_some()) - usize::from(was_live);
         self.index.entry(key).or_default().push(v);
     }
 
@@ -1081,6 +1091,32 @@ mod tests {
         engine.write(b, false).unwrap();
         let l = Mvcc::load(&*engine).unwrap();
         assert_eq!(l.changes, m.changes, "a restart reads the same history");
+    }
+
+    #[test]
+    fn the_live_key_count_follows_puts_deletes_compaction_and_reload() {
+        let engine = MemEngine::new();
+        let mut m = Mvcc::new();
+        let mut b = WriteBatch::default();
+        let del = |m: &mut Mvcc, b: &mut WriteBatch, k: &str, end: &str| {
+            let mut fx = WriteEffects::default();
+            let r = DeleteRangeRequest { key: k.into(), range_end: end.into(), ..Default::default() };
+            m.delete_range(&r, b, &mut fx);
+            m.finish(b)
+        };
+        for (k, v) in [("a", "1"), ("a", "2"), ("b", "x"), ("c", "y"), ("d", "z")] {
+            put(&mut m, &mut b, k, v);
+        }
+        assert_eq!((m.live_keys(), m.count_live()), (4, 4));
+        del(&mut m, &mut b, "b", "d");
+        assert_eq!((m.live_keys(), m.count_live()), (2, 2));
+        let deleted = del(&mut m, &mut b, "zz", "");
+        assert_eq!(m.live_keys(), 2, "deleting nothing changes nothing");
+        put(&mut m, &mut b, "b", "again");
+        m.compact(deleted, &mut b).unwrap();
+        assert_eq!((m.live_keys(), m.count_live()), (3, 3));
+        engine.write(b, false).unwrap();
+        assert_eq!(Mvcc::load(&*engine).unwrap().live_keys(), 3);
     }
 
     #[test]

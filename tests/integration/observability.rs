@@ -478,8 +478,10 @@ fn chromium(url: &str, shot: &Path, budget: Duration) -> (String, Vec<String>) {
     };
     let dom = run("--dump-dom");
     assert!(dom.status.success(), "chromium: {}", String::from_utf8_lossy(&dom.stderr));
+    // Chromium logs each console message (and each uncaught exception) to stderr as
+    // `...:INFO:CONSOLE:<line>] "<message>", source: ...`.
     let console =
-        String::from_utf8_lossy(&dom.stderr).lines().filter(|l| l.contains(":CONSOLE(")).map(String::from).collect();
+        String::from_utf8_lossy(&dom.stderr).lines().filter(|l| l.contains(":CONSOLE")).map(String::from).collect();
     let png = run(&format!("--screenshot={}", shot.display()));
     assert!(png.status.success(), "chromium: {}", String::from_utf8_lossy(&png.stderr));
     let bytes = std::fs::read(shot).unwrap();
@@ -517,6 +519,8 @@ fn the_cluster_page_shows_every_member_of_the_2_2_1_topology_and_follows_a_leade
         assert!(dom.contains(&card), "no {card} in\n{dom}");
     }
     assert!(dom.contains("data-leader=\"node-1\""), "{dom}");
+    // The page reports its own failures (a fetch or a render that threw) in its banner.
+    assert!(dom.contains("<div id=\"banner\" style=\"display: none;\"></div>"), "{dom}");
     for region in ["us-east", "us-west", "europe"] {
         assert!(dom.contains(&format!("<td>{region}</td>")), "no round trips from or to {region}:\n{dom}");
     }
@@ -534,6 +538,7 @@ fn the_cluster_page_shows_every_member_of_the_2_2_1_topology_and_follows_a_leade
         "{dom}"
     );
     assert!(dom.contains("unreachable: "), "{dom}");
+    assert!(dom.contains("<div id=\"banner\" style=\"display: none;\"></div>"), "{dom}");
 }
 
 #[test]

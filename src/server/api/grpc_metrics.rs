@@ -2,7 +2,7 @@
 //! `--metrics=extensive`): `grpc_server_{started,handled,msg_received,msg_sent}_total` and
 //! `grpc_server_handling_seconds`, labelled `grpc_type`, `grpc_service`, `grpc_method` (and
 //! `grpc_code` once handled), plus etcd's `etcd_network_client_grpc_{received,sent}_bytes_total`.
-//! `--metrics basic` (etcd's default) leaves the histogram out; `off` counts nothing.
+//! `--metrics basic` (etcd's default) leaves the histogram out; `off` counts and exports nothing.
 //! A tower layer around every client service: it reads the path, counts gRPC messages in the
 //! bodies by their 5-byte length prefixes, and takes the status from the trailers (or from the
 //! headers of a trailers-only answer). Anything not gRPC (the HTTP endpoints) passes untouched.
@@ -48,9 +48,14 @@ struct Method {
     started: IntCounter,
     received: IntCounter,
     sent: IntCounter,
-    handling: Histogram,
+    /// Only with `--metrics extensive`, as etcd's.
+    handling: Option<Histogram>,
     handled_ok: IntCounter,
 }
+
+/// The level the metrics were registered at (the first server's; every server of a process is
+/// started from one configuration).
+static LEVEL: std::sync::OnceLock<MetricsLevel> = std::sync::OnceLock::new();
 
 static METRICS: LazyLock<GrpcMetrics> = LazyLock::new(|| {
     let labels = ["grpc_type", "grpc_service", "grpc_method"];
@@ -61,12 +66,14 @@ static METRICS: LazyLock<GrpcMetrics> = LazyLock::new(|| {
         &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
     );
     // Prometheus's default buckets, which go-grpc-prometheus keeps: 5 ms to 10 s.
-    let handling = histogram_vec(
-        "grpc_server_handling_seconds",
-        "Time from an RPC's start to its last reply, on the server.",
-        &labels,
-        prometheus::DEFAULT_BUCKETS.to_vec(),
-    );
+    let handling = (LEVEL.get() == Some(&MetricsLevel::Extensive)).then(|| {
+        histogram_vec(
+            "grpc_server_handling_seconds",
+            "Time from an RPC's start to its last reply, on the server.",
+            &labels,
+            prometheus::DEFAULT_BUCKETS.to_vec(),
+        )
+    });
     let received = counter_vec("grpc_server_msg_received_total", "Request messages received, per RPC method.", &labels);
     let sent = counter_vec("grpc_server_msg_sent_total", "Reply messages sent, per RPC method.", &labels);
     // As go-grpc-prometheus does, every method starts at zero (and `OK`), so that rates and
@@ -78,7 +85,7 @@ static METRICS: LazyLock<GrpcMetrics> = LazyLock::new(|| {
             started: started.with_label_values(&l),
             received: received.with_label_values(&l),
             sent: sent.with_label_values(&l),
-            handling: handling.with_label_values(&l),
+            handling: handling.as_ref().map(|h| h.with_label_values(&l)),
             handled_ok: handled.with_label_values(&[kind, service, method, "OK"]),
         }
     };
@@ -91,8 +98,13 @@ static METRICS: LazyLock<GrpcMetrics> = LazyLock::new(|| {
     }
 });
 
-/// Make the metrics exist (every method at zero) before the first request.
-pub fn register() {
+/// Make the metrics `level` keeps exist (every method at zero) before the first request; at
+/// `off`, none.
+pub fn register(level: MetricsLevel) {
+    if level == MetricsLevel::Off {
+        return;
+    }
+    let _ = LEVEL.set(level);
     LazyLock::force(&METRICS);
 }
 
@@ -118,6 +130,13 @@ fn code_name(code: i32) -> &'static str {
         "Unauthenticated",
     ];
     usize::try_from(code).ok().and_then(|c| NAMES.get(c)).copied().unwrap_or("Unknown")
+}
+
+/// The service and method a request path names, `unknown` for a path we do not serve (so that
+/// names taken from paths stay a bounded set).
+pub fn method_name(path: &str) -> (&'static str, &'static str) {
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
+    methods().find(|(s, m, _)| *s == service && *m == method).map_or((OTHER.0, OTHER.1), |(s, m, _)| (s, m))
 }
 
 /// The series of a request path (`/etcdserverpb.KV/Range`).
@@ -203,8 +222,8 @@ impl Call {
             let [kind, service, method] = m.labels;
             METRICS.handled.with_label_values(&[kind, service, method, code_name(code)]).inc();
         }
-        if let Some(started) = self.started {
-            m.handling.observe(started.elapsed().as_secs_f64());
+        if let (Some(started), Some(h)) = (self.started, &m.handling) {
+            h.observe(started.elapsed().as_secs_f64());
         }
     }
 }
@@ -236,10 +255,24 @@ where
             method.started.inc();
             Call { method, started: (self.level == MetricsLevel::Extensive).then(Instant::now) }
         });
+        let deadline = call.and_then(|_| grpc_timeout(req.headers()));
         let req = req.map(|body| Counted::new(body, call, Side::Request));
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let resp = fut.await?;
+            // Settles the call if this future is dropped before the handler answers: the client
+            // went away, or tonic's own deadline (outside this layer) ran out.
+            let mut pending = Unanswered { call, started: Instant::now(), deadline };
+            let resp = fut.await;
+            let call = pending.call.take();
+            let resp = match resp {
+                Ok(resp) => resp,
+                Err(e) => {
+                    if let Some(call) = call {
+                        call.handled(2);
+                    }
+                    return Err(e);
+                }
+            };
             // A trailers-only answer (an error before any reply) carries its status in the
             // headers, and its body ends with no trailers.
             let early = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i32>().ok());
@@ -254,6 +287,39 @@ where
             }))
         })
     }
+}
+
+/// A call whose handler has not answered yet; see [`Metered::call`].
+struct Unanswered {
+    call: Option<Call>,
+    started: Instant,
+    /// The client's `grpc-timeout`.
+    deadline: Option<std::time::Duration>,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(call) = self.call.take() {
+            let expired = self.deadline.is_some_and(|d| self.started.elapsed() >= d);
+            call.handled(if expired { 4 } else { 1 });
+        }
+    }
+}
+
+/// A request's `grpc-timeout` header (digits and a unit: H, M, S, m, u, n).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<std::time::Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -321,8 +387,11 @@ impl<B: Body<Data = bytes::Bytes>> Body for Counted<B> {
                 }
             }
             Poll::Ready(None) => {
-                // The body ended without trailers: a trailers-only answer, settled already.
-                this.call.take();
+                // The body ended without trailers: a trailers-only answer was settled already,
+                // so a call still unsettled got no status at all.
+                if let Some(call) = this.call.take() {
+                    call.handled(2);
+                }
             }
             Poll::Ready(Some(Err(_))) | Poll::Pending => {}
         }
@@ -358,6 +427,21 @@ mod tests {
         }
         let mut bytewise = Messages::default();
         assert_eq!(wire.iter().map(|b| bytewise.feed(std::slice::from_ref(b))).sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_protocol_spells_them() {
+        let h = |v: &str| {
+            let mut m = http::HeaderMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(h("5S"), Some(std::time::Duration::from_secs(5)));
+        assert_eq!(h("250m"), Some(std::time::Duration::from_millis(250)));
+        assert_eq!(h("1H"), Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(h("7"), None);
+        assert_eq!(h("x5S"), None);
+        assert_eq!(h(""), None);
     }
 
     #[test]

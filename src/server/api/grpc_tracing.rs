@@ -1,5 +1,5 @@
 //! A server span per client RPC (OpenTelemetry; see `otel`), named `service/method`
-//! (`etcdserverpb.KV/Put`), kind server, a child of the client's W3C trace context when its
+//! (`etcdserverpb.KV/Put`; `unknown/unknown` for a path no service serves), kind server, a child of the client's W3C trace context when its
 //! metadata carries one. The handler runs inside the span's context, so the node's own spans
 //! (propose, commit, apply) are its children. The span ends when the handler has answered (for
 //! a stream: when the stream is set up), with the gRPC status.
@@ -52,12 +52,12 @@ where
             return Box::pin(self.inner.call(req));
         }
         let parent = crate::otel::parent_from(req.headers());
-        let name = req.uri().path().trim_start_matches('/').to_string();
-        let (service, method) = name.split_once('/').unwrap_or((&name, ""));
+        let (service, method) = super::grpc_metrics::method_name(req.uri().path());
+        let name = format!("{service}/{method}");
         let attributes = vec![
             opentelemetry::KeyValue::new("rpc.system", "grpc"),
-            opentelemetry::KeyValue::new("rpc.service", service.to_string()),
-            opentelemetry::KeyValue::new("rpc.method", method.to_string()),
+            opentelemetry::KeyValue::new("rpc.service", service),
+            opentelemetry::KeyValue::new("rpc.method", method),
         ];
         let tracer = opentelemetry::global::tracer("geolock");
         let span = tracer

@@ -70,7 +70,18 @@ pub fn router(api: Api) -> axum::Router {
         .route("/readyz", get(|s, u| checks(s, u, Kind::Readyz, None)))
         .route("/livez/{check}", get(|s, u, Path(c): Path<String>| checks(s, u, Kind::Livez, Some(c))))
         .route("/readyz/{check}", get(|s, u, Path(c): Path<String>| checks(s, u, Kind::Readyz, Some(c))))
+        .fallback(unserved)
         .with_state(api)
+}
+
+/// A path nothing serves: a gRPC call gets gRPC's `Unimplemented` (as tonic's own router
+/// answers one), anything else Go's 404 (as etcd's).
+async fn unserved(headers: axum::http::HeaderMap) -> Response {
+    if headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")) {
+        let trailers_only = [(header::CONTENT_TYPE.as_str(), "application/grpc"), ("grpc-status", "12")];
+        return (StatusCode::OK, trailers_only).into_response();
+    }
+    go_error(StatusCode::NOT_FOUND, "404 page not found")
 }
 
 /// The query's values for `name`, empty ones dropped (as etcd's `getQuerySet`).

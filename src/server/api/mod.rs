@@ -52,7 +52,7 @@ pub async fn serve(
     use pb::watch_server::WatchServer;
     let hierarchical = Arc::new(hierarchical_prefixes.iter().map(|p| p.as_bytes().to_vec()).collect());
     let api = Api { node, hierarchical };
-    grpc_metrics::register();
+    grpc_metrics::register(metrics);
     http::register();
     crate::raft::register_metrics();
     macro_rules! sized {
