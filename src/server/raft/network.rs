@@ -240,35 +240,18 @@ impl Peers {
     /// (dialed or accepted; the dialed one where there are both).
     /// `ids` names the members by ID.
     pub fn rtts(&self, ids: &[(u64, String)]) -> std::collections::BTreeMap<u64, std::time::Duration> {
-        let mut out = std::collections::BTreeMap::new();
-        for (name, c) in self.accepted.lock().unwrap().iter() {
-            if let Some((id, _)) = ids.iter().find(|(_, n)| n == name).filter(|_| c.close_reason().is_none()) {
-                out.insert(*id, c.rtt());
-            }
-        }
-        for (id, slot) in self.conns.lock().unwrap().iter() {
-            if let Slot::Ready(c) = slot {
-                if c.close_reason().is_none() {
-                    out.insert(*id, c.rtt());
-                }
-            }
-        }
-        out
+        // Accepted first, so that a member's dialed connection, where there is one, wins.
+        self.connections(ids)
+            .into_iter()
+            .filter(|(_, c)| c.close_reason().is_none())
+            .map(|(id, c)| (id, c.rtt()))
+            .collect()
     }
 
-    /// Add every peer connection's traffic since the last sample to etcd's byte counters and
-    /// sample its round-trip time. `ids` names the members by ID.
-    pub fn sample_metrics(&self, ids: &[(u64, String)]) {
-        let mut conns: Vec<(u64, Connection)> = self
-            .conns
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|(id, slot)| match slot {
-                Slot::Ready(c) => Some((*id, c.clone())),
-                Slot::Dialing(_) => None,
-            })
-            .collect();
+    /// Every peer connection by member ID: those peers dialed to this member, then those it
+    /// dialed. Closed accepted connections are forgotten after this listing.
+    fn connections(&self, ids: &[(u64, String)]) -> Vec<(u64, Connection)> {
+        let mut conns = Vec::new();
         {
             let mut accepted = self.accepted.lock().unwrap();
             for (name, c) in accepted.iter() {
@@ -278,6 +261,18 @@ impl Peers {
             }
             accepted.retain(|_, c| c.close_reason().is_none());
         }
+        for (id, slot) in self.conns.lock().unwrap().iter() {
+            if let Slot::Ready(c) = slot {
+                conns.push((*id, c.clone()));
+            }
+        }
+        conns
+    }
+
+    /// Add every peer connection's traffic since the last sample to etcd's byte counters and
+    /// sample its round-trip time. `ids` names the members by ID.
+    pub fn sample_metrics(&self, ids: &[(u64, String)]) {
+        let conns = self.connections(ids);
         let m = &*PEER_METRICS;
         let mut sampled = self.sampled.lock().unwrap();
         let mut live = std::collections::HashSet::new();
