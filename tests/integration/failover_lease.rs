@@ -11,6 +11,8 @@ use geolock_client::failover::{GrantPolicy, Vantage};
 use crate::common::{etcdctl, free_port, lockctl_bg, rt, Cluster};
 
 const LEASE_MS: u64 = 1_500;
+/// etcd's `ErrTimeout` text, for a write whose outcome is unknown.
+const TIMED_OUT: &str = "etcdserver: request timed out";
 const NO_LEASE: &str = "geolock: this primary holds no region write lease (a majority of its 3 vantage points";
 
 /// `etcdctl put` on `endpoint`: whether it succeeded, and what it printed.
@@ -37,20 +39,24 @@ fn a_primary_writes_only_while_a_majority_of_its_vantage_points_grant_its_lease(
     assert!(put(&ep, "k0").0);
 
     // One of the two live ones stops granting: no majority. Every write invoked before the lease ran
-    // out (from the last grant) may succeed; none invoked after it does.
+    // out (from the last grant) may succeed; none invoked after it does. A write proposed in time
+    // whose commit lands after the lapse is answered as a timeout (its outcome unknown, as etcd's
+    // timeouts are), never acknowledged: seen in one CI run of 73 tests.
     vantages[0].set_granting(false);
     let stopped = Instant::now();
     let mut last_ok_invoked = None;
-    let refused = loop {
+    loop {
         let invoked = Instant::now();
         let (ok, out) = put(&ep, "k1");
-        if !ok {
-            break out;
+        if ok {
+            last_ok_invoked = Some(invoked);
+        } else if out.contains(NO_LEASE) {
+            break;
+        } else {
+            assert!(out.contains(TIMED_OUT), "neither acknowledged, refused nor unknown: {out}");
         }
-        last_ok_invoked = Some(invoked);
         assert!(stopped.elapsed() < Duration::from_secs(10), "writes go on without a lease");
-    };
-    assert!(refused.contains(NO_LEASE), "{refused}");
+    }
     let lapse = vantages[0].last_grant().unwrap() + Duration::from_millis(LEASE_MS);
     assert!(last_ok_invoked.is_none_or(|t| t < lapse), "a write invoked after the lease lapsed succeeded");
     let lin = etcdctl(&ep, &["--command-timeout=2s", "get", "k0"], None);

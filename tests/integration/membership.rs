@@ -135,12 +135,15 @@ fn leadership_moves_on_request_and_a_removed_leader_leaves_the_cluster_serving()
     assert!(out.contains("Leadership transferred"), "{out}");
     assert_eq!(c.leader(), target);
 
-    // etcdctl move-leader, which finds the leader among the endpoints itself.
+    // etcdctl move-leader, which finds the leader among the endpoints itself. One context of
+    // `--command-timeout` covers its connecting to each endpoint, asking each for its status and
+    // the transfer; the default 5 s ran out twice in a loaded full run, while the server's own
+    // wait for the transfer is 5 s plus two election timeouts, as etcd's.
     let next = (target + 1) % 3;
     let id = etcdctl_ok(&c.endpoint(next), &["endpoint", "status", "-w", "json"]);
     let id: serde_json::Value = serde_json::from_str(&id).unwrap();
     let id = format!("{:x}", id[0]["Status"]["header"]["member_id"].as_u64().unwrap());
-    let moved = etcdctl_ok(&c.endpoints(), &["move-leader", &id]);
+    let moved = etcdctl_ok(&c.endpoints(), &["--command-timeout=20s", "move-leader", &id]);
     assert!(moved.contains("Leadership transferred"), "{moved}");
     assert_eq!(c.leader(), next);
 
