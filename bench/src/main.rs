@@ -48,9 +48,10 @@ enum What {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
-    /// What metrics cost: put and range throughput of one geolock node with `--metrics off` and
-    /// one with `--metrics extensive` scraped every second (Prometheus scrapes every 15 s to 1
-    /// min), etcd beside them for scale.
+    /// What metrics cost: put and range throughput of one geolock node with `--metrics off`, one
+    /// with `--metrics extensive` scraped every second (Prometheus scrapes every 15 s to 1
+    /// min), and one with `extensive` pushed over OTLP every second (OpenTelemetry's default is
+    /// 60 s) to a receiver in this process; etcd beside them for scale.
     Metrics,
     /// What tracing costs: put and range throughput of one geolock node with tracing off, one
     /// sampling 1 % to a live OTLP receiver (in this process), and one sampling every request
@@ -509,7 +510,21 @@ async fn metrics_cost(lockctl: &std::path::Path, seconds: u64) {
     let etcd = spawn("etcd", std::path::Path::new("etcd"), &[]);
     let off = spawn("geolock metrics off", lockctl, &["start", "--metrics", "off"]);
     let on = spawn("geolock metrics extensive", lockctl, &["start", "--metrics", "extensive"]);
-    let servers = [&etcd, &off, &on];
+    let (receiver, collector) = geolock_testkit::otlp::OtlpReceiver::start().await.unwrap();
+    let pushed = spawn(
+        "geolock extensive, OTLP 1 s",
+        lockctl,
+        &[
+            "start",
+            "--metrics",
+            "extensive",
+            "--otlp-metrics-address",
+            &collector,
+            "--otlp-metrics-interval-ms",
+            "1000",
+        ],
+    );
+    let servers = [&etcd, &off, &on, &pushed];
     let endpoints: Vec<&str> = servers.iter().map(|s| s.endpoint.as_str()).collect();
     warm_up(&endpoints).await;
     let scraped = on.endpoint.clone();
@@ -526,8 +541,9 @@ async fn metrics_cost(lockctl: &std::path::Path, seconds: u64) {
             }
         }
     });
-    compare_costs(&servers, 1, &[(2, "metrics on / off")], seconds).await;
+    compare_costs(&servers, 1, &[(2, "metrics on / off"), (3, "OTLP export / off")], seconds).await;
     scraper.abort();
+    println!("metric exports received from the OTLP node: {}", receiver.metric_exports().len());
 }
 
 fn main() {

@@ -169,3 +169,11 @@ pub const LOCK_METRIC_NAMES_MAX: usize = 64;
 /// at the ~10 000 puts per second a node takes here, fully sampled, this is 50 ms of spans: a
 /// collector that stalls longer loses spans (counted), never requests' time.
 pub const TRACE_SPANS_QUEUED_MAX: usize = 2048;
+
+/// Bounds of the OTLP metrics export interval (`otlp_metrics.interval`). Each export gathers
+/// every series and sends them in one request; below a second that is load on the member and
+/// the collector for no reader (OpenTelemetry's default interval is 60 s); above an hour a
+/// collector would take the member for gone.
+pub const OTLP_METRICS_INTERVAL_MS_MIN: u64 = 1_000;
+pub const OTLP_METRICS_INTERVAL_MS_MAX: u64 = 3_600_000;
+const _: () = assert!(OTLP_METRICS_INTERVAL_MS_MIN < OTLP_METRICS_INTERVAL_MS_MAX);

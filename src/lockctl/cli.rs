@@ -153,6 +153,12 @@ struct StartArgs {
     /// Requests traced per million when the client's trace context does not decide (etcd's flag).
     #[arg(long)]
     experimental_distributed_tracing_sampling_rate: Option<u32>,
+    /// Push every metric of /metrics to this OTLP/gRPC collector (host:port); default none.
+    #[arg(long)]
+    otlp_metrics_address: Option<String>,
+    /// Milliseconds between OTLP metric exports (default 60000).
+    #[arg(long)]
+    otlp_metrics_interval_ms: Option<u64>,
     #[arg(long)]
     listen_peer_urls: Option<String>,
     #[arg(long)]
@@ -224,6 +230,8 @@ impl StartArgs {
             "tracing.experimental_distributed_tracing_sampling_rate",
             &self.experimental_distributed_tracing_sampling_rate.map(|r| r.to_string()),
         );
+        add("otlp_metrics.address", &self.otlp_metrics_address);
+        add("otlp_metrics.interval", &self.otlp_metrics_interval_ms.map(|ms| format!("{ms}ms")));
         add("listen_peer_urls", &self.listen_peer_urls);
         add("initial_advertise_peer_urls", &self.initial_advertise_peer_urls);
         add("initial_cluster", &self.initial_cluster);

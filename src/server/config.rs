@@ -122,6 +122,24 @@ impl Default for TracingSection {
     }
 }
 
+/// `otlp_metrics:` section: every metric of `/metrics` pushed to an OpenTelemetry collector over
+/// OTLP/gRPC (geolock's; etcd has none).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OtlpMetricsSection {
+    /// The collector's OTLP/gRPC `host:port` (or URL); empty: no export.
+    pub address: String,
+    /// Between exports: OpenTelemetry's default (`OTEL_METRIC_EXPORT_INTERVAL`), 60 s.
+    #[serde(with = "duration_text")]
+    pub interval: Duration,
+}
+
+impl Default for OtlpMetricsSection {
+    fn default() -> Self {
+        OtlpMetricsSection { address: String::new(), interval: Duration::from_secs(60) }
+    }
+}
+
 /// How much of the per-RPC gRPC metrics a member keeps (etcd's `--metrics`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -226,6 +244,7 @@ pub struct Config {
     pub lock: LockSection,
     pub failover: FailoverSection,
     pub tracing: TracingSection,
+    pub otlp_metrics: OtlpMetricsSection,
 }
 
 impl Default for Config {
@@ -255,6 +274,7 @@ impl Default for Config {
             lock: LockSection::default(),
             failover: FailoverSection::default(),
             tracing: TracingSection::default(),
+            otlp_metrics: OtlpMetricsSection::default(),
         }
     }
 }
@@ -299,6 +319,14 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "tracing: experimental_distributed_tracing_sampling_rate is per million, not {}",
                 self.tracing.experimental_distributed_tracing_sampling_rate
+            )));
+        }
+        let every = self.otlp_metrics.interval.as_millis();
+        let (min, max) =
+            (geolock_core::limits::OTLP_METRICS_INTERVAL_MS_MIN, geolock_core::limits::OTLP_METRICS_INTERVAL_MS_MAX);
+        if !(u128::from(min)..=u128::from(max)).contains(&every) {
+            return Err(ConfigError::Invalid(format!(
+                "otlp_metrics: interval must be between {min}ms and {max}ms, not {every}ms"
             )));
         }
         if l.max_ttl.as_secs() as i64 > geolock_core::limits::LEASE_TTL_S_MAX || l.min_ttl.as_secs() == 0 {
@@ -578,5 +606,11 @@ lease:
         );
         let err = Config::load(None, &[("initial-cluster", "nourl".into())]).unwrap_err().to_string();
         assert!(err.contains("name=url"), "{err}");
+        for interval in ["999ms", "2h"] {
+            let err = Config::load(None, &[("otlp_metrics.interval", interval.into())]).unwrap_err().to_string();
+            assert!(err.contains("otlp_metrics: interval must be between 1000ms and 3600000ms"), "{err}");
+        }
+        let rate = Config::load(None, &[("tracing.experimental_distributed_tracing_sampling_rate", "1000001".into())]);
+        assert!(rate.unwrap_err().to_string().contains("per million"));
     }
 }

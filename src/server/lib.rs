@@ -19,6 +19,7 @@ mod api;
 pub mod config;
 mod metrics;
 mod otel;
+mod otlp_metrics;
 mod raft;
 mod rocks;
 pub mod roles;

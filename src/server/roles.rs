@@ -18,6 +18,8 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error(transparent)]
     Tracing(#[from] crate::otel::TracingError),
+    #[error(transparent)]
+    OtlpMetrics(#[from] crate::otlp_metrics::OtlpMetricsError),
     #[error("starting again after PROMOTE: {0}")]
     Restart(std::io::Error),
 }
@@ -34,9 +36,14 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         metrics_listeners.push(bind(addr).await?);
     }
     crate::otel::init(&cfg.tracing, &cfg.name)?;
+    let otlp_metrics = crate::otlp_metrics::Exporter::new(&cfg)?;
     let node = Node::start(&cfg).await?;
     for task in tasks(&cfg) {
         node.spawn(task);
+    }
+    if let Some(exporter) = otlp_metrics {
+        let node = Arc::downgrade(&node);
+        tokio::spawn(exporter.run(move || node.upgrade().map(|n| n.refresh_metrics()).is_some()));
     }
     // As etcd, serve clients once this member is published and caught up; without a quorum
     // that can take long, and then the member serves anyway so that it can say so.

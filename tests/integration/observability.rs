@@ -272,6 +272,16 @@ fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) ->
     }
 }
 
+/// `method` on `url`: its status, `Allow` header and body.
+fn request(method: &str, url: &str) -> (u16, Option<String>, String) {
+    rt().block_on(async {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = http_client(Duration::from_secs(15)).request(method, url).send().await.unwrap();
+        let allow = resp.headers().get("allow").map(|v| v.to_str().unwrap().to_string());
+        (resp.status().as_u16(), allow, resp.text().await.unwrap())
+    })
+}
+
 fn health_json(body: &str) -> serde_json::Value {
     serde_json::from_str(body.trim_end()).unwrap_or_else(|e| panic!("/health body {body:?}: {e}"))
 }
@@ -288,6 +298,16 @@ fn losing_the_leader_and_then_the_quorum_shows_as_on_etcd_and_fires_the_no_leade
     let (gs, gb) = get(&format!("http://{}/health", geo.endpoint(0)));
     assert_eq!((gs, &health_json(&gb)["health"]), (es, &health_json(&eb)["health"]), "etcd: {eb} geolock: {gb}");
     assert_eq!(gb, r#"{"health":"true","reason":""}"#);
+    // Any other method, HEAD included: etcd's 405. etcd 3.5 answers its /livez and /readyz
+    // paths with the same handler as /health; geolock's are checked against etcd 3.4's /health.
+    for method in ["HEAD", "POST", "PUT", "DELETE"] {
+        let etcd_says = request(method, &format!("http://{}/health", etcd.endpoint(0)));
+        assert_eq!((etcd_says.0, etcd_says.1.as_deref()), (405, Some("GET")), "{method}: {etcd_says:?}");
+        for path in ["health", "livez", "readyz", "readyz/non_learner"] {
+            let ours = request(method, &format!("http://{}/{path}", geo.endpoint(0)));
+            assert_eq!(ours, etcd_says, "{method} /{path}");
+        }
+    }
 
     // Killing the leader moves every survivor's leader-change count.
     let leader = geo.leader();
@@ -591,4 +611,81 @@ fn a_traced_put_reaches_an_otlp_receiver_as_a_span_tree_under_the_callers_trace(
     let m = metrics(&node.endpoint());
     assert!(sample(&m, "geolock_tracing_spans_exported_total", &[]).unwrap() >= 4.0, "{m}");
     assert_eq!(sample(&m, "geolock_tracing_spans_dropped_total", &[]), Some(0.0));
+}
+
+#[test]
+fn otlp_metrics_carry_every_family_of_the_exposition_and_a_dead_collector_is_only_counted() {
+    use geolock_testkit::otlp::common::any_value::Value as Any;
+    use geolock_testkit::otlp::metrics::{metric::Data, number_data_point::Value, AggregationTemporality};
+    use geolock_testkit::otlp::OtlpReceiver;
+
+    // The collector is not up yet: exports fail, are counted, and the member serves on.
+    let collector = format!("127.0.0.1:{}", free_port());
+    let node = GeoNode::start_with(&["--otlp-metrics-address", &collector, "--otlp-metrics-interval-ms", "1000"]);
+    etcdctl_ok(&node.endpoint(), &["put", "k", "v"]);
+    wait_for(Duration::from_secs(20), "a failed export counted", || {
+        sample(&metrics(&node.endpoint()), "geolock_otlp_metrics_exports_failed_total", &[]).filter(|n| *n >= 1.0)
+    });
+    etcdctl_ok(&node.endpoint(), &["put", "k", "v2"]);
+
+    // Once it is up, the next exports reach it: each carries every family a scrape shows, under
+    // the same name, with the matching type, label names and bucket bounds.
+    let rt = rt();
+    let (receiver, _) = rt.block_on(OtlpReceiver::start_on(&collector)).unwrap();
+    wait_for(Duration::from_secs(30), "an export at the collector", || {
+        (!receiver.metric_exports().is_empty()).then_some(())
+    });
+    let scraped = metrics(&node.endpoint());
+    let seen = receiver.metric_exports().len();
+    let export = wait_for(Duration::from_secs(20), "an export after the scrape", || {
+        receiver.metric_exports().get(seen).cloned()
+    });
+
+    let resource: BTreeMap<String, Option<Any>> = export
+        .resource
+        .iter()
+        .flat_map(|r| &r.attributes)
+        .map(|kv| (kv.key.clone(), kv.value.as_ref().and_then(|v| v.value.clone())))
+        .collect();
+    assert_eq!(resource["service.name"], Some(Any::StringValue("geolock".into())), "{resource:?}");
+    assert_eq!(resource["service.instance.id"], Some(Any::StringValue("n1".into())), "{resource:?}");
+
+    let exported: BTreeMap<String, Data> = export
+        .scope_metrics
+        .iter()
+        .flat_map(|s| &s.metrics)
+        .map(|m| (m.name.clone(), m.data.clone().expect("a metric with data")))
+        .collect();
+    let cumulative = AggregationTemporality::Cumulative as i32;
+    let scraped_families = families(&scraped);
+    for name in ["etcd_server_has_leader", "etcd_mvcc_put_total", "etcd_disk_wal_fsync_duration_seconds"] {
+        assert!(scraped_families.contains_key(name), "{name} in {scraped}");
+    }
+    for (name, family) in &scraped_families {
+        let data = exported.get(name).unwrap_or_else(|| panic!("{name} is not exported: {:?}", exported.keys()));
+        let (labels, buckets): (BTreeSet<String>, Vec<f64>) = match (family.kind.as_str(), data) {
+            ("counter", Data::Sum(s)) if s.is_monotonic && s.aggregation_temporality == cumulative => {
+                (s.data_points.iter().flat_map(|p| &p.attributes).map(|a| a.key.clone()).collect(), Vec::new())
+            }
+            ("gauge", Data::Gauge(g)) => {
+                (g.data_points.iter().flat_map(|p| &p.attributes).map(|a| a.key.clone()).collect(), Vec::new())
+            }
+            ("histogram", Data::Histogram(h)) if h.aggregation_temporality == cumulative => {
+                let p = &h.data_points[0];
+                assert_eq!(p.bucket_counts.len(), p.explicit_bounds.len() + 1, "{name}: {p:?}");
+                assert_eq!(p.bucket_counts.iter().sum::<u64>(), p.count, "{name}: {p:?}");
+                let mut bounds = p.explicit_bounds.clone();
+                bounds.push(f64::INFINITY);
+                (h.data_points.iter().flat_map(|p| &p.attributes).map(|a| a.key.clone()).collect(), bounds)
+            }
+            (kind, data) => panic!("{name}: a {kind} exported as {data:?}"),
+        };
+        assert_eq!(labels, family.labels, "{name}'s label names");
+        assert_eq!(buckets, family.buckets, "{name}'s buckets");
+    }
+    // Counters only grow: the export after the scrape shows at least the scrape's puts.
+    let Data::Sum(puts) = &exported["etcd_mvcc_put_total"] else { unreachable!() };
+    let Some(Value::AsDouble(puts)) = puts.data_points[0].value else { panic!("{puts:?}") };
+    assert!(puts >= sample(&scraped, "etcd_mvcc_put_total", &[]).unwrap() && puts >= 2.0, "{puts}");
+    assert!(sample(&metrics(&node.endpoint()), "geolock_otlp_metrics_exports_total", &[]).unwrap() >= 2.0);
 }

@@ -10,6 +10,8 @@
 //!   and refuses a learner (`non_learner`, etcd's) and a witness (`non_witness`, ours: it holds
 //!   no key space, so a load balancer must never send it clients).
 //!
+//! Each serves GET alone; other methods, HEAD included, get 405 with `Allow: GET`.
+//!
 //! Rules and texts from etcd's `server/etcdserver/api/etcdhttp/health.go` (v3.5).
 //!
 //! And the cluster page: `/` (one HTML file, everything embedded) drawing `/cluster.json`,
@@ -65,13 +67,25 @@ pub fn router(api: Api) -> axum::Router {
         .route("/", get(page))
         .route("/cluster.json", get(cluster))
         .route("/metrics", get(metrics))
-        .route("/health", get(health))
-        .route("/livez", get(|s, u| checks(s, u, Kind::Livez, None)))
-        .route("/readyz", get(|s, u| checks(s, u, Kind::Readyz, None)))
-        .route("/livez/{check}", get(|s, u, Path(c): Path<String>| checks(s, u, Kind::Livez, Some(c))))
-        .route("/readyz/{check}", get(|s, u, Path(c): Path<String>| checks(s, u, Kind::Readyz, Some(c))))
+        .route("/health", get_only(health))
+        .route("/livez", get_only(|s, u| checks(s, u, Kind::Livez, None)))
+        .route("/readyz", get_only(|s, u| checks(s, u, Kind::Readyz, None)))
+        .route("/livez/{check}", get_only(|s, u, Path(c): Path<String>| checks(s, u, Kind::Livez, Some(c))))
+        .route("/readyz/{check}", get_only(|s, u, Path(c): Path<String>| checks(s, u, Kind::Readyz, Some(c))))
         .fallback(unserved)
         .with_state(api)
+}
+
+/// A health path: GET alone, as etcd's health handlers answer; any other method, HEAD included
+/// (which axum would otherwise answer as GET), gets etcd's 405 with `Allow: GET`.
+fn get_only<H: axum::handler::Handler<T, Api>, T: 'static>(handler: H) -> axum::routing::MethodRouter<Api> {
+    get(handler).head(not_get).fallback(not_get)
+}
+
+async fn not_get() -> Response {
+    let mut r = go_error(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+    r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+    r
 }
 
 /// A path nothing serves: a gRPC call gets gRPC's `Unimplemented` (as tonic's own router
