@@ -453,9 +453,9 @@ async fn run_locks(endpoint: &str, clients: usize, shared_name: bool, seconds: u
     LockFigures { cycles_per_s: wait.len() as f64 / elapsed, wait, handover }
 }
 
-/// Put and range throughput of `servers` side by side, and for each `(i, what)` of `compared`
-/// the ratio of server `i`'s figures to server `base`'s.
-async fn compare_costs(servers: &[&Server], base: usize, compared: &[(usize, &str)], seconds: u64) {
+/// Put and range throughput of `servers` side by side, and for each `(i, base, what)` of
+/// `compared` the ratio of server `i`'s figures to server `base`'s.
+async fn compare_costs(servers: &[&Server], compared: &[(usize, usize, &str)], seconds: u64) {
     let endpoints: Vec<&str> = servers.iter().map(|s| s.endpoint.as_str()).collect();
     println!("{:<30} {:>30} {:>10} {:>9} {:>9}", "workload", "server", "ops/s", "p50 ms", "p99 ms");
     for (label, op, clients) in [
@@ -467,8 +467,8 @@ async fn compare_costs(servers: &[&Server], base: usize, compared: &[(usize, &st
         for (s, f) in servers.iter().zip(&figs) {
             println!("{label:<30} {:>30} {:>10.0} {:>9.2} {:>9.2}", s.name, f.ops_per_s, f.p50_ms, f.p99_ms);
         }
-        for (i, what) in compared {
-            let (b, f) = (&figs[base], &figs[*i]);
+        for (i, base, what) in compared {
+            let (b, f) = (&figs[*base], &figs[*i]);
             println!(
                 "{label:<30} {what:>30} throughput x{:.3} (cost {:+.1} %), p50 x{:.3}, p99 x{:.3}",
                 f.ops_per_s / b.ops_per_s,
@@ -501,7 +501,7 @@ async fn tracing_cost(lockctl: &std::path::Path, seconds: u64) {
     let servers = [&off, &sampled, &down];
     let endpoints: Vec<&str> = servers.iter().map(|s| s.endpoint.as_str()).collect();
     warm_up(&endpoints).await;
-    compare_costs(&servers, 0, &[(1, "1 % / off"), (2, "collector down / off")], seconds).await;
+    compare_costs(&servers, &[(1, 0, "1 % / off"), (2, 0, "collector down / off")], seconds).await;
     println!("spans received from the 1 % node: {}", receiver.count());
 }
 
@@ -541,7 +541,8 @@ async fn metrics_cost(lockctl: &std::path::Path, seconds: u64) {
             }
         }
     });
-    compare_costs(&servers, 1, &[(2, "metrics on / off"), (3, "OTLP export / off")], seconds).await;
+    let compared = [(2, 1, "metrics on / off"), (3, 1, "OTLP export / off"), (3, 2, "OTLP export / on")];
+    compare_costs(&servers, &compared, seconds).await;
     scraper.abort();
     println!("metric exports received from the OTLP node: {}", receiver.metric_exports().len());
 }

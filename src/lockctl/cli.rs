@@ -153,7 +153,7 @@ struct StartArgs {
     /// Requests traced per million when the client's trace context does not decide (etcd's flag).
     #[arg(long)]
     experimental_distributed_tracing_sampling_rate: Option<u32>,
-    /// Push every metric of /metrics to this OTLP/gRPC collector (host:port); default none.
+    /// Push every metric of /metrics to this OTLP/gRPC collector (host:port, plain); default none.
     #[arg(long)]
     otlp_metrics_address: Option<String>,
     /// Milliseconds between OTLP metric exports (default 60000).

@@ -127,7 +127,8 @@ impl Default for TracingSection {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct OtlpMetricsSection {
-    /// The collector's OTLP/gRPC `host:port` (or URL); empty: no export.
+    /// The collector's OTLP/gRPC `host:port` (or `http://host:port`: plain, no TLS); empty: no
+    /// export.
     pub address: String,
     /// Between exports: OpenTelemetry's default (`OTEL_METRIC_EXPORT_INTERVAL`), 60 s.
     #[serde(with = "duration_text")]
@@ -319,6 +320,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "tracing: experimental_distributed_tracing_sampling_rate is per million, not {}",
                 self.tracing.experimental_distributed_tracing_sampling_rate
+            )));
+        }
+        let address = &self.otlp_metrics.address;
+        if address.contains("://") && !address.starts_with("http://") {
+            return Err(ConfigError::Invalid(format!(
+                "otlp_metrics: address {address:?}: plain http:// or host:port only (no TLS to the collector)"
             )));
         }
         let every = self.otlp_metrics.interval.as_millis();
@@ -609,6 +616,14 @@ lease:
         for interval in ["999ms", "2h"] {
             let err = Config::load(None, &[("otlp_metrics.interval", interval.into())]).unwrap_err().to_string();
             assert!(err.contains("otlp_metrics: interval must be between 1000ms and 3600000ms"), "{err}");
+        }
+        let err = Config::load(None, &[("otlp_metrics.address", "https://collector:4317".into())]).unwrap_err();
+        assert!(err.to_string().contains("plain http:// or host:port only"), "{err}");
+        for fine in ["collector:4317", "http://collector:4317"] {
+            assert_eq!(
+                Config::load(None, &[("otlp_metrics.address", fine.into())]).unwrap().otlp_metrics.address,
+                fine
+            );
         }
         let rate = Config::load(None, &[("tracing.experimental_distributed_tracing_sampling_rate", "1000001".into())]);
         assert!(rate.unwrap_err().to_string().contains("per million"));

@@ -12,15 +12,15 @@
 //! exporter (its `ResourceMetrics` cannot be built outside it), so the request is built from
 //! `opentelemetry-proto`'s types and sent by its generated client.
 //!
-//! A collector that is slow or down costs nothing but the export: one request at a time off
-//! every request path, bounded by [`EXPORT_TIMEOUT`], counted in
-//! `geolock_otlp_metrics_exports_total` and `..._failed_total`.
+//! A collector that is slow or down holds no request: exports run one at a time in their own
+//! task, each bounded by [`EXPORT_TIMEOUT`], counted in `geolock_otlp_metrics_exports_total` and
+//! `..._failed_total`. Gathering and encoding cost what a scrape of `/metrics` costs.
 
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
@@ -33,7 +33,8 @@ use prometheus::IntCounter;
 use crate::config::Config;
 use crate::metrics::counter;
 
-/// How long one export may take before it counts as failed; the next starts an interval after.
+/// How long one export may take before it counts as failed. Exports start an interval apart, or
+/// at once after one that took longer.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Counters {
@@ -42,10 +43,10 @@ struct Counters {
 }
 
 static COUNTERS: LazyLock<Counters> = LazyLock::new(|| Counters {
-    exported: counter("geolock_otlp_metrics_exports_total", "Metric exports the OTLP collector accepted."),
+    exported: counter("geolock_otlp_metrics_exports_total", "Metric exports the OTLP collector accepted whole."),
     failed: counter(
         "geolock_otlp_metrics_exports_failed_total",
-        "Metric exports that failed or timed out (the collector down, slow or refusing).",
+        "Metric exports that failed, timed out or were rejected in part (the collector down, slow or refusing).",
     ),
 });
 
@@ -62,6 +63,7 @@ pub struct OtlpMetricsError {
 
 /// The export a member's configuration asks for.
 pub struct Exporter {
+    address: String,
     client: MetricsServiceClient<tonic::transport::Channel>,
     resource: Resource,
     interval: Duration,
@@ -98,18 +100,20 @@ impl Exporter {
             ..Default::default()
         };
         Ok(Some(Exporter {
+            address: address.clone(),
             client: MetricsServiceClient::new(endpoint.connect_lazy()),
             resource,
             interval: cfg.otlp_metrics.interval,
         }))
     }
 
-    /// Export every interval, the first one interval after the start, for as long as
+    /// Export every interval, the first one interval after the start, one at a time, for as long as
     /// `refresh` (which brings the scrape-time gauges up to date) says the member runs.
     pub async fn run(mut self, refresh: impl Fn() -> bool) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
+        let mut failing = false;
         loop {
             ticker.tick().await;
             if !refresh() {
@@ -130,15 +134,42 @@ impl Exporter {
                     schema_url: String::new(),
                 }],
             };
-            match tokio::time::timeout(EXPORT_TIMEOUT, self.client.export(request)).await {
-                Ok(Ok(_)) => COUNTERS.exported.inc(),
-                Ok(Err(status)) => {
-                    COUNTERS.failed.inc();
-                    tracing::debug!("exporting metrics: {status}");
+            let answer = tokio::time::timeout(EXPORT_TIMEOUT, self.client.export(request)).await;
+            // A collector that stays down is logged once, not every interval: the counter
+            // tells how long.
+            match refusal(answer.map_err(|_| ()).map(|r| r.map(tonic::Response::into_inner))) {
+                None => {
+                    COUNTERS.exported.inc();
+                    if std::mem::take(&mut failing) {
+                        tracing::info!("exporting metrics to {} again", self.address);
+                    }
                 }
-                Err(_) => COUNTERS.failed.inc(),
+                Some(why) => {
+                    COUNTERS.failed.inc();
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(
+                            "exporting metrics to {}: {why} (each failure counted in \
+                             geolock_otlp_metrics_exports_failed_total)",
+                            self.address
+                        );
+                    }
+                }
             }
         }
+    }
+}
+
+/// Why an export's answer (`Err(())`: none within [`EXPORT_TIMEOUT`]) is not a success, `None`
+/// when it is. A collector that rejects some data points says so in a partial success (OTLP's
+/// rule), which counts as a failure.
+fn refusal(answer: Result<Result<ExportMetricsServiceResponse, tonic::Status>, ()>) -> Option<String> {
+    match answer {
+        Err(()) => Some(format!("no answer within {EXPORT_TIMEOUT:?}")),
+        Ok(Err(status)) => Some(format!("{:?}: {}", status.code(), status.message())),
+        Ok(Ok(resp)) => resp
+            .partial_success
+            .filter(|p| p.rejected_data_points > 0)
+            .map(|p| format!("the collector rejected {} data points: {}", p.rejected_data_points, p.error_message)),
     }
 }
 
@@ -281,5 +312,28 @@ mod tests {
                 (vec![text("region", "us")], Some(number_data_point::Value::AsDouble(1.0))),
             ]
         );
+    }
+
+    #[test]
+    fn an_export_fails_when_unanswered_refused_or_rejected_in_part() {
+        use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsPartialSuccess;
+        let partial = |rejected, message: &str| ExportMetricsServiceResponse {
+            partial_success: Some(ExportMetricsPartialSuccess {
+                rejected_data_points: rejected,
+                error_message: message.into(),
+            }),
+        };
+        assert_eq!(refusal(Ok(Ok(ExportMetricsServiceResponse::default()))), None);
+        // A warning with nothing rejected is a success (OTLP's rule).
+        assert_eq!(refusal(Ok(Ok(partial(0, "slow down")))), None);
+        assert_eq!(
+            refusal(Ok(Ok(partial(3, "bad unit")))).as_deref(),
+            Some("the collector rejected 3 data points: bad unit")
+        );
+        assert_eq!(
+            refusal(Ok(Err(tonic::Status::unavailable("connection refused")))).as_deref(),
+            Some("Unavailable: connection refused")
+        );
+        assert_eq!(refusal(Err(())).as_deref(), Some("no answer within 5s"));
     }
 }

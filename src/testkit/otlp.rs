@@ -25,13 +25,13 @@ pub struct OtlpReceiver {
 impl OtlpReceiver {
     /// Serve on a free port of 127.0.0.1; returns the receiver and its `host:port`.
     pub async fn start() -> std::io::Result<(OtlpReceiver, String)> {
-        OtlpReceiver::start_on("127.0.0.1:0").await
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?.to_string();
+        Ok((OtlpReceiver::serve(listener), addr))
     }
 
-    /// Serve on `addr` (`host:port`); returns the receiver and the address it listens on.
-    pub async fn start_on(addr: &str) -> std::io::Result<(OtlpReceiver, String)> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?.to_string();
+    /// Serve on `listener`: for a test that holds its address before the receiver is up.
+    pub fn serve(listener: tokio::net::TcpListener) -> OtlpReceiver {
         let receiver = OtlpReceiver::default();
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -39,7 +39,7 @@ impl OtlpReceiver {
                 .add_service(MetricsServiceServer::new(receiver.clone()))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        Ok((receiver, addr))
+        receiver
     }
 
     /// Every resource's metrics of every export received so far, in arrival order.
