@@ -6,6 +6,7 @@
 //! crate's dependency tree (`tests/run` checks). Modules, lowest first: [`limits`], [`storage`],
 //! [`kv`], [`lease`], [`watch`], [`lock`], [`machine`]; [`member`] (member identity).
 
+pub mod auth;
 pub mod kv;
 pub mod lease;
 pub mod limits;

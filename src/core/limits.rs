@@ -177,3 +177,30 @@ pub const TRACE_SPANS_QUEUED_MAX: usize = 2048;
 pub const OTLP_METRICS_INTERVAL_MS_MIN: u64 = 1_000;
 pub const OTLP_METRICS_INTERVAL_MS_MAX: u64 = 3_600_000;
 const _: () = assert!(OTLP_METRICS_INTERVAL_MS_MIN < OTLP_METRICS_INTERVAL_MS_MAX);
+
+/// Longest user or role name, in bytes. etcd has no bound but the request size; a name is
+/// stored in every token table entry and in the auth records of every member, and 256 bytes
+/// is more than any directory service's account names.
+pub const AUTH_NAME_BYTES_MAX: usize = 256;
+
+/// Users and roles that may exist. The whole auth store is held in memory on every member and
+/// a permission check walks one user's roles, so these bound both.
+pub const AUTH_USERS_MAX: usize = 10_000;
+pub const AUTH_ROLES_MAX: usize = 10_000;
+
+/// Roles granted to one user, and permissions granted to one role: a permission check looks
+/// at every permission of every role of the caller, at most their product (100 000 ranges).
+pub const ROLES_PER_USER_MAX: usize = 100;
+pub const PERMISSIONS_PER_ROLE_MAX: usize = 1_000;
+
+/// Longest password, in bytes: bcrypt reads only the first 72 (later bytes would be ignored
+/// silently, so a longer password is refused instead).
+pub const AUTH_PASSWORD_BYTES_MAX: usize = 72;
+
+/// Simple tokens a member keeps at once. Each Authenticate adds one on every member and it
+/// lives for the token TTL after its last use (5 minutes by default); past this bound the
+/// token closest to its expiry is dropped, and its client authenticates again.
+pub const SIMPLE_TOKENS_MAX: usize = 100_000;
+
+const _: () = assert!(AUTH_NAME_BYTES_MAX < KEY_BYTES_MAX);
+const _: () = assert!(ROLES_PER_USER_MAX * PERMISSIONS_PER_ROLE_MAX <= 100_000);

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{Access, AuthError, AuthRequest, AuthStore, Caller};
 use crate::kv::{
     self, DeleteRangeRequest, DeleteRangeResponse, Event, KvError, Mvcc, PutRequest, PutResponse, RangeRequest,
     RangeResponse, RequestOp, ResponseOp, Rev, TxnRequest, TxnResponse, WriteEffects,
@@ -35,6 +36,18 @@ pub enum Command {
     EnterEpoch {
         epoch: u64,
     },
+    /// A change to users, roles, permissions or whether authentication is on; always inside a
+    /// [`Command::Client`].
+    Auth(AuthRequest),
+    /// A client's request with its caller as the member that received it established. While
+    /// authentication is on it is applied only if that caller may make it, decided where it is
+    /// applied, as etcd's auth applier decides: a permission revoked after the request was
+    /// checked at the API still counts. Commands outside one are the members' own (lease
+    /// expiry, a new epoch), trusted.
+    Client {
+        caller: Option<Caller>,
+        request: Box<Command>,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -48,6 +61,8 @@ impl std::fmt::Display for Command {
             Command::LeaseGrant { id, ttl_s } => write!(f, "lease-grant {id:x} {ttl_s}s"),
             Command::LeaseRevoke { id } => write!(f, "lease-revoke {id:x}"),
             Command::EnterEpoch { epoch } => write!(f, "enter-epoch {epoch}"),
+            Command::Auth(_) => f.write_str("auth"),
+            Command::Client { request, .. } => request.fmt(f),
         }
     }
 }
@@ -68,6 +83,14 @@ pub enum Response {
     EnterEpoch,
     /// A log entry that carried no command (blank or membership).
     Nothing,
+    /// The auth store changed, or was already as asked.
+    Auth,
+    /// A user was authenticated: `token` is the prefix the proposer chose, to which the member
+    /// applying it appends the entry's log index (etcd's simple token `<prefix>.<index>`).
+    Authenticated {
+        user: String,
+        token: String,
+    },
 }
 
 /// Why a command changed nothing.
@@ -77,6 +100,8 @@ pub enum ApplyError {
     Kv(#[from] KvError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// The result of applying one command: the revision after it and its response or error.
@@ -86,17 +111,18 @@ pub struct Applied {
     pub result: Result<Response, ApplyError>,
 }
 
-/// Key space plus leases.
+/// Key space, leases and the auth store.
 #[derive(Clone, Debug, Default)]
 pub struct Machine {
     pub kv: Mvcc,
     pub leases: Lessor,
+    pub auth: AuthStore,
 }
 
 impl Machine {
     /// An empty machine.
     pub fn new() -> Self {
-        Machine { kv: Mvcc::new(), leases: Lessor::new() }
+        Machine { kv: Mvcc::new(), leases: Lessor::new(), auth: AuthStore::new() }
     }
 
     /// Rebuild from storage, re-attaching every live key to its lease.
@@ -123,7 +149,7 @@ impl Machine {
                 _ => break,
             }
         }
-        Ok(Machine { kv, leases })
+        Ok(Machine { kv, leases, auth: AuthStore::load(engine)? })
     }
 
     /// Serve a read at the state as applied so far.
@@ -195,7 +221,114 @@ impl Machine {
                 self.kv.enter_epoch(*epoch, batch)?;
                 Ok(Response::EnterEpoch)
             }
+            // Only inside a Client command, which carries the caller it needs.
+            Command::Auth(req) => self.apply_auth(req, None, batch),
+            Command::Client { caller, request } => {
+                let who = caller.as_ref();
+                if let Command::Auth(req) = &**request {
+                    return self.apply_auth(req, who, batch);
+                }
+                self.authorize(request, who)?;
+                self.apply_inner(request, now_ms, batch, events)
+            }
         }
+    }
+
+    fn apply_auth(
+        &mut self,
+        req: &AuthRequest,
+        who: Option<&Caller>,
+        batch: &mut WriteBatch,
+    ) -> Result<Response, ApplyError> {
+        Ok(match self.auth.apply(req, who, batch)? {
+            Some(user) => {
+                let AuthRequest::Authenticate { token_prefix, .. } = req else {
+                    unreachable!("only Authenticate names a user")
+                };
+                Response::Authenticated { user, token: token_prefix.clone() }
+            }
+            None => Response::Auth,
+        })
+    }
+
+    /// Whether `who` may make the client request `cmd`, by etcd's auth applier's rules: a Put
+    /// needs WRITE on its key, and READ too with `prev_kv`; a Put with a lease, and a lease's
+    /// revocation, need WRITE on every key already attached to the lease (or root); a
+    /// DeleteRange needs WRITE on its range, and READ with `prev_kv`; a Txn needs READ on every
+    /// compared range and what each operation of both branches needs, nested Txns too. etcd
+    /// checks neither compaction nor lease grants.
+    pub fn authorize(&self, cmd: &Command, who: Option<&Caller>) -> Result<(), AuthError> {
+        if !self.auth.enabled() {
+            return Ok(());
+        }
+        match cmd {
+            Command::Put(p) => self.authorize_put(p, who),
+            Command::DeleteRange(d) => self.authorize_delete(d, who),
+            Command::Txn(t) => self.authorize_txn(t, who),
+            Command::LeaseRevoke { id } => self.authorize_lease_keys(*id, who),
+            Command::Compact { .. } | Command::LeaseGrant { .. } | Command::Auth(_) => Ok(()),
+            // Members' own commands; a client never sends them.
+            Command::EnterEpoch { .. } | Command::Client { .. } => self.auth.check_admin(who),
+        }
+    }
+
+    fn authorize_put(&self, p: &PutRequest, who: Option<&Caller>) -> Result<(), AuthError> {
+        self.auth.check(who, Access::Write, &p.key, &[])?;
+        if p.lease != 0 {
+            self.authorize_lease_keys(p.lease, who)?;
+        }
+        if p.prev_kv {
+            self.auth.check(who, Access::Read, &p.key, &[])?;
+        }
+        Ok(())
+    }
+
+    fn authorize_delete(&self, d: &DeleteRangeRequest, who: Option<&Caller>) -> Result<(), AuthError> {
+        self.auth.check(who, Access::Write, &d.key, &d.range_end)?;
+        if d.prev_kv {
+            self.auth.check(who, Access::Read, &d.key, &d.range_end)?;
+        }
+        Ok(())
+    }
+
+    fn authorize_txn(&self, t: &TxnRequest, who: Option<&Caller>) -> Result<(), AuthError> {
+        for c in &t.compare {
+            self.auth.check(who, Access::Read, &c.key, &c.range_end)?;
+        }
+        for op in t.success.iter().chain(&t.failure) {
+            match op {
+                RequestOp::Range(r) => self.auth.check(who, Access::Read, &r.key, &r.range_end)?,
+                RequestOp::Put(p) => self.authorize_put(p, who)?,
+                RequestOp::DeleteRange(d) => self.authorize_delete(d, who)?,
+                RequestOp::Txn(inner) => self.authorize_txn(inner, who)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// WRITE on every key attached to the lease, or root (etcd's `checkLeasePuts`, and its
+    /// `checkLeaseRenew` for keep-alives): whoever may revoke a lease, renew it, or tie its fate
+    /// to more keys, decides when the keys on it go.
+    pub fn authorize_lease_keys(&self, id: i64, who: Option<&Caller>) -> Result<(), AuthError> {
+        let Some(lease) = self.leases.get(id) else { return Ok(()) };
+        if self.auth.check_admin(who).is_ok() {
+            return Ok(());
+        }
+        lease.keys.iter().try_for_each(|k| self.auth.check(who, Access::Write, k, &[]))
+    }
+
+    /// Whether `who` may read `[key, range_end)` (a Range, a Watch, a read-only Txn's parts).
+    pub fn authorize_read(&self, who: Option<&Caller>, key: &[u8], range_end: &[u8]) -> Result<(), AuthError> {
+        self.auth.check(who, Access::Read, key, range_end)
+    }
+
+    /// Whether `who` may read what a read-only Txn reads (its compares and ranges), which is
+    /// served without a log entry.
+    pub fn authorize_read_only_txn(&self, t: &TxnRequest, who: Option<&Caller>) -> Result<(), AuthError> {
+        if !self.auth.enabled() {
+            return Ok(());
+        }
+        self.authorize_txn(t, who)
     }
 
     /// Run a Txn that only reads, without a log entry.
@@ -330,11 +463,17 @@ impl Machine {
 }
 
 /// Validate a command before it is proposed: the checks that need no state, etcd's.
-pub fn validate(cmd: &Command) -> Result<(), KvError> {
+pub fn validate(cmd: &Command) -> Result<(), ApplyError> {
     match cmd {
-        Command::Put(p) => kv::check_put(p),
-        Command::DeleteRange(d) => kv::check_key(&d.key),
-        Command::Txn(t) => kv::validate_txn(t),
+        Command::Put(p) => Ok(kv::check_put(p)?),
+        Command::DeleteRange(d) => Ok(kv::check_key(&d.key)?),
+        Command::Txn(t) => Ok(kv::validate_txn(t)?),
+        Command::Auth(req) => Ok(AuthStore::validate(req)?),
+        // One caller per request: a client request inside another is nobody's.
+        Command::Client { request, .. } if matches!(**request, Command::Client { .. }) => {
+            Err(AuthError::InvalidMgmt.into())
+        }
+        Command::Client { request, .. } => validate(request),
         Command::Compact { .. }
         | Command::LeaseGrant { .. }
         | Command::LeaseRevoke { .. }
@@ -480,9 +619,9 @@ mod tests {
 
     #[test]
     fn validation_before_raft() {
-        assert_eq!(validate(&Command::Put(put("", "x"))), Err(KvError::EmptyKey));
+        assert_eq!(validate(&Command::Put(put("", "x"))), Err(KvError::EmptyKey.into()));
         let p = PutRequest { ignore_value: true, ..put("a", "x") };
-        assert_eq!(validate(&Command::Put(p)), Err(KvError::ValueProvided));
+        assert_eq!(validate(&Command::Put(p)), Err(KvError::ValueProvided.into()));
     }
 
     #[test]
@@ -496,5 +635,101 @@ mod tests {
         engine.write(b, false).unwrap();
         let l = Machine::load(&*engine).unwrap();
         assert_eq!(l.leases.get(5).unwrap().keys.len(), 1);
+    }
+
+    /// A machine with auth on: `root`, and `alice` who may write `w/` and read `r/`.
+    fn with_auth() -> (Machine, Caller, Caller) {
+        use crate::auth::{PermType, Permission};
+        let mut m = Machine::new();
+        let prefix = |t, k: &str| {
+            let mut range_end = k.as_bytes().to_vec();
+            *range_end.last_mut().unwrap() += 1;
+            Permission { perm_type: t, key: k.into(), range_end }
+        };
+        let (w, r) = (prefix(PermType::Write, "w/"), prefix(PermType::Read, "r/"));
+        for req in [
+            AuthRequest::UserAdd { name: "root".into(), password_hash: Some("h".into()) },
+            AuthRequest::UserGrantRole { user: "root".into(), role: "root".into() },
+            AuthRequest::UserAdd { name: "alice".into(), password_hash: Some("h".into()) },
+            AuthRequest::RoleAdd { name: "a".into() },
+            AuthRequest::RoleGrantPermission { name: "a".into(), permission: w },
+            AuthRequest::RoleGrantPermission { name: "a".into(), permission: r },
+            AuthRequest::UserGrantRole { user: "alice".into(), role: "a".into() },
+            AuthRequest::Enable,
+        ] {
+            let (a, _) = apply(&mut m, Command::Client { caller: None, request: Box::new(Command::Auth(req)) });
+            assert!(a.result.is_ok(), "{a:?}");
+        }
+        let rev = m.auth.revision();
+        (m, Caller { user: "root".into(), revision: rev }, Caller { user: "alice".into(), revision: rev })
+    }
+
+    fn as_client(who: &Caller, cmd: Command) -> Command {
+        Command::Client { caller: Some(who.clone()), request: Box::new(cmd) }
+    }
+
+    fn denied(a: &Applied) -> bool {
+        a.result == Err(ApplyError::Auth(AuthError::PermissionDenied))
+    }
+
+    /// etcd's published bypasses, and their kin: a `prev_kv` on a write the caller may make
+    /// returns what it may not read, and a put onto someone else's lease lets its revocation
+    /// delete keys the caller may not write.
+    #[test]
+    fn writes_need_read_for_prev_kv_and_write_on_every_key_of_their_lease() {
+        let (mut m, root, alice) = with_auth();
+        apply(&mut m, as_client(&root, Command::LeaseGrant { id: 7, ttl_s: 60 }));
+        apply(&mut m, as_client(&root, Command::Put(PutRequest { lease: 7, ..put("secret", "s") })));
+        let writes = [
+            Command::Put(PutRequest { prev_kv: true, ..put("w/a", "1") }),
+            Command::Put(PutRequest { lease: 7, ..put("w/a", "1") }),
+            Command::DeleteRange(DeleteRangeRequest { key: b"w/".to_vec(), range_end: b"w0".to_vec(), prev_kv: true }),
+            Command::Txn(TxnRequest {
+                success: vec![RequestOp::Put(PutRequest { prev_kv: true, ..put("w/a", "1") })],
+                ..Default::default()
+            }),
+            Command::Txn(TxnRequest {
+                failure: vec![RequestOp::Put(PutRequest { lease: 7, ..put("w/b", "1") })],
+                ..Default::default()
+            }),
+            Command::Txn(TxnRequest {
+                compare: vec![Compare {
+                    result: CompareResult::Equal,
+                    target: CompareTarget::Value(b"s".to_vec()),
+                    key: b"secret".to_vec(),
+                    range_end: vec![],
+                }],
+                success: vec![RequestOp::Put(put("w/leak", "yes"))],
+                failure: vec![],
+            }),
+            Command::LeaseRevoke { id: 7 },
+        ];
+        for w in writes {
+            let (a, ev) = apply(&mut m, as_client(&alice, w.clone()));
+            assert!(denied(&a) && ev.is_empty(), "{w:?}: {a:?}");
+        }
+        assert_eq!(m.kv.get(b"secret").unwrap().value, b"s");
+        assert!(m.kv.get(b"w/a").is_none() && m.kv.get(b"w/leak").is_none());
+        let (a, _) = apply(&mut m, as_client(&alice, Command::Put(put("w/a", "1"))));
+        assert!(matches!(a.result, Ok(Response::Put(_))), "{a:?}");
+        let (a, _) = apply(&mut m, as_client(&root, Command::LeaseRevoke { id: 7 }));
+        assert_eq!(a.result, Ok(Response::LeaseRevoke));
+    }
+
+    /// The check is made where the entry is applied: a request checked under a revision that
+    /// a later change superseded is refused, and one without a caller is refused while auth is on.
+    #[test]
+    fn a_request_from_before_an_auth_change_or_from_nobody_is_refused_at_apply() {
+        let (mut m, root, alice) = with_auth();
+        let (a, _) = apply(&mut m, as_client(&root, Command::Auth(AuthRequest::RoleAdd { name: "b".into() })));
+        assert_eq!(a.result, Ok(Response::Auth));
+        let (a, _) = apply(&mut m, as_client(&alice, Command::Put(put("w/a", "1"))));
+        assert_eq!(a.result, Err(ApplyError::Auth(AuthError::OldRevision)));
+        let (a, _) = apply(&mut m, Command::Client { caller: None, request: Box::new(Command::Put(put("w/a", "1"))) });
+        assert_eq!(a.result, Err(ApplyError::Auth(AuthError::UserEmpty)));
+        assert!(m.kv.get(b"w/a").is_none());
+        // The members' own commands are not a client's: a lease expiry needs no caller.
+        apply(&mut m, Command::LeaseGrant { id: 9, ttl_s: 60 });
+        assert_eq!(apply(&mut m, Command::LeaseRevoke { id: 9 }).0.result, Ok(Response::LeaseRevoke));
     }
 }

@@ -22,11 +22,13 @@ pub enum Cf {
     Lease,
     /// State-machine metadata: last applied log id, membership, revisions.
     SmMeta,
+    /// Users, roles and whether authentication is on ([`crate::auth::AuthStore`]).
+    Auth,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 5] = [Cf::Log, Cf::RaftMeta, Cf::Kv, Cf::Lease, Cf::SmMeta];
+    pub const ALL: [Cf; 6] = [Cf::Log, Cf::RaftMeta, Cf::Kv, Cf::Lease, Cf::SmMeta, Cf::Auth];
 
     /// The column family's name on disk.
     pub fn name(self) -> &'static str {
@@ -36,6 +38,7 @@ impl Cf {
             Cf::Kv => "kv",
             Cf::Lease => "lease",
             Cf::SmMeta => "sm_meta",
+            Cf::Auth => "auth",
         }
     }
 }

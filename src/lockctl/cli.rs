@@ -194,6 +194,15 @@ struct StartArgs {
     /// Bytes of keys and values past which writes are refused (etcd's flag; 0 = 2 GiB).
     #[arg(long)]
     quota_backend_bytes: Option<u64>,
+    /// How client tokens are made (etcd's flag): simple.
+    #[arg(long)]
+    auth_token: Option<String>,
+    /// Seconds a simple token lives after its last use (etcd's flag; default 300).
+    #[arg(long)]
+    auth_token_ttl: Option<u64>,
+    /// bcrypt cost of password hashes, 4 to 31 (etcd's flag; default 10).
+    #[arg(long)]
+    bcrypt_cost: Option<u32>,
     /// Vantage points (`host:port`, comma-separated) whose majority must grant the leader its
     /// region write lease before it takes writes (an active-passive primary).
     #[arg(long)]
@@ -245,6 +254,9 @@ impl StartArgs {
         add("raft.heartbeat_interval", &self.heartbeat_interval.map(|ms| format!("{ms}ms")));
         add("raft.snapshot_count", &self.snapshot_count.map(|n| n.to_string()));
         add("quota_backend_bytes", &self.quota_backend_bytes.map(|n| n.to_string()));
+        add("auth_token", &self.auth_token);
+        add("auth_token_ttl", &self.auth_token_ttl.map(|n| n.to_string()));
+        add("bcrypt_cost", &self.bcrypt_cost.map(|n| n.to_string()));
         add("failover.vantages", &self.failover_vantages);
         add("failover.write_lease", &self.failover_write_lease_ms.map(|ms| format!("{ms}ms")));
         o

@@ -237,6 +237,13 @@ pub struct Config {
     /// writes with etcd's "database space exceeded" (etcd's `--quota-backend-bytes`). 0 means
     /// the default, [`geolock_core::limits::KEYSPACE_BYTES_MAX`], which is also the most.
     pub quota_backend_bytes: u64,
+    /// How clients' tokens are made (etcd's `--auth-token`): `simple`.
+    pub auth_token: String,
+    /// Seconds a simple token lives after its last use (etcd's `--auth-token-ttl`).
+    pub auth_token_ttl: u64,
+    /// bcrypt's cost for hashing passwords, 4 to 31 (etcd's `--bcrypt-cost`); each step doubles
+    /// the time one Authenticate, user add or password change costs.
+    pub bcrypt_cost: u32,
     pub cluster: ClusterSection,
     pub nodes: Vec<NodeEntry>,
     pub raft: RaftSection,
@@ -267,6 +274,10 @@ impl Default for Config {
             role: Role::Voter,
             region: String::new(),
             quota_backend_bytes: 0,
+            auth_token: "simple".into(),
+            auth_token_ttl: 300,
+            // etcd's default (Go's bcrypt.DefaultCost): about 50 ms of CPU per hash here.
+            bcrypt_cost: 10,
             cluster: ClusterSection::default(),
             nodes: Vec::new(),
             raft: RaftSection::default(),
@@ -348,6 +359,21 @@ impl Config {
                 self.quota_backend_bytes,
                 geolock_core::limits::KEYSPACE_BYTES_MAX
             )));
+        }
+        if !(4..=31).contains(&self.bcrypt_cost) {
+            return Err(ConfigError::Invalid(format!(
+                "bcrypt_cost must be between 4 and 31, not {}",
+                self.bcrypt_cost
+            )));
+        }
+        if self.auth_token != "simple" {
+            return Err(ConfigError::Invalid(format!(
+                "auth_token {:?}: only simple tokens are served",
+                self.auth_token
+            )));
+        }
+        if self.auth_token_ttl == 0 {
+            return Err(ConfigError::Invalid("auth_token_ttl must be at least 1 second".into()));
         }
         let r = &self.raft;
         if r.heartbeat_interval.is_zero() || r.election_timeout <= r.heartbeat_interval * 2 {

@@ -1,7 +1,7 @@
 //! The geolock server: everything a member process runs over the pure core.
 //!
 //! Modules, lowest first; a module never imports one above it:
-//! 1. [`config`] (flags, environment and file), [`metrics`] (the Prometheus registry), [`otel`]
+//! 1. [`config`] (flags, environment and file), [`auth`] (tokens and passwords), [`metrics`] (the Prometheus registry), [`otel`]
 //!    (OpenTelemetry traces), [`rocks`] (the only importer of RocksDB),
 //!    [`transport`] (the only importer of quinn)
 //! 2. [`raft`] (the only importer of openraft)
@@ -16,6 +16,7 @@
 #![recursion_limit = "256"]
 
 mod api;
+mod auth;
 pub mod config;
 mod metrics;
 mod otel;

@@ -57,8 +57,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         let node = node.clone();
         let hierarchical = cfg.lock.hierarchical_prefixes.clone();
         let (metrics, tracing) = (cfg.metrics, cfg.tracing.experimental_enable_distributed_tracing);
+        let bcrypt_cost = cfg.bcrypt_cost;
         servers.push(tokio::spawn(async move {
-            crate::api::serve(node, &hierarchical, metrics, tracing, l, async move {
+            crate::api::serve(node, &hierarchical, metrics, tracing, bcrypt_cost, l, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
             .await

@@ -1,6 +1,7 @@
 //! Integration tests: real `lockctl start` processes driven by Debian's etcdctl and by the
 //! `etcd-client` crate, compared with a real etcd where output can be compared.
 
+mod auth;
 mod bad_input;
 mod cluster;
 mod common;

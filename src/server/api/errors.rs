@@ -8,6 +8,7 @@
 use tonic::{Code, Status};
 
 use crate::raft::{MemberError, NodeError};
+use geolock_core::auth::AuthError;
 use geolock_core::kv::KvError;
 use geolock_core::lease::LeaseError;
 use geolock_core::machine::ApplyError;
@@ -21,6 +22,8 @@ pub enum ApiError {
     Kv(#[from] KvError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("etcdserver: request is too large ({len} bytes, request_bytes_max {max})")]
     RequestTooLarge { len: usize, max: usize },
     #[error("etcdserver: {0}")]
@@ -53,6 +56,7 @@ impl From<ApplyError> for ApiError {
         match e {
             ApplyError::Kv(e) => ApiError::Kv(e),
             ApplyError::Lease(e) => ApiError::Lease(e),
+            ApplyError::Auth(e) => ApiError::Auth(e),
         }
     }
 }
@@ -82,6 +86,34 @@ fn lease_code(e: &LeaseError) -> Code {
         LeaseError::TtlTooLarge { .. } => Code::OutOfRange,
         LeaseError::TooMany { .. } => Code::ResourceExhausted,
         LeaseError::Invalid { .. } => Code::InvalidArgument,
+    }
+}
+
+/// etcd's codes for its auth errors (its `rpctypes`); the messages are the errors' own.
+fn auth_code(e: &AuthError) -> Code {
+    match e {
+        AuthError::PermissionDenied => Code::PermissionDenied,
+        AuthError::InvalidToken => Code::Unauthenticated,
+        AuthError::UserEmpty
+        | AuthError::RoleEmpty
+        | AuthError::AuthFailed
+        | AuthError::PermissionNotGiven
+        | AuthError::InvalidMgmt
+        | AuthError::OldRevision
+        | AuthError::NameTooLong { .. } => Code::InvalidArgument,
+        AuthError::RootUserNotExist
+        | AuthError::RootRoleNotExist
+        | AuthError::UserAlreadyExist
+        | AuthError::UserNotFound
+        | AuthError::RoleAlreadyExist
+        | AuthError::RoleNotFound
+        | AuthError::RoleNotGranted
+        | AuthError::PermissionNotGranted
+        | AuthError::NotEnabled => Code::FailedPrecondition,
+        AuthError::TooManyUsers { .. }
+        | AuthError::TooManyRoles { .. }
+        | AuthError::TooManyRolesOfUser { .. }
+        | AuthError::TooManyPermissions { .. } => Code::ResourceExhausted,
     }
 }
 
@@ -124,9 +156,11 @@ impl From<ApiError> for Status {
         let code = match &e {
             ApiError::Kv(k) => kv_code(k),
             ApiError::Lease(l) => lease_code(l),
+            ApiError::Auth(a) => auth_code(a),
             ApiError::Node(n) => match n {
                 NodeError::Apply(ApplyError::Kv(k)) => kv_code(k),
                 NodeError::Apply(ApplyError::Lease(l)) => lease_code(l),
+                NodeError::Apply(ApplyError::Auth(a)) => auth_code(a),
                 NodeError::NotLeader { .. }
                 | NodeError::NoLeader
                 | NodeError::Stopped

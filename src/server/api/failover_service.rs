@@ -1,5 +1,6 @@
 //! `geolockpb.Failover`: the region failover controller's calls on a member (served on every
-//! role: a witness votes, so fencing one counts toward the old voters' majority).
+//! role: a witness votes, so fencing one counts toward the old voters' majority). Each is a
+//! root user's while authentication is on, as etcd's membership changes are.
 
 use tonic::{Request, Response, Status};
 
@@ -10,6 +11,7 @@ use geolock_proto::geolockpb as fpb;
 #[tonic::async_trait]
 impl fpb::failover_server::Failover for Api {
     async fn fence(&self, req: Request<fpb::FenceRequest>) -> Result<Response<fpb::FenceResponse>, Status> {
+        self.as_caller(req.metadata()).await?.must_be_admin()?;
         let epoch = req.into_inner().epoch;
         if epoch == 0 || epoch > EPOCH_MAX {
             return Err(ApiError::InvalidArgument(format!(
@@ -28,6 +30,7 @@ impl fpb::failover_server::Failover for Api {
     }
 
     async fn promote(&self, req: Request<fpb::PromoteRequest>) -> Result<Response<fpb::PromoteResponse>, Status> {
+        self.as_caller(req.metadata()).await?.must_be_admin()?;
         let epoch = req.into_inner().epoch;
         let header = self.header(self.node.current_rev());
         let seeded = self.node.promote(epoch).await.map_err(ApiError::from)?;
@@ -40,6 +43,7 @@ impl fpb::failover_server::Failover for Api {
     }
 
     async fn rejoin(&self, req: Request<fpb::RejoinRequest>) -> Result<Response<fpb::RejoinResponse>, Status> {
+        self.as_caller(req.metadata()).await?.must_be_admin()?;
         let req = req.into_inner();
         if req.epoch == 0 || req.epoch > EPOCH_MAX || req.leader_name.is_empty() {
             return Err(ApiError::InvalidArgument(format!(

@@ -139,13 +139,14 @@ fn check_lease(lease: i64) -> Result<(), ApiError> {
 #[tonic::async_trait]
 impl lpb::lock_server::Lock for Api {
     async fn lock(&self, req: Request<lpb::LockRequest>) -> Result<Response<lpb::LockResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let r = req.into_inner();
         check_name(&r.name)?;
         check_lease(r.lease)?;
-        self.check_parent(&r.name, r.lease)?;
+        api.check_parent(&r.name, r.lease)?;
         let key = lock::key_of(&r.name, r.lease);
-        let (rev, _) = self.create_or_get(&key, Vec::new(), r.lease).await?;
-        let grant = self.acquire(&r.name, &key, rev).await?;
+        let (rev, _) = api.create_or_get(&key, Vec::new(), r.lease).await?;
+        let grant = api.acquire(&r.name, &key, rev).await?;
         Ok(Response::new(lpb::LockResponse {
             header: Some(self.header(grant.revision)),
             key,
@@ -154,8 +155,9 @@ impl lpb::lock_server::Lock for Api {
     }
 
     async fn unlock(&self, req: Request<lpb::UnlockRequest>) -> Result<Response<lpb::UnlockResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let key = req.into_inner().key;
-        let (_, rev) = self.propose(Command::DeleteRange(kv::DeleteRangeRequest { key, ..Default::default() })).await?;
+        let (_, rev) = api.propose(Command::DeleteRange(kv::DeleteRangeRequest { key, ..Default::default() })).await?;
         Ok(Response::new(lpb::UnlockResponse { header: Some(self.header(rev)) }))
     }
 }
@@ -167,11 +169,12 @@ fn leader_key(l: Option<epb::LeaderKey>) -> Result<epb::LeaderKey, ApiError> {
 #[tonic::async_trait]
 impl epb::election_server::Election for Api {
     async fn campaign(&self, req: Request<epb::CampaignRequest>) -> Result<Response<epb::CampaignResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let r = req.into_inner();
         check_name(&r.name)?;
         check_lease(r.lease)?;
         let key = lock::key_of(&r.name, r.lease);
-        let (rev, existing) = self.create_or_get(&key, r.value.clone(), r.lease).await?;
+        let (rev, existing) = api.create_or_get(&key, r.value.clone(), r.lease).await?;
         if existing.is_some_and(|v| v != r.value) {
             let put = RequestOp::Put(kv::PutRequest {
                 key: key.clone(),
@@ -179,9 +182,9 @@ impl epb::election_server::Election for Api {
                 lease: r.lease,
                 ..Default::default()
             });
-            self.if_created_at(&key, rev, put).await?;
+            api.if_created_at(&key, rev, put).await?;
         }
-        let grant = self.acquire(&r.name, &key, rev).await?;
+        let grant = api.acquire(&r.name, &key, rev).await?;
         Ok(Response::new(epb::CampaignResponse {
             header: Some(self.header(grant.revision)),
             leader: Some(epb::LeaderKey { name: r.name, key, rev: grant.token, lease: r.lease }),
@@ -189,19 +192,23 @@ impl epb::election_server::Election for Api {
     }
 
     async fn proclaim(&self, req: Request<epb::ProclaimRequest>) -> Result<Response<epb::ProclaimResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let r = req.into_inner();
         let l = leader_key(r.leader)?;
         let put =
             RequestOp::Put(kv::PutRequest { key: l.key.clone(), value: r.value, lease: l.lease, ..Default::default() });
-        match self.if_created_at(&l.key, l.rev, put).await? {
+        match api.if_created_at(&l.key, l.rev, put).await? {
             (true, rev) => Ok(Response::new(epb::ProclaimResponse { header: Some(self.header(rev)) })),
             (false, _) => Err(ApiError::ElectionNotLeader.into()),
         }
     }
 
     async fn leader(&self, req: Request<epb::LeaderRequest>) -> Result<Response<epb::LeaderResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let name = req.into_inner().name;
         check_name(&name)?;
+        let prefix = prefix_of(&name);
+        api.may_read(&prefix, &prefix_end(&prefix))?;
         self.node.linearize().await.map_err(ApiError::from)?;
         let (holder, rev) = self.node.read(|m| (lock::holder(&m.kv, &prefix_of(&name)), m.kv.current_rev()));
         let kv = holder.ok_or(ApiError::ElectionNoLeader)?;
@@ -211,9 +218,11 @@ impl epb::election_server::Election for Api {
     type ObserveStream = Stream_<epb::LeaderResponse>;
 
     async fn observe(&self, req: Request<epb::LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let name = req.into_inner().name;
         check_name(&name)?;
         let prefix = prefix_of(&name);
+        api.may_read(&prefix, &prefix_end(&prefix))?;
         let (tx, mut changes) = mpsc::channel::<Reply>(geolock_core::limits::WATCH_STREAM_QUEUE_MAX);
         let stream = self.node.watch_open(tx);
         // Watch first, then read: a change between the two arrives as an event.
@@ -249,9 +258,10 @@ impl epb::election_server::Election for Api {
     }
 
     async fn resign(&self, req: Request<epb::ResignRequest>) -> Result<Response<epb::ResignResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let l = leader_key(req.into_inner().leader)?;
         let del = RequestOp::DeleteRange(kv::DeleteRangeRequest { key: l.key.clone(), ..Default::default() });
-        let (_, rev) = self.if_created_at(&l.key, l.rev, del).await?;
+        let (_, rev) = api.if_created_at(&l.key, l.rev, del).await?;
         Ok(Response::new(epb::ResignResponse { header: Some(self.header(rev)) }))
     }
 }

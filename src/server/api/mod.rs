@@ -1,6 +1,7 @@
 //! The etcd v3 client API, served with tonic: request validation against [`geolock_core::limits`],
 //! conversion to the state machine's types, and the one error table ([`errors`]).
 
+mod auth_service;
 mod convert;
 mod errors;
 mod failover_service;
@@ -24,7 +25,7 @@ use proto::etcdserverpb as pb;
 
 use crate::config::Role;
 use crate::raft::{Member, MemberChange, Node, NodeError};
-use geolock_core::kv::KvError;
+use geolock_core::auth::{AuthError, Caller};
 use geolock_core::lease::Lessor;
 use geolock_core::limits::{GRPC_MESSAGE_BYTES_MAX, REQUEST_BYTES_MAX};
 use geolock_core::machine::{Command, Response as Done};
@@ -42,16 +43,18 @@ pub async fn serve(
     hierarchical_prefixes: &[String],
     metrics: crate::config::MetricsLevel,
     tracing: bool,
+    bcrypt_cost: u32,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    use pb::auth_server::AuthServer;
     use pb::cluster_server::ClusterServer;
     use pb::kv_server::KvServer;
     use pb::lease_server::LeaseServer;
     use pb::maintenance_server::MaintenanceServer;
     use pb::watch_server::WatchServer;
     let hierarchical = Arc::new(hierarchical_prefixes.iter().map(|p| p.as_bytes().to_vec()).collect());
-    let api = Api { node, hierarchical };
+    let api = Api { node, hierarchical, caller: None, bcrypt_cost };
     grpc_metrics::register(metrics);
     http::register();
     crate::raft::register_metrics();
@@ -83,6 +86,7 @@ pub async fn serve(
         .add_service(Guarded::new(sized!(WatchServer::new(api.clone())), serves))
         .add_service(sized!(MaintenanceServer::new(api.clone())))
         .add_service(sized!(ClusterServer::new(api.clone())))
+        .add_service(sized!(AuthServer::new(api.clone())))
         .add_service(sized!(proto::geolockpb::failover_server::FailoverServer::new(api.clone())))
         .add_service(Guarded::new(sized!(proto::v3lockpb::lock_server::LockServer::new(api.clone())), serves))
         .add_service(Guarded::new(
@@ -99,7 +103,7 @@ pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let api = Api { node, hierarchical: Arc::default() };
+    let api = Api { node, hierarchical: Arc::default(), caller: None, bcrypt_cost: 0 };
     tonic::transport::Server::builder()
         .accept_http1(true)
         .add_routes(tonic::service::Routes::from(http::router(api)))
@@ -140,13 +144,22 @@ fn incoming(listener: tokio::net::TcpListener) -> impl futures::Stream<Item = st
     })
 }
 
-/// The services; cheap to clone.
+/// The services; cheap to clone. A request is served by a copy that carries its caller.
 #[derive(Clone)]
 pub struct Api {
     node: Arc<Node>,
     /// Lock names under these prefixes need their parent lock held by the same lease.
     hierarchical: Arc<Vec<Vec<u8>>>,
+    /// Who sends the request this copy serves, as [`Api::as_caller`] established it; `None`
+    /// while authentication is off or when the request carried no credentials.
+    caller: Option<Caller>,
+    /// bcrypt's cost for the passwords this member hashes.
+    bcrypt_cost: u32,
 }
+
+/// The gRPC metadata keys a token comes in: etcd's clients send `token`, its gateway's HTTP
+/// clients `authorization` (with or without `Bearer `).
+const TOKEN_METADATA: [&str; 2] = ["token", "authorization"];
 
 fn check_size<M: Message>(m: &M) -> Result<(), ApiError> {
     let len = m.encoded_len();
@@ -157,6 +170,41 @@ fn check_size<M: Message>(m: &M) -> Result<(), ApiError> {
 }
 
 impl Api {
+    /// A copy of the services for a request with this metadata: its caller is the user its
+    /// token names. While authentication is off no token is looked at (etcd ignores them); a
+    /// token no member made, or one that expired, is refused with etcd's invalid-token error,
+    /// on which its clients authenticate again.
+    async fn as_caller(&self, md: &tonic::metadata::MetadataMap) -> Result<Api, ApiError> {
+        if !self.node.read(|m| m.auth.enabled()) {
+            return Ok(Api { caller: None, ..self.clone() });
+        }
+        let token = TOKEN_METADATA.iter().find_map(|k| md.get(*k)).and_then(|v| v.to_str().ok());
+        let caller = match token {
+            None => None,
+            Some(t) => {
+                let t = t.strip_prefix("Bearer ").unwrap_or(t);
+                Some(self.node.token_caller(t).await.ok_or(AuthError::InvalidToken)?)
+            }
+        };
+        Ok(Api { caller, ..self.clone() })
+    }
+
+    /// The caller may read `[key, range_end)`, as the state applied here says.
+    fn may_read(&self, key: &[u8], range_end: &[u8]) -> Result<(), ApiError> {
+        Ok(self.node.read(|m| m.authorize_read(self.caller.as_ref(), key, range_end))?)
+    }
+
+    /// The caller is a root user (or authentication is off): Maintenance, Cluster changes and
+    /// auth management, as etcd.
+    fn must_be_admin(&self) -> Result<(), ApiError> {
+        Ok(self.node.read(|m| m.auth.check_admin(self.caller.as_ref()))?)
+    }
+
+    /// The caller gave credentials, or authentication is off (etcd 3.6's `requireAuthInfo`).
+    fn must_be_authenticated(&self) -> Result<(), ApiError> {
+        Ok(self.node.read(|m| m.auth.check_authenticated(self.caller.as_ref()))?)
+    }
+
     fn header(&self, revision: i64) -> pb::ResponseHeader {
         let h = self.node.header();
         pb::ResponseHeader { cluster_id: h.cluster_id, member_id: h.member_id, revision, raft_term: h.raft_term }
@@ -194,10 +242,11 @@ impl Api {
         Ok(())
     }
 
-    /// Propose a validated command and wait for it to be applied.
+    /// Propose a validated command as the caller's and wait for it to be applied.
     async fn propose(&self, cmd: Command) -> Result<(Done, i64), ApiError> {
         self.check_quota(&cmd)?;
         geolock_core::machine::validate(&cmd)?;
+        let cmd = Command::Client { caller: self.caller.clone(), request: Box::new(cmd) };
         let applied = self.node.propose(cmd).await?;
         let done = applied.result.map_err(ApiError::from)?;
         Ok((done, applied.revision))
@@ -206,12 +255,12 @@ impl Api {
     async fn read<R>(
         &self,
         serializable: bool,
-        f: impl FnOnce(&geolock_core::machine::Machine) -> Result<R, KvError>,
+        f: impl FnOnce(&geolock_core::machine::Machine) -> Result<R, ApiError>,
     ) -> Result<(R, i64), ApiError> {
         if !serializable {
             self.node.linearize().await?;
         }
-        Ok(self.node.read(|m| f(m).map(|r| (r, m.kv.current_rev())))?)
+        self.node.read(|m| f(m).map(|r| (r, m.kv.current_rev())))
     }
 }
 
@@ -222,19 +271,27 @@ fn unexpected(d: Done) -> Status {
 #[tonic::async_trait]
 impl pb::kv_server::Kv for Api {
     async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let r = req.into_inner();
         check_size(&r)?;
         geolock_core::kv::check_key(&r.key).map_err(ApiError::from)?;
         let r = convert::range_in(r)?;
         crate::raft::count_range();
-        let (resp, rev) = self.read(r.serializable, |m| m.range(&r)).await?;
+        let who = api.caller.as_ref();
+        let (resp, rev) = api
+            .read(r.serializable, |m| {
+                m.authorize_read(who, &r.key, &r.range_end)?;
+                Ok(m.range(&r)?)
+            })
+            .await?;
         Ok(Response::new(convert::range_out(resp, self.header(rev))))
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let p = req.into_inner();
         check_size(&p)?;
-        match self.propose(Command::Put(convert::put_in(p))).await? {
+        match api.propose(Command::Put(convert::put_in(p))).await? {
             (Done::Put(r), rev) => Ok(Response::new(convert::put_out(r, self.header(rev)))),
             (other, _) => Err(unexpected(other)),
         }
@@ -244,36 +301,45 @@ impl pb::kv_server::Kv for Api {
         &self,
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let d = req.into_inner();
         check_size(&d)?;
-        match self.propose(Command::DeleteRange(convert::delete_in(d))).await? {
+        match api.propose(Command::DeleteRange(convert::delete_in(d))).await? {
             (Done::DeleteRange(r), rev) => Ok(Response::new(convert::delete_out(r, self.header(rev)))),
             (other, _) => Err(unexpected(other)),
         }
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let t = req.into_inner();
         check_size(&t)?;
         let t = convert::txn_in(t)?;
         if convert::txn_is_read_only(&t) {
             // Read-only Txns are served like reads, linearizably, without a log entry.
             geolock_core::kv::validate_txn(&t).map_err(ApiError::from)?;
-            let (resp, rev) = self.read(false, |m| m.read_only_txn(&t)).await?;
+            let who = api.caller.as_ref();
+            let (resp, rev) = api
+                .read(false, |m| {
+                    m.authorize_read_only_txn(&t, who)?;
+                    Ok(m.read_only_txn(&t)?)
+                })
+                .await?;
             crate::raft::count_txn(&resp);
             return Ok(Response::new(convert::txn_out(resp, &self.header(rev))));
         }
-        match self.propose(Command::Txn(t)).await? {
+        match api.propose(Command::Txn(t)).await? {
             (Done::Txn(r), rev) => Ok(Response::new(convert::txn_out(r, &self.header(rev)))),
             (other, _) => Err(unexpected(other)),
         }
     }
 
     async fn compact(&self, req: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         let c = req.into_inner();
         // Refuse before proposing when the answer is already known.
         self.node.read(|m| m.kv.check_compact(c.revision)).map_err(ApiError::from)?;
-        match self.propose(Command::Compact { revision: c.revision }).await? {
+        match api.propose(Command::Compact { revision: c.revision }).await? {
             (Done::Compact, rev) => Ok(Response::new(pb::CompactionResponse { header: Some(self.header(rev)) })),
             (other, _) => Err(unexpected(other)),
         }
@@ -286,11 +352,13 @@ impl pb::lease_server::Lease for Api {
         &self,
         req: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
+        api.must_be_authenticated()?;
         let g = req.into_inner();
         let ttl_s = Lessor::effective_ttl(&self.node.ttl_bounds(), g.ttl).map_err(ApiError::from)?;
         // Any ID but 0 ("choose one") is the client's to pick, negative ones too, as in etcd.
         let id = if g.id == 0 { self.node.new_lease_id() } else { g.id };
-        match self.propose(Command::LeaseGrant { id, ttl_s }).await? {
+        match api.propose(Command::LeaseGrant { id, ttl_s }).await? {
             (Done::LeaseGrant { id, ttl_s }, rev) => Ok(Response::new(pb::LeaseGrantResponse {
                 header: Some(self.header(rev)),
                 id,
@@ -305,8 +373,10 @@ impl pb::lease_server::Lease for Api {
         &self,
         req: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
+        api.must_be_authenticated()?;
         let id = req.into_inner().id;
-        match self.propose(Command::LeaseRevoke { id }).await? {
+        match api.propose(Command::LeaseRevoke { id }).await? {
             (Done::LeaseRevoke, rev) => Ok(Response::new(pb::LeaseRevokeResponse { header: Some(self.header(rev)) })),
             (other, _) => Err(unexpected(other)),
         }
@@ -318,6 +388,7 @@ impl pb::lease_server::Lease for Api {
         &self,
         req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let metadata = req.metadata().clone();
         let mut inbound = req.into_inner();
         let api = self.clone();
         // The stream outlives leader changes: a keep-alive the cluster could not answer (no
@@ -327,6 +398,19 @@ impl pb::lease_server::Lease for Api {
         // that will not change (this member's role) ends the stream.
         let out = async_stream_from(move |tx| async move {
             while let Ok(Some(k)) = inbound.message().await {
+                // Each renewal is checked with the stream's token looked up again, as etcd
+                // does: a token that expired or a permission revoked since ends the stream.
+                let allowed = match api.as_caller(&metadata).await {
+                    Ok(a) => {
+                        let who = a.caller.as_ref();
+                        a.node.read(|m| m.authorize_lease_keys(k.id, who)).map_err(ApiError::from)
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = allowed {
+                    let _ = tx.send(Err(e.into())).await;
+                    break;
+                }
                 let reply = match api.node.lease_keep_alive(k.id).await {
                     Ok(ttl) => Ok(pb::LeaseKeepAliveResponse {
                         header: Some(api.header(api.node.current_rev())),
@@ -360,7 +444,22 @@ impl pb::lease_server::Lease for Api {
         &self,
         req: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
+        api.must_be_authenticated()?;
         let r = req.into_inner();
+        if r.keys {
+            // etcd's checkLeaseTimeToLive: the keys are listed only to whoever may read them.
+            let who = api.caller.as_ref();
+            self.node
+                .read(|m| -> Result<(), AuthError> {
+                    if m.auth.check_admin(who).is_ok() {
+                        return Ok(());
+                    }
+                    let Some(lease) = m.leases.get(r.id) else { return Ok(()) };
+                    lease.keys.iter().try_for_each(|k| m.authorize_read(who, k, &[]))
+                })
+                .map_err(ApiError::from)?;
+        }
         let rev = self.node.current_rev();
         match self.node.lease_time_to_live(r.id, r.keys).await {
             Ok(info) => Ok(Response::new(pb::LeaseTimeToLiveResponse {
@@ -386,10 +485,25 @@ impl pb::lease_server::Lease for Api {
 
     async fn lease_leases(
         &self,
-        _req: Request<pb::LeaseLeasesRequest>,
+        req: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
         self.node.linearize().await.map_err(ApiError::from)?;
-        let (ids, rev) = self.node.read(|m| (m.leases.ids(), m.kv.current_rev()));
+        // etcd's checkLeaseLeases: a user, and unless root, READ on every key of every lease.
+        let who = api.caller.as_ref();
+        let (ids, rev) = self
+            .node
+            .read(|m| -> Result<_, AuthError> {
+                m.auth.check_authenticated(who)?;
+                if m.auth.enabled() && m.auth.check_admin(who).is_err() {
+                    for id in m.leases.ids() {
+                        let keys = m.leases.get(id).map(|l| l.keys.iter()).into_iter().flatten();
+                        keys.into_iter().try_for_each(|k| m.authorize_read(who, k, &[]))?;
+                    }
+                }
+                Ok((m.leases.ids(), m.kv.current_rev()))
+            })
+            .map_err(ApiError::from)?;
         Ok(Response::new(pb::LeaseLeasesResponse {
             header: Some(self.header(rev)),
             leases: ids.into_iter().map(|id| pb::LeaseStatus { id }).collect(),
@@ -411,11 +525,19 @@ where
 
 #[tonic::async_trait]
 impl pb::maintenance_server::Maintenance for Api {
-    async fn alarm(&self, _req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+    async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+        let api = self.as_caller(req.metadata()).await?;
+        // etcd: listing alarms needs a user, raising or clearing one needs root.
+        if req.get_ref().action == pb::alarm_request::AlarmAction::Get as i32 {
+            api.must_be_authenticated()?;
+        } else {
+            api.must_be_admin()?;
+        }
         Ok(Response::new(pb::AlarmResponse { header: Some(self.header(self.node.current_rev())), alarms: vec![] }))
     }
 
-    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        self.as_caller(req.metadata()).await?.must_be_authenticated()?;
         let s = self.node.status();
         let me = self.node.header().member_id;
         // Lag is the leader's figure: a member that names no leader answers at once, without it
@@ -446,16 +568,19 @@ impl pb::maintenance_server::Maintenance for Api {
 
     async fn defragment(
         &self,
-        _req: Request<pb::DefragmentRequest>,
+        req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        self.as_caller(req.metadata()).await?.must_be_admin()?;
         Ok(Response::new(pb::DefragmentResponse { header: Some(self.header(self.node.current_rev())) }))
     }
 
-    async fn hash(&self, _req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+    async fn hash(&self, req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+        self.as_caller(req.metadata()).await?.must_be_admin()?;
         Err(ApiError::Unimplemented("Maintenance.Hash").into())
     }
 
     async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+        self.as_caller(req.metadata()).await?.must_be_admin()?;
         let rev = req.into_inner().revision;
         let (hash, compact, cur) = self
             .node
@@ -466,7 +591,8 @@ impl pb::maintenance_server::Maintenance for Api {
 
     type SnapshotStream = Stream_<pb::SnapshotResponse>;
 
-    async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.as_caller(req.metadata()).await?.must_be_admin()?;
         Err(ApiError::Unimplemented("Maintenance.Snapshot").into())
     }
 
@@ -474,12 +600,14 @@ impl pb::maintenance_server::Maintenance for Api {
         &self,
         req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        self.as_caller(req.metadata()).await?.must_be_admin()?;
         let to = req.into_inner().target_id;
         self.node.change_members(MemberChange::MoveLeader { to }).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::MoveLeaderResponse { header: Some(self.header(self.node.current_rev())) }))
     }
 
-    async fn downgrade(&self, _req: Request<pb::DowngradeRequest>) -> Result<Response<pb::DowngradeResponse>, Status> {
+    async fn downgrade(&self, req: Request<pb::DowngradeRequest>) -> Result<Response<pb::DowngradeResponse>, Status> {
+        self.as_caller(req.metadata()).await?.must_be_admin()?;
         Err(ApiError::Unimplemented("Maintenance.Downgrade").into())
     }
 }
@@ -532,6 +660,7 @@ fn peer_addr(urls: &[String]) -> Result<String, ApiError> {
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for Api {
     async fn member_add(&self, r: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
+        self.as_caller(r.metadata()).await?.must_be_admin()?;
         let name = r
             .metadata()
             .get(MEMBER_NAME_HEADER)
@@ -568,6 +697,7 @@ impl pb::cluster_server::Cluster for Api {
         &self,
         r: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        self.as_caller(r.metadata()).await?.must_be_admin()?;
         self.change(MemberChange::Remove { id: r.into_inner().id }).await?;
         Ok(Response::new(pb::MemberRemoveResponse {
             header: Some(self.header(self.node.current_rev())),
@@ -579,6 +709,7 @@ impl pb::cluster_server::Cluster for Api {
         &self,
         r: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        self.as_caller(r.metadata()).await?.must_be_admin()?;
         let req = r.into_inner();
         let peer_addr = peer_addr(&req.peer_ur_ls)?;
         self.change(MemberChange::Update { id: req.id, peer_urls: req.peer_ur_ls, peer_addr }).await?;
@@ -589,6 +720,7 @@ impl pb::cluster_server::Cluster for Api {
     }
 
     async fn member_list(&self, r: Request<pb::MemberListRequest>) -> Result<Response<pb::MemberListResponse>, Status> {
+        self.as_caller(r.metadata()).await?.must_be_authenticated()?;
         // A linearizable list (etcd 3.5's field, which lockctl sets) is answered only by a
         // member that reaches the leader; a cut-off member would list a stale membership with
         // lags it cannot know.
@@ -605,6 +737,7 @@ impl pb::cluster_server::Cluster for Api {
         &self,
         r: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        self.as_caller(r.metadata()).await?.must_be_admin()?;
         self.change(MemberChange::Promote { id: r.into_inner().id }).await?;
         Ok(Response::new(pb::MemberPromoteResponse {
             header: Some(self.header(self.node.current_rev())),

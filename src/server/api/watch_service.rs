@@ -43,6 +43,33 @@ impl Drop for CloseOnDrop {
     }
 }
 
+impl Api {
+    /// Whether the stream's caller may watch what `c` asks for: READ on its whole range, its
+    /// token looked up again for each watch as etcd does. If not, the answer etcd gives: a
+    /// watch created and canceled at once, ID -1, the reason the gRPC error etcd's text would be.
+    async fn may_watch(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        c: &pb::WatchCreateRequest,
+    ) -> Result<(), pb::WatchResponse> {
+        let allowed = match self.as_caller(metadata).await {
+            Ok(api) => api.may_read(&c.key, &c.range_end),
+            Err(e) => Err(e),
+        };
+        allowed.map_err(|e| {
+            let status = Status::from(e);
+            pb::WatchResponse {
+                header: Some(self.header(self.node.current_rev())),
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: format!("rpc error: code = {:?} desc = {}", status.code(), status.message()),
+                ..Default::default()
+            }
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl pb::watch_server::Watch for Api {
     type WatchStream = Stream_<pb::WatchResponse>;
@@ -51,6 +78,7 @@ impl pb::watch_server::Watch for Api {
         if let Some(epoch) = self.node.fenced_epoch() {
             return Err(ApiError::from(NodeError::Fenced { epoch }).into());
         }
+        let metadata = req.metadata().clone();
         let mut inbound = req.into_inner();
         let (tx, mut replies) = mpsc::channel::<Reply>(WATCH_STREAM_QUEUE_MAX);
         let stream = self.node.watch_open(tx);
@@ -58,6 +86,7 @@ impl pb::watch_server::Watch for Api {
 
         // Requests from the client.
         let node = self.node.clone();
+        let (api, denials) = (self.clone(), out_tx.clone());
         let reader = tokio::spawn(async move {
             // Closes the stream's watchers however this task ends, aborted included.
             let _close = CloseOnDrop(node.clone(), stream);
@@ -70,7 +99,14 @@ impl pb::watch_server::Watch for Api {
                 use pb::watch_request::RequestUnion as U;
                 match msg {
                     Ok(Some(pb::WatchRequest { request_union: Some(U::CreateRequest(c)) })) => {
-                        node.watch_create(stream, spec_of(c));
+                        match api.may_watch(&metadata, &c).await {
+                            Ok(()) => node.watch_create(stream, spec_of(c)),
+                            Err(denied) => {
+                                if denials.send(Ok(denied)).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
                     }
                     Ok(Some(pb::WatchRequest { request_union: Some(U::CancelRequest(c)) })) => {
                         node.watch_cancel(stream, c.watch_id);

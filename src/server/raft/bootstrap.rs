@@ -114,7 +114,8 @@ fn open_storage(cfg: &Config) -> Result<(Arc<dyn Engine>, Arc<Shared>), StartErr
     let witness = cfg.role == Role::Witness;
     let footprint = if witness { Footprint::LogTail } else { Footprint::Data };
     let engine: Arc<dyn Engine> = RocksEngine::open_sized(&dir.join("db"), footprint)?;
-    let shared = Shared::open(engine.clone(), dir.join("snapshots"), witness).map_err(StartError::State)?;
+    let shared = Shared::open(engine.clone(), dir.join("snapshots"), witness, Duration::from_secs(cfg.auth_token_ttl))
+        .map_err(StartError::State)?;
     Ok((engine, shared))
 }
 

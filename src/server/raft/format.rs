@@ -222,7 +222,7 @@ mod tests {
         assert!(matches!(decode::<u64>(&record), Err(FormatError::Version { found: 2 })));
         assert!(matches!(decode::<u64>(&[]), Err(FormatError::Empty)));
         assert!(matches!(decode::<u64>(&[FORMAT_VERSION]), Err(FormatError::Decode(_))));
-        let unknown = SnapshotData { families: vec![("auth".into(), vec![])] };
+        let unknown = SnapshotData { families: vec![("no_such_family".into(), vec![])] };
         assert!(matches!(unknown.into_families(), Err(FormatError::UnknownColumnFamily { .. })));
     }
 }

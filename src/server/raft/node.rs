@@ -179,6 +179,25 @@ impl Node {
         }
     }
 
+    /// Who a simple token names: its user, at the auth revision now (etcd's simple tokens carry
+    /// no revision of their own). A token made by an entry this member has not applied yet is
+    /// waited for, at most an election timeout; `None` for a token no member made, or expired.
+    pub async fn token_caller(&self, token: &str) -> Option<geolock_core::auth::Caller> {
+        let user = match self.shared.tokens.user(token, std::time::Instant::now()) {
+            Some(user) => user,
+            None => {
+                let index = crate::auth::token_index(token)?;
+                let applied = self.shared.lock().last_applied.map_or(0, |l| l.index);
+                if index <= applied {
+                    return None;
+                }
+                tokio::time::timeout(self.election_timeout, self.wait_applied(index)).await.ok()?.ok()?;
+                self.shared.tokens.user(token, std::time::Instant::now())?
+            }
+        };
+        Some(geolock_core::auth::Caller { user, revision: self.read(|m| m.auth.revision()) })
+    }
+
     /// Run `f` on the state as applied so far.
     pub fn read<R>(&self, f: impl FnOnce(&Machine) -> R) -> R {
         f(&self.shared.lock().machine)

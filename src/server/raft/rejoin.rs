@@ -148,7 +148,7 @@ mod tests {
         let j = Joined { cluster_id: 0xc1, leader: "west-1".into() };
         wipe_and_join(&*engine, &j).unwrap();
         assert_eq!(joined(&*engine).unwrap(), Some(j));
-        for cf in [Cf::Log, Cf::Kv, Cf::Lease, Cf::SmMeta] {
+        for cf in [Cf::Log, Cf::Kv, Cf::Lease, Cf::SmMeta, Cf::Auth] {
             assert_eq!(engine.last(cf).unwrap(), None, "{cf:?}");
         }
         assert_eq!(engine.scan(Cf::RaftMeta, &[], None, 10).unwrap().len(), 1);

@@ -113,11 +113,19 @@ pub struct Shared {
     snapshot_dir: PathBuf,
     /// A witness applies nothing to the key space.
     witness: bool,
+    /// The simple tokens applied Authenticate entries made (their own lock, taken inside the
+    /// state lock on apply and alone by requests).
+    pub tokens: crate::auth::SimpleTokens,
 }
 
 impl Shared {
     /// Load the state machine from storage (a witness's keeps no key space).
-    pub fn open(engine: Arc<dyn Engine>, snapshot_dir: PathBuf, witness: bool) -> io::Result<Arc<Shared>> {
+    pub fn open(
+        engine: Arc<dyn Engine>,
+        snapshot_dir: PathBuf,
+        witness: bool,
+        token_ttl: std::time::Duration,
+    ) -> io::Result<Arc<Shared>> {
         let machine = Machine::load(&*engine).map_err(io::Error::other)?;
         let last_applied = read_meta::<Option<LogIdOf<TC>>>(&*engine, APPLIED)?.flatten();
         let membership = read_meta(&*engine, MEMBERSHIP)?.unwrap_or_default();
@@ -136,12 +144,35 @@ impl Shared {
             engine,
             snapshot_dir,
             witness,
+            tokens: crate::auth::SimpleTokens::new(token_ttl),
         }))
     }
 
     /// Lock the state. Never held across an `.await`.
     pub fn lock(&self) -> MutexGuard<'_, SmState> {
         self.state.lock().expect("state lock poisoned: a panic while applying")
+    }
+
+    /// Keep the simple tokens in step with an applied client command: an Authenticate's token
+    /// gets the entry's index appended and is registered; a user deleted or given a new password
+    /// loses their tokens, and turning authentication off forgets them all (etcd's token
+    /// provider does each of these).
+    fn track_tokens(&self, cmd: &geolock_core::machine::Command, done: &mut Response, index: u64) {
+        use geolock_core::auth::AuthRequest;
+        use geolock_core::machine::Command;
+        if let Response::Authenticated { user, token } = done {
+            token.push_str(&format!(".{index}"));
+            self.tokens.assign(token.clone(), user.clone(), std::time::Instant::now());
+            return;
+        }
+        let Command::Client { request, .. } = cmd else { return };
+        match &**request {
+            Command::Auth(AuthRequest::UserDelete { name } | AuthRequest::UserChangePassword { name, .. }) => {
+                self.tokens.invalidate_user(name)
+            }
+            Command::Auth(AuthRequest::Disable) => self.tokens.clear(),
+            _ => {}
+        }
     }
 
     /// Bytes the engine holds.
@@ -162,7 +193,7 @@ fn read_meta<T: serde::de::DeserializeOwned>(engine: &dyn Engine, key: &[u8]) ->
     }
 }
 
-const SNAPSHOT_CFS: [Cf; 3] = [Cf::Kv, Cf::Lease, Cf::SmMeta];
+const SNAPSHOT_CFS: [Cf; 4] = [Cf::Kv, Cf::Lease, Cf::SmMeta, Cf::Auth];
 
 /// The openraft state machine: a handle on [`Shared`].
 #[derive(Clone)]
@@ -258,9 +289,10 @@ impl RaftStateMachine<TC> for StateMachine {
                         Applied { revision: 0, result: Ok(Response::Nothing) }
                     }
                     EntryPayload::Normal(cmd) => {
-                        let applied = st.machine.apply(&cmd, now_ms(), &mut batch, &mut events);
-                        if let Ok(done) = &applied.result {
+                        let mut applied = st.machine.apply(&cmd, now_ms(), &mut batch, &mut events);
+                        if let Ok(done) = &mut applied.result {
                             super::metrics::count_mvcc(done);
+                            self.shared.track_tokens(&cmd, done, entry.log_id.index);
                         }
                         applied
                     }
@@ -354,6 +386,8 @@ impl RaftStateMachine<TC> for StateMachine {
         let machine = Machine::load(&*self.shared.engine).map_err(io::Error::other)?;
         let mut st = self.shared.lock();
         st.machine = machine;
+        // The users and passwords may all have changed: every client authenticates again.
+        self.shared.tokens.clear();
         st.last_applied = meta.last_log_id;
         st.membership = meta.last_membership.clone();
         Ok(())
