@@ -7,10 +7,11 @@
 # the partition tests' lock holders run), bind9 (named, the DNS server the failover controller
 # updates), bind9-dnsutils (dig, to read what named serves independently of our own reader),
 # prometheus (promtool, which checks the /metrics exposition and unit-tests the alert rules, and the
-# server, which evaluates them against a live cluster) and chromium (a real browser for the cluster page).
+# server, which evaluates them against a live cluster), chromium (a real browser for the cluster page) and
+# openssl (RSA keys for the JWT tests; ring signs with RSA but makes no RSA keys).
 set -euo pipefail
 need=()
-for p in libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server iproute2 python3 bind9 bind9-dnsutils prometheus chromium; do
+for p in libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server iproute2 python3 bind9 bind9-dnsutils prometheus chromium openssl; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -53,6 +53,13 @@ enum What {
     /// min), and one with `extensive` pushed over OTLP every second (OpenTelemetry's default is
     /// 60 s) to a receiver in this process; etcd beside them for scale.
     Metrics,
+    /// What authentication costs: put and range throughput of etcd and geolock, each with auth
+    /// off and with auth on (clients logged in as root, simple tokens, bcrypt cost 10 on both);
+    /// then three members of each with auth on take AUTHENTICATE_STORM Authenticate calls at
+    /// once, spread over the members, while one client keeps writing: how long they all take,
+    /// the slowest write meanwhile, and whether the leader changed (bcrypt must not starve
+    /// heartbeats).
+    Auth,
     /// What tracing costs: put and range throughput of one geolock node with tracing off, one
     /// sampling 1 % to a live OTLP receiver (in this process), and one sampling every request
     /// to a collector address where nothing listens (its export queue overflows, and requests
@@ -248,12 +255,21 @@ fn spawn(name: &'static str, program: &std::path::Path, prefix: &[&str]) -> Serv
     Server { name, child, endpoint: format!("127.0.0.1:{cp}"), _dir: dir }
 }
 
+/// A client of `endpoint` (`host:port`, or `user:password@host:port` to log in), once the
+/// server answers.
 async fn connect(endpoint: &str) -> Client {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let (user, at) = match endpoint.rsplit_once('@') {
+        Some((user, at)) => (user.split_once(':'), at),
+        None => (None, endpoint),
+    };
     loop {
-        let opts =
+        let mut opts =
             ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(10));
-        if let Ok(mut c) = Client::connect([endpoint], Some(opts)).await {
+        if let Some((name, password)) = user {
+            opts = opts.with_user(name, password);
+        }
+        if let Ok(mut c) = Client::connect([at], Some(opts)).await {
             if c.get("bench-ready", None).await.is_ok() {
                 return c;
             }
@@ -480,6 +496,107 @@ async fn compare_costs(servers: &[&Server], compared: &[(usize, usize, &str)], s
     }
 }
 
+/// Authenticate calls made at once in the `auth` workload.
+const AUTHENTICATE_STORM: usize = 1000;
+
+/// Password of the benches' root user.
+const ROOT_PASSWORD: &str = "rootpw";
+
+/// Add user root with role root at `endpoint` and turn authentication on; the endpoint to
+/// log in as root there.
+async fn enable_root(endpoint: &str) -> String {
+    let mut c = connect(endpoint).await;
+    c.user_add("root", ROOT_PASSWORD, None).await.unwrap();
+    c.user_grant_role("root", "root").await.unwrap();
+    c.auth_enable().await.unwrap();
+    format!("root:{ROOT_PASSWORD}@{endpoint}")
+}
+
+/// The `auth` workload: see [`What::Auth`].
+async fn auth_cost(lockctl: &std::path::Path, seconds: u64) {
+    let etcd_off = spawn("etcd auth off", std::path::Path::new("etcd"), &[]);
+    let mut etcd_on = spawn("etcd auth on", std::path::Path::new("etcd"), &[]);
+    let geo_off = spawn("geolock auth off", lockctl, &["start"]);
+    let mut geo_on = spawn("geolock auth on", lockctl, &["start"]);
+    for s in [&mut etcd_on, &mut geo_on] {
+        s.endpoint = enable_root(&s.endpoint).await;
+    }
+    let servers = [&etcd_off, &etcd_on, &geo_off, &geo_on];
+    let endpoints: Vec<&str> = servers.iter().map(|s| s.endpoint.as_str()).collect();
+    warm_up(&endpoints).await;
+    let compared = [(1, 0, "etcd on / off"), (3, 2, "geolock on / off"), (3, 1, "geolock on / etcd on")];
+    compare_costs(&servers, &compared, seconds).await;
+    drop((etcd_off, etcd_on, geo_off, geo_on));
+
+    println!(
+        "{:<10} {:>14} {:>12} {:>12} {:>16} {:>14}",
+        "server", "authenticates", "all done s", "per call ms", "slowest put ms", "leader changed"
+    );
+    let etcd = spawn_group("etcd", None);
+    let geo = spawn_group("geolock", Some(lockctl));
+    for g in [&etcd, &geo] {
+        g.wait_whole().await;
+        let leader = group_leader(g).await;
+        let as_root = enable_root(&g.endpoints[leader]).await;
+        // geolock answers Status only to a user while auth is on (as etcd 3.6).
+        let status = || async { connect(&as_root).await.status().await.ok() };
+        let before = status().await.expect("leader status");
+        let mut conns = Vec::new();
+        for ep in &g.endpoints {
+            conns.push(connect(&format!("root:{ROOT_PASSWORD}@{ep}")).await);
+        }
+        let mut writer = connect(&as_root).await;
+        let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
+        // The slowest write, and how many failed (a failure's time counts as its latency).
+        let writes = tokio::spawn(async move {
+            let (mut slowest, mut failed) = (Duration::ZERO, 0);
+            loop {
+                let t = Instant::now();
+                tokio::select! {
+                    r = writer.put("bench/auth-storm", "v", None) => failed += usize::from(r.is_err()),
+                    _ = &mut stop => return (slowest, failed),
+                }
+                slowest = slowest.max(t.elapsed());
+            }
+        });
+        let started = Instant::now();
+        let calls: Vec<_> = (0..AUTHENTICATE_STORM)
+            .map(|i| {
+                let mut auth = conns[i % conns.len()].auth_client();
+                tokio::spawn(async move { auth.authenticate("root".into(), ROOT_PASSWORD.into()).await.map(drop) })
+            })
+            .collect();
+        let mut failed = 0;
+        for c in calls {
+            if !matches!(c.await, Ok(Ok(()))) {
+                failed += 1;
+            }
+        }
+        let all_done = started.elapsed();
+        let _ = stop_tx.send(());
+        let (slowest, puts_failed) = writes.await.unwrap();
+        let after = status().await;
+        let changed = match &after {
+            Some(a) if a.raft_term() == before.raft_term() && a.leader() == before.leader() => "no".to_string(),
+            Some(a) => format!("term {} -> {}", before.raft_term(), a.raft_term()),
+            None => "no answer".to_string(),
+        };
+        println!(
+            "{:<10} {:>14} {:>12.2} {:>12.2} {:>16} {:>14}",
+            g.name,
+            format!("{}{}", AUTHENTICATE_STORM, if failed > 0 { format!(" ({failed} failed)") } else { String::new() }),
+            all_done.as_secs_f64(),
+            all_done.as_secs_f64() * 1000.0 / AUTHENTICATE_STORM as f64,
+            format!(
+                "{:.1}{}",
+                slowest.as_secs_f64() * 1000.0,
+                if puts_failed > 0 { format!(" ({puts_failed} failed)") } else { String::new() }
+            ),
+            changed
+        );
+    }
+}
+
 /// The `tracing` workload: see [`What::Tracing`].
 async fn tracing_cost(lockctl: &std::path::Path, seconds: u64) {
     let (receiver, live) = geolock_testkit::otlp::OtlpReceiver::start().await.unwrap();
@@ -628,6 +745,7 @@ fn main() {
         }
         What::Metrics => rt.block_on(metrics_cost(&lockctl, cli.seconds)),
         What::Tracing => rt.block_on(tracing_cost(&lockctl, cli.seconds)),
+        What::Auth => rt.block_on(auth_cost(&lockctl, cli.seconds)),
         What::Geo => rt.block_on(geo(&lockctl, cli.seconds)),
         What::Failover { runs } => rt.block_on(region_failover(&lockctl, runs)),
         What::Lock => {

@@ -831,11 +831,12 @@ async fn verify(
     if got.into_inner().kvs.first().map(|kv| &kv.value) != Some(&value) {
         return Err("the probe write does not read back".into());
     }
-    let mut session = crate::Session::grant(&through, 10).await.map_err(|e| e.to_string())?;
+    let cluster = crate::Cluster::plain(&through);
+    let mut session = crate::Session::grant(&cluster, 10).await.map_err(|e| e.to_string())?;
     let held =
-        crate::acquire(&through, "geolock/failover/verify-lock", &mut session).await.map_err(|e| e.to_string())?;
-    crate::unlock(&through, &held.key).await.map_err(|e| e.to_string())?;
-    session.revoke(&through).await;
+        crate::acquire(&cluster, "geolock/failover/verify-lock", &mut session).await.map_err(|e| e.to_string())?;
+    crate::unlock(&cluster, &held.key).await.map_err(|e| e.to_string())?;
+    session.revoke(&cluster).await;
     let old = old_primary_takes_no_write(cfg, epoch).await?;
     tracing::info!(
         "verified through {through}: probe write at revision {rev:#x}, probe lock token {:#x}; {old}",

@@ -882,7 +882,7 @@ pub async fn join(new: &NewPrimary, member: &str, voter: bool) -> Result<String,
     // One membership change at a time: the previous member's promotion may be under way.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while !new.members.iter().any(|m| m.name == r.name) {
-        match crate::member_add(&new.endpoint, &r.name, r.peer_urls.clone(), !voter).await {
+        match crate::member_add(&crate::Cluster::plain(&new.endpoint), &r.name, r.peer_urls.clone(), !voter).await {
             Err(ClientError::Rpc(s))
                 if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline =>
             {

@@ -39,25 +39,81 @@ pub enum ClientError {
     NoToken { key: String, revision: i64 },
 }
 
-/// A channel to the first of `endpoints` (comma-separated, `host:port` or URLs) that answers.
-pub async fn connect(endpoints: &str) -> Result<Channel, ClientError> {
-    connect_from(endpoints, 0).await.map(|(ch, _)| ch)
+/// How to reach a cluster: its client endpoints, the TLS to speak there, and the user to be
+/// (etcdctl's `--endpoints`, `--cacert`, `--cert`, `--key`, `--user`).
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    /// Comma-separated `host:port` or URLs; `host:port` means `https://` when `tls` is set.
+    pub endpoints: String,
+    /// Speak TLS, checking the server against these settings.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Authenticate as this user (name, password) on every connection, and send its token.
+    pub user: Option<(String, String)>,
 }
 
-/// A channel to the first of `endpoints` that answers, trying them from the `start`-th on
-/// (round the list); also returns which one answered.
-async fn connect_from(endpoints: &str, start: usize) -> Result<(Channel, usize), ClientError> {
-    let all: Vec<&str> = endpoints.split(',').filter(|e| !e.is_empty()).collect();
+impl Cluster {
+    /// `endpoints` in plain text, as nobody.
+    pub fn plain(endpoints: &str) -> Cluster {
+        Cluster { endpoints: endpoints.to_string(), ..Cluster::default() }
+    }
+}
+
+/// Adds the caller's auth token (etcd's `token` metadata) to every request on a connection.
+#[derive(Clone, Debug, Default)]
+pub struct Token(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("token", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connection to one member, carrying the user's token if the cluster was given one.
+pub type Conn = tonic::service::interceptor::InterceptedService<Channel, Token>;
+
+/// A channel to the first of `endpoints` (comma-separated, `host:port` or URLs) that answers,
+/// in plain text and as nobody.
+pub async fn connect(endpoints: &str) -> Result<Conn, ClientError> {
+    connect_to(&Cluster::plain(endpoints)).await
+}
+
+/// A connection to the first of `cluster`'s endpoints that answers.
+pub async fn connect_to(cluster: &Cluster) -> Result<Conn, ClientError> {
+    connect_from(cluster, 0).await.map(|(ch, _)| ch)
+}
+
+/// A connection to the first of `cluster`'s endpoints that answers, trying them from the
+/// `start`-th on (round the list); also returns which one answered. With a user, the member
+/// that answered authenticates it first: a refusal there (a wrong password, say) is returned
+/// as it is, since no other member would answer otherwise.
+async fn connect_from(cluster: &Cluster, start: usize) -> Result<(Conn, usize), ClientError> {
+    let all: Vec<&str> = cluster.endpoints.split(',').filter(|e| !e.is_empty()).collect();
+    let scheme = if cluster.tls.is_some() { "https" } else { "http" };
     for i in (0..all.len()).map(|k| (start + k) % all.len()) {
         let ep = all[i];
-        let url = if ep.contains("://") { ep.to_string() } else { format!("http://{ep}") };
-        let Ok(endpoint) = Channel::from_shared(url) else { continue };
-        let endpoint = endpoint.tcp_nodelay(true).connect_timeout(CONNECT_TIMEOUT);
-        if let Ok(Ok(ch)) = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
-            return Ok((ch, i));
+        let url = if ep.contains("://") { ep.to_string() } else { format!("{scheme}://{ep}") };
+        let Ok(mut endpoint) = Channel::from_shared(url) else { continue };
+        if let Some(tls) = &cluster.tls {
+            let Ok(with_tls) = endpoint.tls_config(tls.clone()) else { continue };
+            endpoint = with_tls;
         }
+        let endpoint = endpoint.tcp_nodelay(true).connect_timeout(CONNECT_TIMEOUT);
+        let Ok(Ok(ch)) = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await else { continue };
+        let Some((name, password)) = &cluster.user else { return Ok((Conn::new(ch, Token::default()), i)) };
+        let req = pb::AuthenticateRequest { name: name.clone(), password: password.clone() };
+        let token = match pb::auth_client::AuthClient::new(ch.clone()).authenticate(req).await {
+            Ok(r) => r.into_inner().token,
+            Err(s) if transient(&s) => continue,
+            Err(s) => return Err(s.into()),
+        };
+        let token =
+            token.parse().map_err(|_| tonic::Status::internal(format!("{ep} sent a token that is not ASCII")))?;
+        return Ok((Conn::new(ch, Token(Some(token))), i));
     }
-    Err(ClientError::Connect(endpoints.to_string()))
+    Err(ClientError::Connect(cluster.endpoints.clone()))
 }
 
 /// How long one endpoint gets to accept a connection.
@@ -79,11 +135,21 @@ const KEEPALIVES_UNANSWERED_MAX: usize = 64;
 
 /// Whether a failed call may succeed if made again, on this endpoint or another: the cluster
 /// was between leaders, or the connection broke.
+///
+/// A token that expired or was made stale by an auth change counts too: a new connection
+/// authenticates again (etcd's client does the same on these two texts).
 fn transient(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Cancelled
-    )
+    // etcd sends the first as Unauthenticated, the second as InvalidArgument.
+    let stale_token = matches!(
+        (s.code(), s.message()),
+        (tonic::Code::Unauthenticated, "etcdserver: invalid auth token")
+            | (tonic::Code::InvalidArgument, "etcdserver: revision of auth store is old")
+    );
+    stale_token
+        || matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown | tonic::Code::Cancelled
+        )
 }
 
 /// A lease kept alive in the background until dropped; `lost` resolves once it may have ended.
@@ -104,15 +170,15 @@ pub struct Session {
 impl Session {
     /// Grant the lease, through leader changes: a grant whose answer was lost leaves a lease
     /// nobody keeps alive, which ends at its TTL.
-    pub async fn grant(endpoints: &str, ttl: i64) -> Result<Session, ClientError> {
+    pub async fn grant(cluster: &Cluster, ttl: i64) -> Result<Session, ClientError> {
         let sent = tokio::time::Instant::now();
-        let granted = retry_for(RELEASE_RETRY, endpoints, |ch| async move {
+        let granted = retry_for(RELEASE_RETRY, cluster, |ch| async move {
             pb::lease_client::LeaseClient::new(ch).lease_grant(pb::LeaseGrantRequest { ttl, id: 0 }).await
         })
         .await?;
         let (id, ttl) = (granted.id, granted.ttl);
         let (lost_tx, lost) = tokio::sync::oneshot::channel();
-        let keepalive = tokio::spawn(keep_alive(endpoints.to_string(), id, ttl, sent + secs(ttl), lost_tx));
+        let keepalive = tokio::spawn(keep_alive(cluster.clone(), id, ttl, sent + secs(ttl), lost_tx));
         Ok(Session { id, keepalive, lost })
     }
 
@@ -129,9 +195,9 @@ impl Session {
     }
 
     /// Give the lease up, best effort: one that cannot be revoked now ends at its TTL.
-    pub async fn revoke(self, endpoints: &str) {
+    pub async fn revoke(self, cluster: &Cluster) {
         self.keepalive.abort();
-        let _ = retry_for(REVOKE_RETRY, endpoints, |ch| async move {
+        let _ = retry_for(REVOKE_RETRY, cluster, |ch| async move {
             pb::lease_client::LeaseClient::new(ch).lease_revoke(pb::LeaseRevokeRequest { id: self.id }).await
         })
         .await;
@@ -144,7 +210,7 @@ fn secs(s: i64) -> Duration {
 
 /// Keep lease `id` alive until its deadline passes unrenewed; then report why on `lost`.
 async fn keep_alive(
-    endpoints: String,
+    cluster: Cluster,
     id: i64,
     ttl: i64,
     mut deadline: tokio::time::Instant,
@@ -156,7 +222,7 @@ async fn keep_alive(
     let mut start = 0;
     let why = 'session: loop {
         let attempt = tokio::select! {
-            c = connect_from(&endpoints, start) => c,
+            c = connect_from(&cluster, start) => c,
             _ = tokio::time::sleep_until(deadline) => break 'session format!("no keep-alive acknowledged within its TTL of {ttl} s"),
         };
         let Ok((ch, at)) = attempt else {
@@ -216,17 +282,17 @@ async fn keep_alive(
     let _ = lost.send(why);
 }
 
-/// Call `f` on a channel to one of `endpoints` until it succeeds, fails for good, or `limit`
+/// Call `f` on a connection to one of `cluster`'s endpoints until it succeeds, fails for good, or `limit`
 /// has passed; transient failures move on to the next endpoint.
-pub async fn retry_for<T, F, Fut>(limit: Duration, endpoints: &str, mut f: F) -> Result<T, ClientError>
+pub async fn retry_for<T, F, Fut>(limit: Duration, cluster: &Cluster, mut f: F) -> Result<T, ClientError>
 where
-    F: FnMut(Channel) -> Fut,
+    F: FnMut(Conn) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let deadline = tokio::time::Instant::now() + limit;
     let mut start = 0;
     loop {
-        let err = match connect_from(endpoints, start).await {
+        let err = match connect_from(cluster, start).await {
             Ok((ch, at)) => match f(ch).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) if transient(&s) => {
@@ -254,12 +320,12 @@ pub struct Held {
 
 /// Take lock `name` for the session's lease, through leader changes and broken connections
 /// (the request is the same each time: the server finds the lease's key and queues it again).
-pub async fn acquire(endpoints: &str, name: &str, session: &mut Session) -> Result<Held, ClientError> {
+pub async fn acquire(cluster: &Cluster, name: &str, session: &mut Session) -> Result<Held, ClientError> {
     let req = lpb::LockRequest { name: name.as_bytes().to_vec(), lease: session.id };
     let mut start = 0;
     loop {
         let attempt = async {
-            let (ch, at) = connect_from(endpoints, start).await?;
+            let (ch, at) = connect_from(cluster, start).await?;
             let resp = lpb::lock_client::LockClient::new(ch.clone()).lock(req.clone()).await.map_err(|s| (s, at));
             Ok::<_, ClientError>((ch, resp))
         };
@@ -289,7 +355,7 @@ pub async fn acquire(endpoints: &str, name: &str, session: &mut Session) -> Resu
 /// header's revision. From a server that does not (etcd), it is the lock key's create revision
 /// read at that very revision. A key missing there, or a token of 0, is never handed on: 0
 /// passes an etcd-style fence, since a missing key's create revision reads as 0.
-async fn fencing_token(ch: Channel, r: &lpb::LockResponse) -> Result<i64, ClientError> {
+async fn fencing_token(ch: Conn, r: &lpb::LockResponse) -> Result<i64, ClientError> {
     let key_text = || String::from_utf8_lossy(&r.key).into_owned();
     if r.geolock_fencing_token > 0 {
         return Ok(r.geolock_fencing_token);
@@ -306,8 +372,8 @@ async fn fencing_token(ch: Channel, r: &lpb::LockResponse) -> Result<i64, Client
 }
 
 /// Release the lock held under `key`, through leader changes.
-pub async fn unlock(endpoints: &str, key: &[u8]) -> Result<(), ClientError> {
-    retry_for(RELEASE_RETRY, endpoints, |ch| {
+pub async fn unlock(cluster: &Cluster, key: &[u8]) -> Result<(), ClientError> {
+    retry_for(RELEASE_RETRY, cluster, |ch| {
         let key = key.to_vec();
         async move { lpb::lock_client::LockClient::new(ch).unlock(lpb::UnlockRequest { key }).await }
     })
@@ -318,13 +384,13 @@ pub async fn unlock(endpoints: &str, key: &[u8]) -> Result<(), ClientError> {
 /// Campaign in election `name` with `value` under the session's lease, through leader changes,
 /// until elected or the lease is lost. Returns the leader key, whose `rev` is the fencing token.
 pub async fn campaign(
-    endpoints: &str,
+    cluster: &Cluster,
     name: &str,
     session: &mut Session,
     value: &[u8],
 ) -> Result<epb::LeaderKey, ClientError> {
     let req = epb::CampaignRequest { name: name.as_bytes().to_vec(), lease: session.id, value: value.to_vec() };
-    let campaign = retry_for(CAMPAIGN_RETRY, endpoints, |ch| {
+    let campaign = retry_for(CAMPAIGN_RETRY, cluster, |ch| {
         let req = req.clone();
         async move { epb::election_client::ElectionClient::new(ch).campaign(req).await }
     });
@@ -336,8 +402,8 @@ pub async fn campaign(
 }
 
 /// Give up the leadership `leader` holds, through leader changes.
-pub async fn resign(endpoints: &str, leader: &epb::LeaderKey) -> Result<(), ClientError> {
-    retry_for(RELEASE_RETRY, endpoints, |ch| {
+pub async fn resign(cluster: &Cluster, leader: &epb::LeaderKey) -> Result<(), ClientError> {
+    retry_for(RELEASE_RETRY, cluster, |ch| {
         let leader = leader.clone();
         async move {
             epb::election_client::ElectionClient::new(ch).resign(epb::ResignRequest { leader: Some(leader) }).await
@@ -347,7 +413,7 @@ pub async fn resign(endpoints: &str, leader: &epb::LeaderKey) -> Result<(), Clie
     .map(drop)
 }
 
-/// Add member `name` at `peer_urls` through the first of `endpoints` that answers (etcd's
+/// Add member `name` at `peer_urls` through the first of `cluster`'s endpoints that answers (etcd's
 /// MemberAdd, with the name geolock needs in gRPC metadata `MEMBER_NAME_HEADER`); a voter
 /// (`learner` false) is added as a learner and promoted by the leader once caught up.
 ///
@@ -355,13 +421,13 @@ pub async fn resign(endpoints: &str, leader: &epb::LeaderKey) -> Result<(), Clie
 /// texts: "etcdserver: member ID already exist", "etcdserver: Peer URLs already exists", ...),
 /// and a name that cannot travel as metadata as `InvalidArgument`.
 pub async fn member_add(
-    endpoints: &str,
+    cluster: &Cluster,
     name: &str,
     peer_urls: Vec<String>,
     learner: bool,
 ) -> Result<pb::MemberAddResponse, ClientError> {
     let value = name.parse().map_err(|_| tonic::Status::invalid_argument(format!("bad member name {name:?}")))?;
-    let ch = connect(endpoints).await?;
+    let ch = connect_to(cluster).await?;
     let mut req = tonic::Request::new(pb::MemberAddRequest { peer_ur_ls: peer_urls, is_learner: learner });
     req.metadata_mut().insert(geolock_proto::MEMBER_NAME_HEADER, value);
     Ok(pb::cluster_client::ClusterClient::new(ch).member_add(req).await?.into_inner())

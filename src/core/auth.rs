@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{
-    AUTH_NAME_BYTES_MAX, AUTH_ROLES_MAX, AUTH_USERS_MAX, PERMISSIONS_PER_ROLE_MAX, ROLES_PER_USER_MAX,
+    AUTH_NAME_BYTES_MAX, AUTH_ROLES_MAX, AUTH_USERS_MAX, KEY_BYTES_MAX, PERMISSIONS_PER_ROLE_MAX, ROLES_PER_USER_MAX,
 };
 use crate::storage::{Cf, Engine, StorageError, WriteBatch};
 
@@ -150,11 +150,15 @@ pub enum AuthRequest {
         #[serde(with = "serde_bytes")]
         range_end: Vec<u8>,
     },
-    /// A password already checked by the member that received it; the token is made of
-    /// `token_prefix` and the entry's log index where the entry is applied.
+    /// A password already checked by the member that received it, against the hash the store
+    /// held at auth revision `checked_at`; the token is made of `token_prefix` and the entry's
+    /// log index where the entry is applied. Refused with [`AuthError::OldRevision`] if the
+    /// store moved on in between (the password may have changed), so no token is ever made
+    /// for a password that was no longer the user's.
     Authenticate {
         name: String,
         token_prefix: String,
+        checked_at: u64,
     },
 }
 
@@ -225,6 +229,8 @@ pub enum AuthError {
     OldRevision,
     #[error("etcdserver: a user or role name of {len} bytes is over auth_name_bytes_max ({max})")]
     NameTooLong { len: usize, max: usize },
+    #[error("etcdserver: a permission's key or range end of {len} bytes is over key_bytes_max ({max})")]
+    KeyTooLarge { len: usize, max: usize },
     #[error("etcdserver: too many users (auth_users_max {max})")]
     TooManyUsers { max: usize },
     #[error("etcdserver: too many roles (auth_roles_max {max})")]
@@ -340,10 +346,17 @@ impl AuthStore {
                 return Err(AuthError::NameTooLong { len: name.len(), max: AUTH_NAME_BYTES_MAX });
             }
         }
-        if let AuthRequest::RoleGrantPermission { permission, .. } = req {
-            if !valid_permission_range(&permission.key, &permission.range_end) {
-                return Err(AuthError::InvalidMgmt);
-            }
+        let (key, range_end) = match req {
+            AuthRequest::RoleGrantPermission { permission: p, .. } => (&p.key, &p.range_end),
+            AuthRequest::RoleRevokePermission { key, range_end, .. } => (key, range_end),
+            _ => return Ok(()),
+        };
+        // A permission names keys: no key or range end could be longer than a key may be.
+        if let Some(len) = [key.len(), range_end.len()].into_iter().find(|&l| l > KEY_BYTES_MAX) {
+            return Err(AuthError::KeyTooLarge { len, max: KEY_BYTES_MAX });
+        }
+        if matches!(req, AuthRequest::RoleGrantPermission { .. }) && !valid_permission_range(key, range_end) {
+            return Err(AuthError::InvalidMgmt);
         }
         Ok(())
     }
@@ -357,10 +370,12 @@ impl AuthStore {
         who: Option<&Caller>,
         batch: &mut WriteBatch,
     ) -> Result<Option<String>, AuthError> {
-        AuthStore::validate(req)?;
+        // Who asks comes first: a caller who may not make the change learns nothing about
+        // what was wrong with it (etcd's applier checks admin before anything else).
         if req.needs_admin() {
             self.check_admin(who)?;
         }
+        AuthStore::validate(req)?;
         match req {
             AuthRequest::Enable => {
                 if self.enabled {
@@ -486,9 +501,12 @@ impl AuthStore {
                 }
                 self.put_role(r, batch);
             }
-            AuthRequest::Authenticate { name, .. } => {
+            AuthRequest::Authenticate { name, checked_at, .. } => {
                 if !self.enabled {
                     return Err(AuthError::NotEnabled);
+                }
+                if *checked_at != self.revision {
+                    return Err(AuthError::OldRevision);
                 }
                 // The password was checked before proposing; a user deleted or left without
                 // a password since then is refused here.
@@ -787,6 +805,37 @@ mod tests {
                 AuthRequest::RoleRevokePermission { role: "r".into(), key: b"a".to_vec(), range_end: b"b".to_vec() },
                 AuthError::PermissionNotGranted,
             ),
+            (
+                AuthRequest::RoleGrantPermission {
+                    name: "r".into(),
+                    permission: perm(&"k".repeat(KEY_BYTES_MAX + 1), ""),
+                },
+                AuthError::KeyTooLarge { len: KEY_BYTES_MAX + 1, max: KEY_BYTES_MAX },
+            ),
+            (
+                AuthRequest::RoleGrantPermission {
+                    name: "r".into(),
+                    permission: perm("a", &"k".repeat(KEY_BYTES_MAX + 1)),
+                },
+                AuthError::KeyTooLarge { len: KEY_BYTES_MAX + 1, max: KEY_BYTES_MAX },
+            ),
+            (
+                AuthRequest::RoleRevokePermission {
+                    role: "r".into(),
+                    key: vec![b'k'; KEY_BYTES_MAX + 1],
+                    range_end: vec![],
+                },
+                AuthError::KeyTooLarge { len: KEY_BYTES_MAX + 1, max: KEY_BYTES_MAX },
+            ),
+            // A password checked against the hash of an older store: it may have changed since.
+            (
+                AuthRequest::Authenticate {
+                    name: "alice".into(),
+                    token_prefix: "t".into(),
+                    checked_at: s.revision() - 1,
+                },
+                AuthError::OldRevision,
+            ),
             (AuthRequest::RoleDelete { role: "nope".into() }, AuthError::RoleNotFound),
             (AuthRequest::UserDelete { name: "nobody".into() }, AuthError::UserNotFound),
             (
@@ -800,6 +849,20 @@ mod tests {
             assert_eq!(s.apply(&req, Some(&root), &mut b), Err(err), "{req:?}");
             assert_eq!(s, before, "{req:?}");
             assert!(b.is_empty(), "{req:?} wrote");
+        }
+    }
+
+    /// A caller who may not make a change is told so, not what else was wrong with it.
+    #[test]
+    fn who_asks_is_checked_before_what_is_asked() {
+        let (mut s, _, alice) = store(&[]);
+        let long = "n".repeat(AUTH_NAME_BYTES_MAX + 1);
+        for req in
+            [AuthRequest::UserAdd { name: long.clone(), password_hash: hash() }, AuthRequest::RoleAdd { name: long }]
+        {
+            let mut b = WriteBatch::default();
+            assert_eq!(s.apply(&req, Some(&alice), &mut b), Err(AuthError::PermissionDenied));
+            assert_eq!(s.apply(&req, None, &mut b), Err(AuthError::UserEmpty));
         }
     }
 

@@ -202,5 +202,9 @@ pub const AUTH_PASSWORD_BYTES_MAX: usize = 72;
 /// token closest to its expiry is dropped, and its client authenticates again.
 pub const SIMPLE_TOKENS_MAX: usize = 100_000;
 
+/// Longest token life, in seconds (a year): a token's expiry is an instant, and a TTL past
+/// what the clock can add would overflow it.
+pub const AUTH_TOKEN_TTL_S_MAX: u64 = 365 * 24 * 3600;
+
 const _: () = assert!(AUTH_NAME_BYTES_MAX < KEY_BYTES_MAX);
 const _: () = assert!(ROLES_PER_USER_MAX * PERMISSIONS_PER_ROLE_MAX <= 100_000);

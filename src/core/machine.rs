@@ -234,6 +234,20 @@ impl Machine {
         }
     }
 
+    /// Apply what a witness keeps of `cmd`: the auth store and nothing else. A witness holds no
+    /// key space, but it answers Cluster, Maintenance and Auth requests, and must refuse them
+    /// to callers who are not root just as a data-bearing member does.
+    pub fn apply_auth_only(&mut self, cmd: &Command, batch: &mut WriteBatch) -> Result<Response, ApplyError> {
+        match cmd {
+            Command::Client { caller, request } => match &**request {
+                Command::Auth(req) => self.apply_auth(req, caller.as_ref(), batch),
+                _ => Ok(Response::Nothing),
+            },
+            Command::Auth(req) => self.apply_auth(req, None, batch),
+            _ => Ok(Response::Nothing),
+        }
+    }
+
     fn apply_auth(
         &mut self,
         req: &AuthRequest,
@@ -255,8 +269,10 @@ impl Machine {
     /// needs WRITE on its key, and READ too with `prev_kv`; a Put with a lease, and a lease's
     /// revocation, need WRITE on every key already attached to the lease (or root); a
     /// DeleteRange needs WRITE on its range, and READ with `prev_kv`; a Txn needs READ on every
-    /// compared range and what each operation of both branches needs, nested Txns too. etcd
-    /// checks neither compaction nor lease grants.
+    /// compared range and what each operation of both branches needs, nested Txns too. A
+    /// compaction and a lease grant need a user: etcd 3.6 asks for one at its API for lease
+    /// grants and for none for compaction, but an anonymous caller must not be able to erase
+    /// the history every watcher resumes from (the README lists this difference).
     pub fn authorize(&self, cmd: &Command, who: Option<&Caller>) -> Result<(), AuthError> {
         if !self.auth.enabled() {
             return Ok(());
@@ -266,7 +282,9 @@ impl Machine {
             Command::DeleteRange(d) => self.authorize_delete(d, who),
             Command::Txn(t) => self.authorize_txn(t, who),
             Command::LeaseRevoke { id } => self.authorize_lease_keys(*id, who),
-            Command::Compact { .. } | Command::LeaseGrant { .. } | Command::Auth(_) => Ok(()),
+            Command::Compact { .. } | Command::LeaseGrant { .. } => self.auth.check_authenticated(who),
+            // Checked by the auth store as it applies them.
+            Command::Auth(_) => Ok(()),
             // Members' own commands; a client never sends them.
             Command::EnterEpoch { .. } | Command::Client { .. } => self.auth.check_admin(who),
         }
@@ -291,7 +309,9 @@ impl Machine {
         Ok(())
     }
 
-    fn authorize_txn(&self, t: &TxnRequest, who: Option<&Caller>) -> Result<(), AuthError> {
+    /// What a Txn needs; also checked at the API for a read-only Txn, which is served without a
+    /// log entry.
+    pub fn authorize_txn(&self, t: &TxnRequest, who: Option<&Caller>) -> Result<(), AuthError> {
         for c in &t.compare {
             self.auth.check(who, Access::Read, &c.key, &c.range_end)?;
         }
@@ -308,8 +328,10 @@ impl Machine {
 
     /// WRITE on every key attached to the lease, or root (etcd's `checkLeasePuts`, and its
     /// `checkLeaseRenew` for keep-alives): whoever may revoke a lease, renew it, or tie its fate
-    /// to more keys, decides when the keys on it go.
+    /// to more keys, decides when the keys on it go. Even a lease without keys needs a user: an
+    /// anonymous caller keeping others' leases alive would keep their locks held.
     pub fn authorize_lease_keys(&self, id: i64, who: Option<&Caller>) -> Result<(), AuthError> {
+        self.auth.check_authenticated(who)?;
         let Some(lease) = self.leases.get(id) else { return Ok(()) };
         if self.auth.check_admin(who).is_ok() {
             return Ok(());
@@ -320,15 +342,6 @@ impl Machine {
     /// Whether `who` may read `[key, range_end)` (a Range, a Watch, a read-only Txn's parts).
     pub fn authorize_read(&self, who: Option<&Caller>, key: &[u8], range_end: &[u8]) -> Result<(), AuthError> {
         self.auth.check(who, Access::Read, key, range_end)
-    }
-
-    /// Whether `who` may read what a read-only Txn reads (its compares and ranges), which is
-    /// served without a log entry.
-    pub fn authorize_read_only_txn(&self, t: &TxnRequest, who: Option<&Caller>) -> Result<(), AuthError> {
-        if !self.auth.enabled() {
-            return Ok(());
-        }
-        self.authorize_txn(t, who)
     }
 
     /// Run a Txn that only reads, without a log entry.
@@ -731,5 +744,54 @@ mod tests {
         // The members' own commands are not a client's: a lease expiry needs no caller.
         apply(&mut m, Command::LeaseGrant { id: 9, ttl_s: 60 });
         assert_eq!(apply(&mut m, Command::LeaseRevoke { id: 9 }).0.result, Ok(Response::LeaseRevoke));
+    }
+
+    /// What etcd lets anyone do, geolock asks a user for: compacting the history, granting a
+    /// lease, and renewing or revoking one, even one with no keys.
+    #[test]
+    fn compaction_and_leases_need_a_user() {
+        let (mut m, root, alice) = with_auth();
+        apply(&mut m, as_client(&root, Command::LeaseGrant { id: 7, ttl_s: 60 }));
+        let nobody = |cmd| Command::Client { caller: None, request: Box::new(cmd) };
+        for cmd in
+            [Command::Compact { revision: 1 }, Command::LeaseGrant { id: 8, ttl_s: 60 }, Command::LeaseRevoke { id: 7 }]
+        {
+            let (a, _) = apply(&mut m, nobody(cmd.clone()));
+            assert_eq!(a.result, Err(ApplyError::Auth(AuthError::UserEmpty)), "{cmd:?}");
+        }
+        assert_eq!(m.authorize_lease_keys(7, None), Err(AuthError::UserEmpty), "a keep-alive of a keyless lease");
+        assert_eq!(m.authorize_lease_keys(7, Some(&alice)), Ok(()));
+        assert!(m.leases.get(7).is_some() && m.leases.get(8).is_none());
+        assert_eq!(
+            apply(&mut m, as_client(&alice, Command::LeaseRevoke { id: 7 })).0.result,
+            Ok(Response::LeaseRevoke)
+        );
+    }
+
+    /// A witness keeps the auth store and nothing else, so it refuses non-root callers as
+    /// every member does.
+    #[test]
+    fn a_witness_applies_auth_changes_and_nothing_else() {
+        let (mut m, root, alice) = with_auth();
+        let mut w = Machine::new();
+        let mut b = WriteBatch::default();
+        // Each caller was checked at the auth revision before any change: the change comes last.
+        let cmds = [
+            as_client(&root, Command::Put(put("w/a", "1"))),
+            as_client(&alice, Command::Auth(AuthRequest::RoleAdd { name: "c".into() })),
+            as_client(&root, Command::Auth(AuthRequest::RoleAdd { name: "b".into() })),
+        ];
+        // The witness starts where the machine stands, as from a snapshot: replay its store.
+        w.auth = m.auth.clone();
+        let witnessed: Vec<_> = cmds.iter().map(|c| w.apply_auth_only(c, &mut b)).collect();
+        let applied: Vec<_> = cmds.iter().map(|c| apply(&mut m, c.clone()).0.result).collect();
+        assert_eq!(witnessed[0], Ok(Response::Nothing), "a put leaves a witness's (empty) key space alone");
+        assert!(applied[0].is_ok(), "{:?}", applied[0]);
+        assert_eq!(witnessed[1], Err(ApplyError::Auth(AuthError::PermissionDenied)));
+        assert_eq!(applied[1], witnessed[1]);
+        assert_eq!(witnessed[2], Ok(Response::Auth));
+        assert_eq!(applied[2], witnessed[2]);
+        assert_eq!(w.auth, m.auth);
+        assert!(w.kv.get(b"w/a").is_none() && m.kv.get(b"w/a").is_some());
     }
 }

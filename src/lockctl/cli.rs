@@ -109,12 +109,70 @@ enum CertsCommand {
     },
 }
 
-/// Where client commands connect.
+/// Where the failover commands connect (in plain text, as nobody, for now).
 #[derive(Args, Debug)]
-pub struct ClientArgs {
+pub struct EndpointArgs {
     /// Comma-separated client endpoints (`host:port`); the first that answers is used.
     #[arg(long, global = true, default_value = "127.0.0.1:2379", env = "LOCKCTL_ENDPOINTS")]
     pub endpoints: String,
+}
+
+/// Where client commands connect, over what and as whom: etcdctl's flags.
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// Comma-separated client endpoints (`host:port` or URLs); the first that answers is used.
+    #[arg(long, global = true, default_value = "127.0.0.1:2379", env = "LOCKCTL_ENDPOINTS")]
+    pub endpoints: String,
+    /// Speak TLS, checking members' certificates against this CA bundle (PEM).
+    #[arg(long, global = true)]
+    pub cacert: Option<PathBuf>,
+    /// Present this client certificate (PEM; needs --key and --cacert).
+    #[arg(long, global = true)]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
+    /// Authenticate as NAME, with NAME:PASSWORD or with --password.
+    #[arg(long, global = true)]
+    pub user: Option<String>,
+    /// The password of --user NAME.
+    #[arg(long, global = true)]
+    pub password: Option<String>,
+}
+
+impl ClientArgs {
+    /// The cluster these flags name, the files read; an error names the flag or file at fault.
+    pub fn cluster(&self) -> Result<geolock_client::Cluster, String> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read =
+            |flag: &str, path: &PathBuf| std::fs::read(path).map_err(|e| format!("--{flag} {}: {e}", path.display()));
+        let tls = match (&self.cacert, &self.cert, &self.key) {
+            (None, None, None) => None,
+            (None, _, _) => {
+                return Err(
+                    "--cert and --key need --cacert, the bundle members' certificates are checked against".into()
+                )
+            }
+            (Some(_), Some(_), None) | (Some(_), None, Some(_)) => return Err("--cert and --key go together".into()),
+            (Some(ca), cert, key) => {
+                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("cacert", ca)?));
+                if let (Some(cert), Some(key)) = (cert, key) {
+                    tls = tls.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
+                }
+                Some(tls)
+            }
+        };
+        let user = match (&self.user, &self.password) {
+            (None, None) => None,
+            (None, Some(_)) => return Err("--password needs --user".into()),
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            (Some(u), None) => match u.split_once(':') {
+                Some((name, password)) => Some((name.to_string(), password.to_string())),
+                None => return Err(format!("--user {u}: no password; give --user {u}:PASSWORD or --password")),
+            },
+        };
+        Ok(geolock_client::Cluster { endpoints: self.endpoints.clone(), tls, user })
+    }
 }
 
 /// Flags of `lockctl start`. Each overrides the file and the environment.
@@ -168,6 +226,19 @@ struct StartArgs {
     /// `new` or `existing`.
     #[arg(long)]
     initial_cluster_state: Option<String>,
+    /// Client TLS certificate (PEM), served on `https://` client URLs (etcd's flag).
+    #[arg(long)]
+    cert_file: Option<String>,
+    /// Client TLS key (PEM) (etcd's flag).
+    #[arg(long)]
+    key_file: Option<String>,
+    /// CA bundle client certificates are checked against (PEM) (etcd's flag).
+    #[arg(long)]
+    trusted_ca_file: Option<String>,
+    /// Require client certificates; a certificate's common name is the user of a request
+    /// without a token (etcd's flag).
+    #[arg(long)]
+    client_cert_auth: bool,
     /// CA that signs every member's peer certificate (PEM).
     #[arg(long)]
     peer_trusted_ca_file: Option<String>,
@@ -177,6 +248,10 @@ struct StartArgs {
     /// This member's peer key (PEM).
     #[arg(long)]
     peer_key_file: Option<String>,
+    /// Revoked peer certificates (PEM CRLs of the peer CA), read again when it changes
+    /// (etcd's flag).
+    #[arg(long)]
+    peer_crl_file: Option<String>,
     /// voter, witness or learner.
     #[arg(long)]
     role: Option<String>,
@@ -194,7 +269,8 @@ struct StartArgs {
     /// Bytes of keys and values past which writes are refused (etcd's flag; 0 = 2 GiB).
     #[arg(long)]
     quota_backend_bytes: Option<u64>,
-    /// How client tokens are made (etcd's flag): simple.
+    /// How client tokens are made (etcd's flag): simple, or
+    /// jwt,pub-key=FILE,priv-key=FILE,sign-method=RS256|ES256|…,ttl=5m.
     #[arg(long)]
     auth_token: Option<String>,
     /// Seconds a simple token lives after its last use (etcd's flag; default 300).
@@ -245,9 +321,16 @@ impl StartArgs {
         add("initial_advertise_peer_urls", &self.initial_advertise_peer_urls);
         add("initial_cluster", &self.initial_cluster);
         add("initial_cluster_state", &self.initial_cluster_state);
+        add("cert_file", &self.cert_file);
+        add("key_file", &self.key_file);
+        add("trusted_ca_file", &self.trusted_ca_file);
+        if self.client_cert_auth {
+            add("client_cert_auth", &Some("true".to_string()));
+        }
         add("peer_trusted_ca_file", &self.peer_trusted_ca_file);
         add("peer_cert_file", &self.peer_cert_file);
         add("peer_key_file", &self.peer_key_file);
+        add("peer_crl_file", &self.peer_crl_file);
         add("role", &self.role);
         add("region", &self.region);
         add("raft.election_timeout", &self.election_timeout.map(|ms| format!("{ms}ms")));
@@ -308,13 +391,15 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Lock { client, name, ttl, command } => {
-            run_client(crate::commands::lock(&client.endpoints, &name, ttl, &command))
+            run_client(async { crate::commands::lock(&client.cluster()?, &name, ttl, &command).await })
         }
-        Command::Member { client, what } => run_client(crate::commands::member(&client.endpoints, what)),
+        Command::Member { client, what } => {
+            run_client(async { crate::commands::member(&client.cluster()?, what).await })
+        }
         Command::Failover { what } => run_client(crate::commands::failover(what)),
         Command::FailoverController { config } => run_client(crate::commands::failover_controller(&config)),
         Command::Elect { client, name, proposal, ttl } => {
-            run_client(crate::commands::elect(&client.endpoints, &name, proposal.as_deref(), ttl))
+            run_client(async { crate::commands::elect(&client.cluster()?, &name, proposal.as_deref(), ttl).await })
         }
         Command::Start(args) => {
             let overrides = args.overrides();

@@ -1,7 +1,7 @@
 //! `lockctl`'s client commands `lock`, `elect`, `member` and `failover`, shaped like etcdctl's: what they
 //! print and their exit codes, over the client library.
 
-use geolock_client::{acquire, campaign, connect, resign, unlock, ClientError, Held, Session};
+use geolock_client::{acquire, campaign, connect_to, resign, unlock, ClientError, Cluster, Held, Session};
 use geolock_proto::etcdserverpb as pb;
 use geolock_proto::v3electionpb as epb;
 
@@ -32,12 +32,21 @@ pub enum CommandError {
     /// `lockctl failover rejoin` cannot go on.
     #[error("rejoin: {0}")]
     Rejoin(String),
+    /// The client flags do not make a connection setting.
+    #[error("{0}")]
+    Flags(String),
+}
+
+impl From<String> for CommandError {
+    fn from(why: String) -> CommandError {
+        CommandError::Flags(why)
+    }
 }
 
 /// `lockctl lock NAME [COMMAND...]`. Returns the exit code.
-pub async fn lock(endpoints: &str, name: &str, ttl: i64, command: &[String]) -> Result<u8, CommandError> {
-    let mut session = Session::grant(endpoints, ttl).await?;
-    let Held { key, token } = acquire(endpoints, name, &mut session).await?;
+pub async fn lock(cluster: &Cluster, name: &str, ttl: i64, command: &[String]) -> Result<u8, CommandError> {
+    let mut session = Session::grant(cluster, ttl).await?;
+    let Held { key, token } = acquire(cluster, name, &mut session).await?;
     let key_text = String::from_utf8_lossy(&key).into_owned();
     println!("{key_text}");
     println!("fencing token {token}");
@@ -65,16 +74,16 @@ pub async fn lock(endpoints: &str, name: &str, ttl: i64, command: &[String]) -> 
             lost = session.lost() => return Err(lost.into()),
         }
     };
-    let unlock = unlock(endpoints, &key).await;
-    session.revoke(endpoints).await;
+    let unlock = unlock(cluster, &key).await;
+    session.revoke(cluster).await;
     unlock?;
     Ok(code)
 }
 
 /// `lockctl elect NAME [PROPOSAL]`. Returns the exit code.
-pub async fn elect(endpoints: &str, name: &str, proposal: Option<&str>, ttl: i64) -> Result<u8, CommandError> {
+pub async fn elect(cluster: &Cluster, name: &str, proposal: Option<&str>, ttl: i64) -> Result<u8, CommandError> {
     let Some(proposal) = proposal else {
-        let ch = connect(endpoints).await?;
+        let ch = connect_to(cluster).await?;
         let mut election = epb::election_client::ElectionClient::new(ch);
         let mut leaders = election.observe(epb::LeaderRequest { name: name.as_bytes().to_vec() }).await?.into_inner();
         while let Some(l) = leaders.message().await? {
@@ -85,8 +94,8 @@ pub async fn elect(endpoints: &str, name: &str, proposal: Option<&str>, ttl: i64
         }
         return Ok(0);
     };
-    let mut session = Session::grant(endpoints, ttl).await?;
-    let leader = campaign(endpoints, name, &mut session, proposal.as_bytes()).await?;
+    let mut session = Session::grant(cluster, ttl).await?;
+    let leader = campaign(cluster, name, &mut session, proposal.as_bytes()).await?;
     println!("{}", String::from_utf8_lossy(&leader.key));
     println!("{proposal}");
     println!("fencing token {}", leader.rev);
@@ -94,8 +103,8 @@ pub async fn elect(endpoints: &str, name: &str, proposal: Option<&str>, ttl: i64
         _ = geolock_server::roles::until_signal() => {}
         lost = session.lost() => return Err(lost.into()),
     }
-    let resign = resign(endpoints, &leader).await;
-    session.revoke(endpoints).await;
+    let resign = resign(cluster, &leader).await;
+    session.revoke(cluster).await;
     resign?;
     Ok(0)
 }
@@ -131,8 +140,8 @@ pub enum MemberCommand {
 }
 
 /// Run a `lockctl member` command. Returns the exit code.
-pub async fn member(endpoints: &str, cmd: MemberCommand) -> Result<u8, CommandError> {
-    let ch = connect(endpoints).await?;
+pub async fn member(at: &Cluster, cmd: MemberCommand) -> Result<u8, CommandError> {
+    let ch = connect_to(at).await?;
     let mut cluster = pb::cluster_client::ClusterClient::new(ch.clone());
     // etcdctl's columns, then the role, the region and the lag behind the leader.
     let list = |members: &[pb::Member]| {
@@ -172,7 +181,7 @@ pub async fn member(endpoints: &str, cmd: MemberCommand) -> Result<u8, CommandEr
         MemberCommand::List => list(&members),
         MemberCommand::Add { name, peer_urls, learner } => {
             let urls: Vec<String> = peer_urls.split(',').filter(|u| !u.is_empty()).map(str::to_string).collect();
-            let resp = geolock_client::member_add(endpoints, &name, urls.clone(), learner).await?;
+            let resp = geolock_client::member_add(at, &name, urls.clone(), learner).await?;
             let header = resp.header.unwrap_or_default();
             let id = resp.member.map_or(0, |m| m.id);
             println!("Member {id:x} added to cluster {:x}", header.cluster_id);
@@ -232,7 +241,7 @@ pub enum FailoverCommand {
     /// also after a restart, until `lockctl failover rejoin`.
     Fence {
         #[command(flatten)]
-        client: crate::cli::ClientArgs,
+        client: crate::cli::EndpointArgs,
         #[arg(long)]
         epoch: u64,
     },
@@ -260,7 +269,7 @@ pub enum FailoverCommand {
     /// failover status` print it).
     Approve {
         #[command(flatten)]
-        client: crate::cli::ClientArgs,
+        client: crate::cli::EndpointArgs,
         #[arg(long, value_parser = parse_token)]
         token: u64,
     },
@@ -272,7 +281,7 @@ pub enum FailoverCommand {
     /// added as a learner, and the flags to start it with are printed.
     Rejoin {
         #[command(flatten)]
-        client: crate::cli::ClientArgs,
+        client: crate::cli::EndpointArgs,
         /// The running member's client endpoint.
         #[arg(long, conflicts_with_all = ["name", "peer_urls", "data_dir"], required_unless_present = "name")]
         member: Option<String>,
@@ -289,13 +298,13 @@ pub enum FailoverCommand {
     /// How the vantage point at ENDPOINTS last saw the primary.
     Observe {
         #[command(flatten)]
-        client: crate::cli::ClientArgs,
+        client: crate::cli::EndpointArgs,
     },
     /// PROMOTE: the learner at ENDPOINTS (one member) seeds a new cluster from the state it
     /// applied, in revision epoch EPOCH, and restarts as its leader.
     Promote {
         #[command(flatten)]
-        client: crate::cli::ClientArgs,
+        client: crate::cli::EndpointArgs,
         #[arg(long)]
         epoch: u64,
     },
@@ -424,7 +433,7 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
                 );
             }
             println!("joining the primary in revision epoch {} as a learner", new.epoch);
-            member(&client.endpoints, MemberCommand::Add { name, peer_urls, learner: true }).await
+            member(&Cluster::plain(&client.endpoints), MemberCommand::Add { name, peer_urls, learner: true }).await
         }
         FailoverCommand::Observe { client } => {
             match geolock_client::failover::observe(&client.endpoints).await? {

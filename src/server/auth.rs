@@ -7,12 +7,16 @@
 //! applied the entry yet waits for it (the index says how long). Tokens live in memory only and
 //! expire `auth_token_ttl` after their last use (etcd's 300 s by default); a restarted member
 //! knows none, and its clients authenticate again, as with etcd.
+//!
+//! Or tokens are etcd's JSON Web Tokens ([`JwtTokens`]): signed by the member that checked the
+//! password, verified by any member with the public key, nothing kept.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use geolock_core::limits::{AUTH_PASSWORD_BYTES_MAX, SIMPLE_TOKENS_MAX};
+use geolock_core::auth::Caller;
+use geolock_core::limits::{AUTH_PASSWORD_BYTES_MAX, AUTH_TOKEN_TTL_S_MAX, SIMPLE_TOKENS_MAX};
 
 /// Letters in a simple token's random part (etcd's `defaultSimpleTokenLength`).
 const TOKEN_PREFIX_LETTERS: usize = 16;
@@ -28,13 +32,27 @@ pub enum PasswordError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// bcrypt runs on at most half of this machine's cores (at least one), whoever asks: anyone
+/// may call Authenticate, and a thousand callers at once with all cores hashing would starve
+/// the threads that send the leader's heartbeats, and the cluster would elect another.
+static BCRYPT_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tokio::sync::Semaphore::new((cores / 2).max(1))
+});
+
+/// Run one bcrypt computation on a blocking thread once one of [`BCRYPT_SLOTS`] is free.
+async fn bcrypt_off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PasswordError> {
+    let _slot = BCRYPT_SLOTS.acquire().await.expect("the bcrypt semaphore is never closed");
+    Ok(tokio::task::spawn_blocking(f).await?)
+}
+
 /// The bcrypt hash of `password` at `cost`, computed off the async runtime's threads (at etcd's
 /// default cost 10 one hash takes about 50 ms of CPU).
 pub async fn hash_password(password: String, cost: u32) -> Result<String, PasswordError> {
     if password.len() > AUTH_PASSWORD_BYTES_MAX {
         return Err(PasswordError::TooLong { len: password.len(), max: AUTH_PASSWORD_BYTES_MAX });
     }
-    Ok(tokio::task::spawn_blocking(move || bcrypt::hash(password, cost)).await??)
+    Ok(bcrypt_off_runtime(move || bcrypt::hash(password, cost)).await??)
 }
 
 /// Whether `password` matches the bcrypt `hash`, checked off the async runtime's threads. A
@@ -43,7 +61,7 @@ pub async fn password_matches(password: String, hash: String) -> Result<bool, Pa
     if password.len() > AUTH_PASSWORD_BYTES_MAX {
         return Ok(false);
     }
-    Ok(tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false)).await?)
+    bcrypt_off_runtime(move || bcrypt::verify(password, &hash).unwrap_or(false)).await
 }
 
 /// A fresh random token prefix: 16 letters.
@@ -123,6 +141,139 @@ impl SimpleTokens {
     }
 }
 
+/// What `--auth-token` asks for (etcd's option string): `simple`, or
+/// `jwt,pub-key=FILE,priv-key=FILE,sign-method=RS256,ttl=5m`.
+pub enum TokenProvider {
+    Simple,
+    Jwt(JwtTokens),
+}
+
+/// Why `--auth-token` could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenOptionError {
+    #[error("auth_token {0:?}: the provider is simple or jwt")]
+    UnknownProvider(String),
+    #[error("auth_token: jwt option {0:?} is not pub-key, priv-key, sign-method or ttl")]
+    UnknownOption(String),
+    #[error("auth_token: jwt needs {0}")]
+    Missing(&'static str),
+    #[error("auth_token: sign-method {0:?} is not one of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384")]
+    SignMethod(String),
+    #[error("auth_token: ttl {value:?}: {why}")]
+    Ttl { value: String, why: String },
+    #[error("auth_token: {path}: {why}")]
+    Key { path: String, why: String },
+}
+
+/// JSON Web Tokens as etcd makes them: claims `username`, `revision` (the auth revision the
+/// password was checked at) and `exp`, signed with the member's private key. Any member with
+/// the public key verifies them, a restarted one too: nothing about them is kept.
+pub struct JwtTokens {
+    algorithm: jsonwebtoken::Algorithm,
+    /// `None` on a member given only the public key: it verifies tokens but makes none.
+    signing: Option<jsonwebtoken::EncodingKey>,
+    verifying: jsonwebtoken::DecodingKey,
+    ttl: Duration,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Claims {
+    username: String,
+    revision: u64,
+    /// Seconds since the Unix epoch.
+    exp: u64,
+}
+
+/// etcd's default JWT lifetime (its `--auth-token` `ttl` option).
+const JWT_TTL_DEFAULT: Duration = Duration::from_secs(5 * 60);
+
+impl TokenProvider {
+    /// Parse etcd's `--auth-token` value and read the keys it names.
+    pub fn from_option(option: &str) -> Result<TokenProvider, TokenOptionError> {
+        use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+        let mut parts = option.split(',');
+        match parts.next().unwrap_or_default() {
+            "simple" => return Ok(TokenProvider::Simple),
+            "jwt" => {}
+            other => return Err(TokenOptionError::UnknownProvider(other.to_string())),
+        }
+        let (mut public, mut private, mut method, mut ttl) = (None, None, None, JWT_TTL_DEFAULT);
+        for part in parts {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            match k {
+                "pub-key" => public = Some(v.to_string()),
+                "priv-key" => private = Some(v.to_string()),
+                "sign-method" => method = Some(v.to_string()),
+                "ttl" => {
+                    ttl = humantime::parse_duration(v)
+                        .map_err(|e| TokenOptionError::Ttl { value: v.into(), why: e.to_string() })?;
+                    let max = Duration::from_secs(AUTH_TOKEN_TTL_S_MAX);
+                    if ttl.is_zero() || ttl > max {
+                        let why = format!("must be more than 0 and at most {max:?} (auth_token_ttl_s_max)");
+                        return Err(TokenOptionError::Ttl { value: v.into(), why });
+                    }
+                }
+                _ => return Err(TokenOptionError::UnknownOption(part.to_string())),
+            }
+        }
+        let method = method.ok_or(TokenOptionError::Missing("sign-method"))?;
+        let algorithm = match method.as_str() {
+            "RS256" => Algorithm::RS256,
+            "RS384" => Algorithm::RS384,
+            "RS512" => Algorithm::RS512,
+            "PS256" => Algorithm::PS256,
+            "PS384" => Algorithm::PS384,
+            "PS512" => Algorithm::PS512,
+            "ES256" => Algorithm::ES256,
+            "ES384" => Algorithm::ES384,
+            _ => return Err(TokenOptionError::SignMethod(method)),
+        };
+        let ec = matches!(algorithm, Algorithm::ES256 | Algorithm::ES384);
+        let read = |path: &str| {
+            std::fs::read(path).map_err(|e| TokenOptionError::Key { path: path.into(), why: e.to_string() })
+        };
+        let bad = |path: &str, e: jsonwebtoken::errors::Error| TokenOptionError::Key {
+            path: path.into(),
+            why: e.to_string(),
+        };
+        let public = public.ok_or(TokenOptionError::Missing("pub-key"))?;
+        let pem = read(&public)?;
+        let verifying = if ec { DecodingKey::from_ec_pem(&pem) } else { DecodingKey::from_rsa_pem(&pem) }
+            .map_err(|e| bad(&public, e))?;
+        let signing = match private {
+            None => None,
+            Some(path) => {
+                let pem = read(&path)?;
+                Some(
+                    if ec { EncodingKey::from_ec_pem(&pem) } else { EncodingKey::from_rsa_pem(&pem) }
+                        .map_err(|e| bad(&path, e))?,
+                )
+            }
+        };
+        Ok(TokenProvider::Jwt(JwtTokens { algorithm, signing, verifying, ttl }))
+    }
+}
+
+impl JwtTokens {
+    /// A token for `user`, whose password was checked at auth `revision`; `None` on a member
+    /// without the private key.
+    pub fn issue(&self, user: &str, revision: u64, now: SystemTime) -> Option<String> {
+        let key = self.signing.as_ref()?;
+        let exp = (now + self.ttl).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let claims = Claims { username: user.to_string(), revision, exp };
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(self.algorithm), &claims, key).ok()
+    }
+
+    /// The caller a token names, if its signature is this cluster's and it has not expired.
+    pub fn verify(&self, token: &str) -> Option<Caller> {
+        let mut v = jsonwebtoken::Validation::new(self.algorithm);
+        // etcd allows no leeway: a token is dead at its `exp`.
+        v.leeway = 0;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.verifying, &v).ok()?;
+        Some(Caller { user: data.claims.username, revision: data.claims.revision })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +308,67 @@ mod tests {
         assert_eq!(token_index(&format!("{p}.42")), Some(42));
         for bad in ["", "x.1", &format!("{p}.x"), &format!("{p}42")] {
             assert_eq!(token_index(bad), None, "{bad}");
+        }
+    }
+
+    /// An ES256 key pair as PEM files in `dir`: (public, private).
+    fn ec_keys(dir: &std::path::Path, stem: &str) -> (String, String) {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let (public, private) = (dir.join(format!("{stem}.pub")), dir.join(format!("{stem}.key")));
+        std::fs::write(&public, pair.public_key_pem()).unwrap();
+        std::fs::write(&private, pair.serialize_pem()).unwrap();
+        (public.display().to_string(), private.display().to_string())
+    }
+
+    fn jwt(option: &str) -> JwtTokens {
+        match TokenProvider::from_option(option) {
+            Ok(TokenProvider::Jwt(j)) => j,
+            Ok(TokenProvider::Simple) => panic!("{option}: simple"),
+            Err(e) => panic!("{option}: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_jwt_names_its_user_and_revision_until_it_expires_and_only_for_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (public, private) = ec_keys(dir.path(), "a");
+        let (other_public, other_private) = ec_keys(dir.path(), "b");
+        let signer = jwt(&format!("jwt,pub-key={public},priv-key={private},sign-method=ES256,ttl=1m"));
+        let verifier = jwt(&format!("jwt,pub-key={public},sign-method=ES256"));
+        let stranger = jwt(&format!("jwt,pub-key={other_public},priv-key={other_private},sign-method=ES256"));
+        let now = SystemTime::now();
+        let token = signer.issue("alice", 7, now).unwrap();
+        assert_eq!(verifier.verify(&token), Some(Caller { user: "alice".into(), revision: 7 }));
+        assert_eq!(stranger.verify(&token), None, "signed with another key");
+        assert_eq!(verifier.issue("alice", 7, now), None, "a member with the public key only makes none");
+        let expired = signer.issue("alice", 7, now - Duration::from_secs(61)).unwrap();
+        assert_eq!(verifier.verify(&expired), None);
+        let mut forged = token.clone();
+        forged.insert(token.find('.').unwrap() + 2, 'x');
+        assert_eq!(verifier.verify(&forged), None);
+    }
+
+    #[test]
+    fn auth_token_options_are_etcds_and_bad_ones_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let (public, private) = ec_keys(dir.path(), "a");
+        assert!(matches!(TokenProvider::from_option("simple"), Ok(TokenProvider::Simple)));
+        let cases = [
+            ("opaque".to_string(), "provider is simple or jwt"),
+            (format!("jwt,pub-key={public},sign-method=HS256"), "sign-method \"HS256\""),
+            (format!("jwt,pub-key={public}"), "needs sign-method"),
+            ("jwt,sign-method=ES256".to_string(), "needs pub-key"),
+            (format!("jwt,pub-key={public},sign-method=ES256,ttl=0s"), "ttl \"0s\""),
+            (format!("jwt,pub-key={public},sign-method=ES256,ttl=soon"), "ttl \"soon\""),
+            (format!("jwt,pub-key={public},sign-method=ES256,color=red"), "\"color=red\" is not"),
+            (format!("jwt,pub-key={}/missing.pub,sign-method=ES256", dir.path().display()), "missing.pub"),
+            (format!("jwt,pub-key={private},sign-method=RS256"), "a.key"),
+        ];
+        for (option, says) in cases {
+            match TokenProvider::from_option(&option) {
+                Err(e) => assert!(e.to_string().contains(says), "{option}: {e}"),
+                Ok(_) => panic!("{option}: accepted"),
+            }
         }
     }
 

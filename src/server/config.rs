@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use geolock_core::limits::AUTH_TOKEN_TTL_S_MAX;
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -30,6 +32,8 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Certificates revoked by the CA (PEM CRLs): a peer presenting one is refused.
+    pub crl: Option<PathBuf>,
 }
 
 /// `cluster:` section of the file.
@@ -226,18 +230,29 @@ pub struct Config {
     pub initial_cluster: String,
     /// `new` or `existing`.
     pub initial_cluster_state: String,
+    /// Client TLS, served on every `https://` client URL (etcd's `--cert-file`, `--key-file`).
+    pub cert_file: String,
+    pub key_file: String,
+    /// The CA bundle client certificates are checked against (etcd's `--trusted-ca-file`).
+    pub trusted_ca_file: String,
+    /// Require a client certificate signed by `trusted_ca_file`, and take its common name as
+    /// the user of a request that carries no token (etcd's `--client-cert-auth`).
+    pub client_cert_auth: bool,
     /// PEM files of this member's peer identity; required when the cluster has more than one
     /// member (etcd's `--peer-trusted-ca-file`, `--peer-cert-file`, `--peer-key-file`).
     pub peer_trusted_ca_file: String,
     pub peer_cert_file: String,
     pub peer_key_file: String,
+    /// PEM certificate revocation lists of the peer CA (etcd's `--peer-crl-file`).
+    pub peer_crl_file: String,
     pub role: Role,
     pub region: String,
     /// Bytes of keys and values, every kept revision counted, past which this member refuses
     /// writes with etcd's "database space exceeded" (etcd's `--quota-backend-bytes`). 0 means
     /// the default, [`geolock_core::limits::KEYSPACE_BYTES_MAX`], which is also the most.
     pub quota_backend_bytes: u64,
-    /// How clients' tokens are made (etcd's `--auth-token`): `simple`.
+    /// How clients' tokens are made (etcd's `--auth-token`): `simple`, or
+    /// `jwt,pub-key=FILE,priv-key=FILE,sign-method=RS256|…|ES384,ttl=5m`.
     pub auth_token: String,
     /// Seconds a simple token lives after its last use (etcd's `--auth-token-ttl`).
     pub auth_token_ttl: u64,
@@ -268,6 +283,11 @@ impl Default for Config {
             initial_advertise_peer_urls: "http://127.0.0.1:2380".into(),
             initial_cluster: String::new(),
             initial_cluster_state: "new".into(),
+            cert_file: String::new(),
+            key_file: String::new(),
+            trusted_ca_file: String::new(),
+            client_cert_auth: false,
+            peer_crl_file: String::new(),
             peer_trusted_ca_file: String::new(),
             peer_cert_file: String::new(),
             peer_key_file: String::new(),
@@ -366,14 +386,12 @@ impl Config {
                 self.bcrypt_cost
             )));
         }
-        if self.auth_token != "simple" {
+        crate::auth::TokenProvider::from_option(&self.auth_token).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if !(1..=AUTH_TOKEN_TTL_S_MAX).contains(&self.auth_token_ttl) {
             return Err(ConfigError::Invalid(format!(
-                "auth_token {:?}: only simple tokens are served",
-                self.auth_token
+                "auth_token_ttl must be 1 to {AUTH_TOKEN_TTL_S_MAX} seconds (auth_token_ttl_s_max), not {}",
+                self.auth_token_ttl
             )));
-        }
-        if self.auth_token_ttl == 0 {
-            return Err(ConfigError::Invalid("auth_token_ttl must be at least 1 second".into()));
         }
         let r = &self.raft;
         if r.heartbeat_interval.is_zero() || r.election_timeout <= r.heartbeat_interval * 2 {
@@ -387,6 +405,7 @@ impl Config {
                 self.initial_cluster_state()
             )));
         }
+        self.client_tls()?;
         self.initial_members()?;
         Ok(())
     }
@@ -431,9 +450,30 @@ impl Config {
         Ok(vec![InitialMember { name: self.name.clone(), peer_addr: self.peer_addr()? }])
     }
 
-    /// `host:port` clients connect to first.
-    pub fn client_listen_addrs(&self) -> Result<Vec<String>, ConfigError> {
-        self.listen_client_urls.split(',').filter(|u| !u.is_empty()).map(host_port).collect()
+    /// Each client listener's `host:port`, and whether it serves TLS (an `https://` URL).
+    pub fn client_listeners(&self) -> Result<Vec<(String, bool)>, ConfigError> {
+        let urls = self.listen_client_urls.split(',').filter(|u| !u.is_empty());
+        urls.map(|u| Ok((host_port(u)?, u.starts_with("https://")))).collect()
+    }
+
+    /// The client TLS files, if any client URL is `https://`; an `https://` URL without a
+    /// certificate and key, or `client_cert_auth` without a CA bundle, is refused.
+    pub fn client_tls(&self) -> Result<Option<crate::client_tls::ClientTlsFiles>, ConfigError> {
+        if !self.client_listeners()?.iter().any(|(_, tls)| *tls) {
+            return Ok(None);
+        }
+        if self.cert_file.is_empty() || self.key_file.is_empty() {
+            return Err(ConfigError::Invalid("an https:// client URL needs cert_file and key_file".into()));
+        }
+        if self.client_cert_auth && self.trusted_ca_file.is_empty() {
+            return Err(ConfigError::Invalid("client_cert_auth needs trusted_ca_file".into()));
+        }
+        Ok(Some(crate::client_tls::ClientTlsFiles {
+            cert: PathBuf::from(&self.cert_file),
+            key: PathBuf::from(&self.key_file),
+            ca: (!self.trusted_ca_file.is_empty()).then(|| PathBuf::from(&self.trusted_ca_file)),
+            client_cert_auth: self.client_cert_auth,
+        }))
     }
 
     /// `host:port` of each metrics URL.
@@ -473,6 +513,7 @@ impl Config {
                 ca: PathBuf::from(&self.peer_trusted_ca_file),
                 cert: PathBuf::from(&self.peer_cert_file),
                 key: PathBuf::from(&self.peer_key_file),
+                crl: (!self.peer_crl_file.is_empty()).then(|| PathBuf::from(&self.peer_crl_file)),
             })),
             _ => Err(ConfigError::Invalid(
                 "peer TLS needs all of peer_trusted_ca_file, peer_cert_file and peer_key_file".into(),

@@ -3,7 +3,8 @@
 //! Modules, lowest first; a module never imports one above it:
 //! 1. [`config`] (flags, environment and file), [`auth`] (tokens and passwords), [`metrics`] (the Prometheus registry), [`otel`]
 //!    (OpenTelemetry traces), [`rocks`] (the only importer of RocksDB),
-//!    [`transport`] (the only importer of quinn)
+//!    [`reload`] (files read again while running), [`transport`] (the only importer of quinn),
+//!    [`client_tls`] (the client port's TLS)
 //! 2. [`raft`] (the only importer of openraft)
 //! 3. [`api`] (tonic services and the one table that maps errors to gRPC statuses)
 //! 4. [`roles`] (composition: what each role runs)
@@ -17,11 +18,13 @@
 
 mod api;
 mod auth;
+mod client_tls;
 pub mod config;
 mod metrics;
 mod otel;
 mod otlp_metrics;
 mod raft;
+mod reload;
 mod rocks;
 pub mod roles;
 mod transport;

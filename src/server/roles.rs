@@ -20,16 +20,29 @@ pub enum RunError {
     Tracing(#[from] crate::otel::TracingError),
     #[error(transparent)]
     OtlpMetrics(#[from] crate::otlp_metrics::OtlpMetricsError),
+    #[error(transparent)]
+    Tokens(#[from] crate::auth::TokenOptionError),
+    #[error(transparent)]
+    ClientTls(#[from] crate::client_tls::ClientTlsError),
     #[error("starting again after PROMOTE: {0}")]
     Restart(std::io::Error),
 }
 
 /// Run a node with this configuration until SIGINT or SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), RunError> {
-    let addrs = cfg.client_listen_addrs()?;
+    let client_tls = cfg.client_tls()?.map(crate::client_tls::ClientTls::load).transpose()?;
+    if let Some(tls) = &client_tls {
+        crate::client_tls::watch(tls);
+    }
+    let mut addrs = Vec::new();
     let mut listeners = Vec::new();
-    for addr in &addrs {
-        listeners.push(bind(addr).await?);
+    for (addr, tls) in cfg.client_listeners()? {
+        let l = bind(&addr).await?;
+        listeners.push(match (&client_tls, tls) {
+            (Some(t), true) => crate::api::Listener::Tls(l, t.clone()),
+            _ => crate::api::Listener::Plain(l),
+        });
+        addrs.push(addr);
     }
     let mut metrics_listeners = Vec::new();
     for addr in &cfg.metrics_listen_addrs()? {
@@ -37,6 +50,13 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     }
     crate::otel::init(&cfg.tracing, &cfg.name)?;
     let otlp_metrics = crate::otlp_metrics::Exporter::new(&cfg)?;
+    // The configuration check read these keys already; this is the copy that serves.
+    let tokens = crate::auth::TokenProvider::from_option(&cfg.auth_token)?;
+    let auth = crate::api::AuthSettings {
+        bcrypt_cost: cfg.bcrypt_cost,
+        tokens: Arc::new(tokens),
+        client_cert_auth: cfg.client_cert_auth,
+    };
     let node = Node::start(&cfg).await?;
     for task in tasks(&cfg) {
         node.spawn(task);
@@ -57,9 +77,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         let node = node.clone();
         let hierarchical = cfg.lock.hierarchical_prefixes.clone();
         let (metrics, tracing) = (cfg.metrics, cfg.tracing.experimental_enable_distributed_tracing);
-        let bcrypt_cost = cfg.bcrypt_cost;
+        let auth = auth.clone();
         servers.push(tokio::spawn(async move {
-            crate::api::serve(node, &hierarchical, metrics, tracing, bcrypt_cost, l, async move {
+            crate::api::serve(node, &hierarchical, metrics, tracing, auth, l, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
             .await

@@ -71,27 +71,31 @@ fn pem_err(path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> Transpo
     move |source| TransportError::TlsFile { path: path.to_path_buf(), source }
 }
 
-/// A bound QUIC endpoint that both accepts and dials peers.
+/// A bound QUIC endpoint that both accepts and dials peers. Its identity, CA bundle and
+/// revocation lists are read again by [`Transport::reload`]: new handshakes use them,
+/// connections already up stay.
 pub struct Transport {
     endpoint: quinn::Endpoint,
+    tls: TlsFiles,
+    /// The settings dialing uses, and the contents of the files they were made from.
+    client: std::sync::RwLock<(Vec<Vec<u8>>, quinn::ClientConfig)>,
 }
 
 /// An authenticated connection to a peer.
 pub type Connection = quinn::Connection;
 
-fn load(
-    tls: &TlsFiles,
-) -> Result<(rustls::RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TransportError> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(&tls.ca).map_err(pem_err(&tls.ca))? {
-        roots.add(ca.map_err(pem_err(&tls.ca))?)?;
-    }
-    let certs = CertificateDer::pem_file_iter(&tls.cert)
-        .map_err(pem_err(&tls.cert))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(pem_err(&tls.cert))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(pem_err(&tls.key))?;
-    Ok((roots, certs, key))
+/// The contents of the peer TLS files, in the order [`configs`] reads them.
+fn read_files(tls: &TlsFiles) -> Result<Vec<Vec<u8>>, TransportError> {
+    [Some(&tls.ca), Some(&tls.cert), Some(&tls.key), tls.crl.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|path| {
+            std::fs::read(path).map_err(|e| TransportError::TlsFile {
+                path: path.clone(),
+                source: rustls::pki_types::pem::Error::Io(e),
+            })
+        })
+        .collect()
 }
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -103,32 +107,67 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// The accepting and dialing settings made from the files' `contents`: mutual TLS 1.3, peers
+/// checked against the CA bundle and, both ways, the revocation lists.
+fn configs(tls: &TlsFiles, contents: &[Vec<u8>]) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&contents[0]) {
+        roots.add(ca.map_err(pem_err(&tls.ca))?)?;
+    }
+    let certs =
+        CertificateDer::pem_slice_iter(&contents[1]).collect::<Result<Vec<_>, _>>().map_err(pem_err(&tls.cert))?;
+    let key = PrivateKeyDer::from_pem_slice(&contents[2]).map_err(pem_err(&tls.key))?;
+    let crls = match &tls.crl {
+        None => Vec::new(),
+        Some(path) => rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&contents[3])
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem_err(path))?,
+    };
+    let roots = Arc::new(roots);
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .with_crls(crls.clone())
+        .build()?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs.clone(), key.clone_key())?;
+    server.alpn_protocols = vec![ALPN.to_vec()];
+    let dialer =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).with_crls(crls).build()?;
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_webpki_verifier(dialer)
+        .with_client_auth_cert(certs, key)?;
+    client.alpn_protocols = vec![ALPN.to_vec()];
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server)?));
+    server.transport_config(transport_config());
+    let mut client = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client)?));
+    client.transport_config(transport_config());
+    Ok((server, client))
+}
+
 impl Transport {
     /// Bind `addr` with this node's identity.
     pub fn bind(addr: SocketAddr, tls: &TlsFiles) -> Result<Transport, TransportError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let (roots, certs, key) = load(tls)?;
-        let roots = Arc::new(roots);
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
-        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(certs.clone(), key.clone_key())?;
-        server.alpn_protocols = vec![ALPN.to_vec()];
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)?;
-        client.alpn_protocols = vec![ALPN.to_vec()];
-        let mut server =
-            quinn::ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(server)?));
-        server.transport_config(transport_config());
-        let mut client = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(client)?));
-        client.transport_config(transport_config());
-        let mut endpoint = quinn::Endpoint::server(server, addr)?;
-        endpoint.set_default_client_config(client);
-        Ok(Transport { endpoint })
+        let contents = read_files(tls)?;
+        let (server, client) = configs(tls, &contents)?;
+        let endpoint = quinn::Endpoint::server(server, addr)?;
+        Ok(Transport { endpoint, tls: tls.clone(), client: std::sync::RwLock::new((contents, client)) })
+    }
+
+    /// Make new settings if the files changed: `Ok(true)` once they took effect, `Ok(false)`
+    /// if nothing changed, the error if the new files do not make settings (the old stay).
+    pub fn reload(&self) -> Result<bool, TransportError> {
+        let contents = read_files(&self.tls)?;
+        if self.client.read().expect("peer TLS lock poisoned").0 == contents {
+            return Ok(false);
+        }
+        let (server, client) = configs(&self.tls, &contents)?;
+        self.endpoint.set_server_config(Some(server));
+        *self.client.write().expect("peer TLS lock poisoned") = (contents, client);
+        Ok(true)
     }
 
     /// The bound address (tests bind port 0).
@@ -140,7 +179,8 @@ impl Transport {
     /// Dial the member `name` at `addr`; its certificate must chain to the CA and name it.
     pub async fn connect(&self, addr: SocketAddr, name: &str) -> Result<Connection, TransportError> {
         let err = |reason: String| TransportError::Connect { peer: format!("{name} at {addr}"), reason };
-        let connecting = self.endpoint.connect(addr, name).map_err(|e| err(e.to_string()))?;
+        let config = self.client.read().expect("peer TLS lock poisoned").1.clone();
+        let connecting = self.endpoint.connect_with(config, addr, name).map_err(|e| err(e.to_string()))?;
         match tokio::time::timeout(Duration::from_secs(3), connecting).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(err(e.to_string())),
@@ -302,7 +342,7 @@ mod tests {
 
     fn node(dir: &std::path::Path, name: &str) -> TlsFiles {
         let (cert, key) = geolock_testkit::certs::issue(dir, name, &["127.0.0.1".to_string()]).unwrap();
-        TlsFiles { ca: dir.join("ca.crt"), cert, key }
+        TlsFiles { ca: dir.join("ca.crt"), cert, key, crl: None }
     }
 
     fn any_port() -> SocketAddr {
@@ -360,6 +400,52 @@ mod tests {
         };
         assert!(!served, "a non-member was served");
         assert_eq!(*accepted.lock().unwrap(), vec!["n2".to_string()]);
+    }
+
+    /// A peer whose certificate is on the revocation list is refused, the list being read
+    /// again while the member runs; a new certificate for the same member is let in.
+    #[tokio::test]
+    async fn a_revoked_peer_is_refused_once_the_list_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        geolock_testkit::certs::init_ca(dir.path()).unwrap();
+        // An empty list to start with: nobody is revoked.
+        let crl = geolock_testkit::certs::revoke(dir.path(), &[]).unwrap();
+        let server =
+            Arc::new(Transport::bind(any_port(), &TlsFiles { crl: Some(crl), ..node(dir.path(), "n1") }).unwrap());
+        let addr = server.local_addr().unwrap();
+        let serving = server.clone();
+        tokio::spawn(async move {
+            while let Some((conn, _)) = serving.accept(|| vec!["n2".to_string()]).await {
+                tokio::spawn(async move {
+                    while let Some(Ok(Incoming::Call(req))) = next_request(&conn, 1024, u8::MAX).await {
+                        let _ = req.reply(b"ok").await;
+                    }
+                });
+            }
+        });
+        let served = |t: Transport| async move {
+            match t.connect(addr, "n1").await {
+                Ok(c) => call(&c, 1, b"x", 1024).await.is_ok(),
+                Err(_) => false,
+            }
+        };
+        let n2 = node(dir.path(), "n2");
+        assert!(served(Transport::bind(any_port(), &n2).unwrap()).await, "before its revocation");
+        geolock_testkit::certs::revoke(dir.path(), &["n2"]).unwrap();
+        assert!(server.reload().unwrap(), "the new list is taken");
+        assert!(!server.reload().unwrap(), "nothing changed since");
+        assert!(!served(Transport::bind(any_port(), &n2).unwrap()).await, "a revoked peer was served");
+        // The member gets a new certificate, not on the list.
+        let renewed = node(dir.path(), "n2");
+        assert!(served(Transport::bind(any_port(), &renewed).unwrap()).await, "after its renewal");
+        // A malformed list is refused and the one in use stays.
+        std::fs::write(
+            dir.path().join("revoked.crl"),
+            "-----BEGIN X509 CRL-----\nnot base64\n-----END X509 CRL-----\n",
+        )
+        .unwrap();
+        assert!(server.reload().is_err());
+        assert!(served(Transport::bind(any_port(), &renewed).unwrap()).await);
     }
 
     #[tokio::test]

@@ -68,6 +68,57 @@ pub fn issue(dir: &Path, name: &str, hosts: &[String]) -> Result<(PathBuf, PathB
     Ok((crt, keyf))
 }
 
+/// Create `dir/<stem>.crt` and `dir/<stem>.key`: a client certificate signed by the CA in
+/// `dir` with common name `cn`, or none (etcd then sees no user), and no other name.
+pub fn issue_client(dir: &Path, stem: &str, cn: Option<&str>) -> Result<(PathBuf, PathBuf), CertError> {
+    let issuer = Issuer::new(ca_params(), KeyPair::from_pem(&read(dir.join("ca.key"))?)?);
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    if let Some(cn) = cn {
+        p.distinguished_name.push(DnType::CommonName, cn);
+    }
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, &issuer)?;
+    let (crt, keyf) = (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")));
+    write(crt.clone(), &cert.pem())?;
+    write(keyf.clone(), &key.serialize_pem())?;
+    Ok((crt, keyf))
+}
+
+/// Write `dir/revoked.crl`: a revocation list signed by the CA in `dir` naming the
+/// certificates `dir/<stem>.crt` of `stems`. Returns its path.
+pub fn revoke(dir: &Path, stems: &[&str]) -> Result<PathBuf, CertError> {
+    let issuer = Issuer::new(ca_params(), KeyPair::from_pem(&read(dir.join("ca.key"))?)?);
+    let mut revoked_certs = Vec::new();
+    for stem in stems {
+        let path = dir.join(format!("{stem}.crt"));
+        let pem = read(path.clone())?;
+        let unreadable = |why: String| CertError::Io { path: path.clone(), source: std::io::Error::other(why) };
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| unreadable(e.to_string()))?;
+        let cert = pem.parse_x509().map_err(|e| unreadable(e.to_string()))?;
+        revoked_certs.push(rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from_slice(cert.raw_serial()),
+            revocation_time: rcgen::date_time_ymd(2026, 1, 1),
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        });
+    }
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2026, 1, 1),
+        next_update: rcgen::date_time_ymd(2036, 1, 1),
+        crl_number: rcgen::SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)?;
+    let path = dir.join("revoked.crl");
+    write(path.clone(), &crl.pem()?)?;
+    Ok(path)
+}
+
 /// The `lockctl start` flags that give member `name` its peer identity from `dir`, laid out as
 /// `lockctl certs init|issue` writes it.
 pub fn peer_tls_flags(dir: &Path, name: &str) -> [std::ffi::OsString; 6] {

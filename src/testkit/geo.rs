@@ -365,6 +365,7 @@ impl GeoCluster {
             advertised_peer: Some(n.advertised_peer.to_string()),
             initial_cluster: initial.to_string(),
             initial_cluster_state: Some(state.to_string()),
+            client_tls: false,
         };
         let mut a: Vec<String> =
             flags.lockctl_start(Some(&self.certs)).iter().map(|s| s.to_string_lossy().into_owned()).collect();
@@ -758,8 +759,9 @@ pub async fn status(endpoint: &str) -> Result<pb::StatusResponse, String> {
 /// Add learner `name` at `peer_url` through one of `endpoints`.
 async fn add_learner(endpoints: &str, name: &str, peer_url: &str) -> Result<(), GeoError> {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let cluster = geolock_client::Cluster::plain(endpoints);
     loop {
-        let attempt = geolock_client::member_add(endpoints, name, vec![peer_url.to_string()], true);
+        let attempt = geolock_client::member_add(&cluster, name, vec![peer_url.to_string()], true);
         match attempt.await.map(drop).map_err(|e| e.to_string()) {
             Ok(()) => return Ok(()),
             Err(e) if e.contains("already exist") => return Ok(()),

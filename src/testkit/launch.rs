@@ -21,6 +21,9 @@ pub struct MemberFlags {
     pub initial_cluster: String,
     /// `existing` for a member that joins a running cluster; etcd's default (`new`) when `None`.
     pub initial_cluster_state: Option<String>,
+    /// Clients connect with TLS: the client URLs are `https://` (the TLS files are flags of
+    /// their own).
+    pub client_tls: bool,
 }
 
 impl MemberFlags {
@@ -37,7 +40,7 @@ impl MemberFlags {
 
     /// The flags for `etcd` (and, after `start`, for `lockctl`).
     pub fn args(&self) -> Vec<OsString> {
-        let client = format!("http://{}", self.client);
+        let client = format!("{}://{}", if self.client_tls { "https" } else { "http" }, self.client);
         let peer = format!("http://{}", self.peer);
         let advertised = self.advertised_peer.as_ref().map_or(peer.clone(), |a| format!("http://{a}"));
         let initial = if self.initial_cluster.is_empty() {

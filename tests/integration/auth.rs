@@ -68,7 +68,7 @@ const GUIDE: &[(&[&str], Option<&str>)] = &[
 
 /// etcdctl's output with what differs between any two runs taken out: the client's own
 /// warning lines (JSON logs with timestamps and endpoints) from its retries.
-fn normalized(out: &std::process::Output) -> (bool, String, String) {
+pub fn normalized(out: &std::process::Output) -> (bool, String, String) {
     let text = |b: &[u8]| {
         String::from_utf8_lossy(b).lines().filter(|l| !l.starts_with("{\"level\"")).collect::<Vec<_>>().join("\n")
     };
@@ -155,9 +155,11 @@ fn a_password_change_ends_the_users_tokens_and_disabling_ends_them_all() {
     });
 }
 
-/// What the matrix's clients need: a lease of root's with the key `secret` on it.
+/// What the matrix's clients need: a lease of root's with the key `secret` on it, and one of
+/// root's with no keys.
 struct Fixture {
     secret_lease: i64,
+    keyless_lease: i64,
 }
 
 /// One case of the matrix, as `alice` (READWRITE on the prefix `a/`, READ on `r`, WRITE on
@@ -230,6 +232,28 @@ async fn case(c: &mut etcd_client::Client, f: &Fixture, name: &str) -> Result<()
             assert_eq!(ttl.keys(), [b"a/l".to_vec()]);
             c.lease_revoke(id).await.map(drop).map_err(e)
         }
+        "keep root's keyless lease alive" => {
+            let (mut keeper, mut renewals) = c.lease_keep_alive(f.keyless_lease).await.map_err(e)?;
+            keeper.keep_alive().await.map_err(e)?;
+            match renewals.message().await.map_err(e)? {
+                Some(r) if r.ttl() > 0 => Ok(()),
+                Some(_) => Err("the lease is gone".into()),
+                None => Err("the keep-alive stream ended".into()),
+            }
+        }
+        "grant a lease" => c.lease_grant(60, None).await.map(drop).map_err(e),
+        "compact to the current revision" => {
+            let rev = c.get("r", None).await.map_err(e)?.header().ok_or("no header")?.revision();
+            c.compact(rev, None).await.map(drop).map_err(e)
+        }
+        "lock a/lock without a lease, unlock" => {
+            // etcd's lock server holds it with a 60 s lease of its own making.
+            let held = c.lock("a/lock", None).await.map_err(e)?;
+            let lease = c.get(held.key(), None).await.map_err(e)?.kvs().first().ok_or("no lock key")?.lease();
+            let ttl = c.lease_time_to_live(lease, None).await.map_err(e)?;
+            assert!(ttl.granted_ttl() == 60 && ttl.ttl() > 0, "{ttl:?}");
+            c.unlock(held.key().to_vec()).await.map(drop).map_err(e)
+        }
         "revoke root's lease" => c.lease_revoke(f.secret_lease).await.map(drop).map_err(e),
         "time-to-live with keys of root's lease" => c
             .lease_time_to_live(f.secret_lease, Some(LeaseTimeToLiveOptions::new().with_keys()))
@@ -277,9 +301,27 @@ const ALLOWED: &[&str] = &[
     "watch prefix a/",
     "own lease: put a/l, time-to-live with keys, revoke",
     "lock a/lock, unlock",
+    "lock a/lock without a lease, unlock",
     "campaign a/el, proclaim, leader, observe, resign",
     "status",
+    "grant a lease",
+    "compact to the current revision",
 ];
+
+/// Cases a client without credentials may not make while authentication is on, each refused
+/// with etcd's user-empty error: reads, and what etcd lets anyone do but geolock does not
+/// (compaction), or lets through for a lease with no keys (renewing another's lease).
+const ANONYMOUS_DENIED: &[&str] = &[
+    "range prefix a/",
+    "grant a lease",
+    "compact to the current revision",
+    "keep root's keyless lease alive",
+    "status",
+];
+
+/// Cases only a root user may make, which a witness serves as every member does: it holds the
+/// auth store, though no key space.
+const ADMIN_ONLY: &[&str] = &["defragment", "move leader", "member add", "user list"];
 
 /// Every case `alice` may not make, etcd's three published bypasses among them: a from-key
 /// Watch (and Range) with READ on one key; `prev_kv` and a put onto another's lease, alone and
@@ -312,14 +354,15 @@ const DENIED: &[&str] = &[
 
 /// Every service and path, allowed and denied, on the leader, on a follower (writes forwarded
 /// to the leader, checked where applied) and on a learner; and nothing but a user-empty
-/// refusal for a client without credentials.
+/// refusal for a client without credentials. On a witness, which serves only membership,
+/// status and auth, what needs root is refused to others.
 #[test]
-fn permissions_hold_on_every_service_on_leader_follower_and_learner() {
+fn permissions_hold_on_every_service_on_leader_follower_learner_and_witness() {
     use etcd_client::{ConnectOptions, Permission, PutOptions};
-    let mut c = crate::common::Cluster::start_with(3, &["--bcrypt-cost", "4"]);
+    let mut c = crate::common::Cluster::start_roles_with(&["voter", "voter", "witness"], &["--bcrypt-cost", "4"]);
     let (learner, _) = c.add_learner("n4", 0);
-    let leader = c.leader();
-    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let (witness, leader) = (2, c.leader());
+    let follower = (0..2).find(|i| *i != leader).unwrap();
     rt().block_on(async {
         let mut admin = client(&c.endpoint(leader)).await;
         admin.user_add("root", "rootpw", None).await.unwrap();
@@ -330,7 +373,10 @@ fn permissions_hold_on_every_service_on_leader_follower_and_learner() {
             admin.role_grant_permission("a", p).await.unwrap();
         }
         admin.user_grant_role("alice", "a").await.unwrap();
-        let f = Fixture { secret_lease: admin.lease_grant(600, None).await.unwrap().id() };
+        let f = Fixture {
+            secret_lease: admin.lease_grant(600, None).await.unwrap().id(),
+            keyless_lease: admin.lease_grant(600, None).await.unwrap().id(),
+        };
         admin.put("secret", "s", Some(PutOptions::new().with_lease(f.secret_lease))).await.unwrap();
         admin.put("r", "r", None).await.unwrap();
         admin.auth_enable().await.unwrap();
@@ -350,9 +396,25 @@ fn permissions_hold_on_every_service_on_leader_follower_and_learner() {
                 }
             }
             let mut nobody = etcd_client::Client::connect(endpoint, None).await.unwrap();
-            let err = case(&mut nobody, &f, "range prefix a/").await.unwrap_err();
-            assert!(err.contains("etcdserver: user name is empty"), "on the {role}: {err}");
+            for name in ANONYMOUS_DENIED {
+                let err = case(&mut nobody, &f, name).await.expect_err(&format!("on the {role}, anonymous {name}"));
+                assert!(err.contains("etcdserver: user name is empty"), "on the {role}, anonymous {name}: {err}");
+            }
         }
+        let endpoint = [format!("http://{}", c.endpoint(witness))];
+        let opts = ConnectOptions::new().with_user("alice", "alicepw");
+        let mut alice = etcd_client::Client::connect(endpoint.clone(), Some(opts)).await.unwrap();
+        case(&mut alice, &f, "status").await.unwrap_or_else(|e| panic!("on the witness, status: refused: {e}"));
+        for name in ADMIN_ONLY {
+            let err = case(&mut alice, &f, name).await.expect_err(&format!("on the witness, {name}"));
+            assert!(err.contains("etcdserver: permission denied"), "on the witness, {name}: {err}");
+            let mut nobody = etcd_client::Client::connect(endpoint.clone(), None).await.unwrap();
+            let err = case(&mut nobody, &f, name).await.expect_err(&format!("on the witness, anonymous {name}"));
+            assert!(err.contains("etcdserver: user name is empty"), "on the witness, anonymous {name}: {err}");
+        }
+        let opts = ConnectOptions::new().with_user("root", "rootpw");
+        let mut root = etcd_client::Client::connect(endpoint, Some(opts)).await.unwrap();
+        case(&mut root, &f, "user list").await.unwrap_or_else(|e| panic!("on the witness, root's user list: {e}"));
         // Nothing denied changed anything: the secret and its lease are as root left them.
         let mut root = etcd_client::Client::connect(
             [format!("http://{}", c.endpoint(leader))],
@@ -363,5 +425,115 @@ fn permissions_hold_on_every_service_on_leader_follower_and_learner() {
         let secret = root.get("secret", None).await.unwrap();
         assert_eq!((secret.kvs()[0].value(), secret.kvs()[0].lease()), (&b"s"[..], f.secret_lease));
         assert!(root.get("b/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap().kvs().is_empty());
+    });
+}
+
+/// The etcd-client crate's own test file (its `tests/client.rs`, from the source cargo
+/// downloaded, made callable here by `src/lockctl/build.rs`).
+mod etcd_client_suite {
+    #![allow(warnings, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/etcd_client_suite.rs"));
+}
+
+/// The etcd-client crate's own tests of users, roles, authentication and token refresh (its
+/// Lock service case among them, with a lock taken without a lease, as etcd's server grants
+/// one), run as its authors run them against etcd: a user `root` with password `rootpwd` and
+/// role `root` exists, and tokens expire within their 4 s wait.
+#[test]
+fn the_etcd_client_crates_own_auth_tests_pass() {
+    let geo = GeoNode::start_with(&["--bcrypt-cost", "4", "--auth-token-ttl", "2"]);
+    etcd_client_suite::testing::ENDPOINT.set(geo.endpoint()).expect("set once");
+    rt().block_on(async {
+        let mut c = client(&geo.endpoint()).await;
+        c.user_add("root", "rootpwd", None).await.unwrap();
+        c.user_grant_role("root", "root").await.unwrap();
+        use etcd_client_suite as suite;
+        suite::test_user().await.expect("test_user");
+        suite::test_role().await.expect("test_role");
+        suite::test_lock().await.expect("test_lock");
+        suite::test_auth().await.expect("test_auth");
+        suite::test_auth_refresh_token().await.expect("test_auth_refresh_token");
+        suite::test_auth_refresh_token_once_for_concurrent_calls()
+            .await
+            .expect("test_auth_refresh_token_once_for_concurrent_calls");
+    });
+}
+
+/// A key pair made by openssl in `dir` for `method` (RSA for RS*, P-256 for ES256), as PEM
+/// files: (public, private).
+fn jwt_keys(dir: &std::path::Path, method: &str) -> (String, String) {
+    let (public, private) = (dir.join(format!("{method}.pub")), dir.join(format!("{method}.key")));
+    let algorithm: &[&str] = if method.starts_with("ES") {
+        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    } else {
+        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]
+    };
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).output().expect("openssl (tests/deps.sh)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&[&["genpkey"], algorithm, &["-out", private.to_str().unwrap()]].concat());
+    run(&["pkey", "-in", private.to_str().unwrap(), "-pubout", "-out", public.to_str().unwrap()]);
+    (public.display().to_string(), private.display().to_string())
+}
+
+/// JWTs (`--auth-token jwt,...`) signed with RS256 and ES256: a token outlives a restart of
+/// the member that signed it (nothing about it is kept), and is refused with etcd's
+/// old-revision error once users or roles change after it was issued. (Expiry and forgery:
+/// the server's unit tests.)
+#[test]
+fn signed_tokens_survive_a_restart_and_end_with_an_auth_change() {
+    use etcd_client::ConnectOptions;
+    let keys = tempfile::tempdir().unwrap();
+    for method in ["RS256", "ES256"] {
+        let (public, private) = jwt_keys(keys.path(), method);
+        let option = format!("jwt,pub-key={public},priv-key={private},sign-method={method},ttl=10m");
+        let mut geo = GeoNode::start_with(&["--bcrypt-cost", "4", "--auth-token", &option]);
+        let endpoint = [format!("http://{}", geo.endpoint())];
+        // One runtime for the whole case: a client's connection lives on the runtime it was
+        // made on, and must outlive the restart.
+        let rt = rt();
+        rt.block_on(async {
+            let mut c = client(&geo.endpoint()).await;
+            c.user_add("root", "rootpw", None).await.unwrap();
+            c.user_grant_role("root", "root").await.unwrap();
+            c.auth_enable().await.unwrap();
+        });
+        let opts = || Some(ConnectOptions::new().with_user("root", "rootpw"));
+        let mut root = rt.block_on(etcd_client::Client::connect(endpoint.clone(), opts())).unwrap();
+        rt.block_on(root.put("k", "v", None)).unwrap();
+        geo.kill_and_restart_probing(&["--user", "root:rootpw", "get", "readiness-probe"]);
+        let got = rt.block_on(root.get("k", None)).unwrap_or_else(|e| panic!("{method}: after a restart: {e}"));
+        assert_eq!(got.kvs()[0].value(), b"v", "{method}");
+        rt.block_on(async {
+            let mut other = etcd_client::Client::connect(endpoint.clone(), opts()).await.unwrap();
+            other.role_add("changes-the-revision").await.unwrap();
+            let err = root.get("k", None).await.unwrap_err().to_string();
+            assert!(err.contains("etcdserver: revision of auth store is old"), "{method}: {err}");
+            let mut fresh = etcd_client::Client::connect(endpoint.clone(), opts()).await.unwrap();
+            fresh.get("k", None).await.unwrap();
+        });
+    }
+}
+
+/// A simple token lives `--auth-token-ttl` after its last use, not after it was made: used
+/// every half TTL it outlives its TTL several times over, then left alone it ends.
+#[test]
+fn a_simple_token_lives_its_ttl_after_each_use() {
+    let geo = GeoNode::start_with(&["--bcrypt-cost", "4", "--auth-token-ttl", "2"]);
+    rt().block_on(async {
+        let mut c = client(&geo.endpoint()).await;
+        c.user_add("root", "rootpw", None).await.unwrap();
+        c.user_grant_role("root", "root").await.unwrap();
+        c.auth_enable().await.unwrap();
+        let opts = Some(etcd_client::ConnectOptions::new().with_user("root", "rootpw"));
+        let mut root = etcd_client::Client::connect([format!("http://{}", geo.endpoint())], opts).await.unwrap();
+        for _ in 0..6 {
+            root.get("k", None).await.expect("used within its TTL");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let err = root.get("k", None).await.unwrap_err().to_string();
+        assert!(err.contains("etcdserver: invalid auth token"), "{err}");
     });
 }

@@ -109,7 +109,7 @@ fn wait_ready(endpoint: &str, p: &mut Proc) {
 }
 
 /// Wait until `endpoint` answers `etcdctl` with `args`.
-fn wait_answering(endpoint: &str, p: &mut Proc, args: &[&str]) {
+pub fn wait_answering(endpoint: &str, p: &mut Proc, args: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = etcdctl(endpoint, args, None);
@@ -146,20 +146,21 @@ impl GeoNode {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let mut n = GeoNode::start_in(&dir, free_port(), free_port(), extra);
+        let mut n = GeoNode::start_in(&dir, free_port(), free_port(), extra, &["get", "readiness-probe"]);
         n._tmp = Some(tmp);
         n
     }
 
-    /// Start (or restart) a node on `dir` with the given ports.
-    fn start_in(dir: &Path, client_port: u16, peer_port: u16, extra: Vec<String>) -> GeoNode {
+    /// Start (or restart) a node on `dir` with the given ports; ready once etcdctl `probe`
+    /// succeeds.
+    fn start_in(dir: &Path, client_port: u16, peer_port: u16, extra: Vec<String>, probe: &[&str]) -> GeoNode {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
         cmd.args(MemberFlags::single("n1", dir.join("data"), client_port, peer_port).lockctl_start(None)).args(&extra);
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!("lockctl-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
         let mut proc = spawn_logged(cmd, &log);
         let endpoint = format!("127.0.0.1:{client_port}");
-        wait_ready(&endpoint, &mut proc);
+        wait_answering(&endpoint, &mut proc, probe);
         GeoNode { proc, dir: dir.to_path_buf(), client_port, peer_port, extra, _tmp: None }
     }
 
@@ -170,9 +171,15 @@ impl GeoNode {
 
     /// SIGKILL the node and start it again on the same data.
     pub fn kill_and_restart(&mut self) {
+        self.kill_and_restart_probing(&["get", "readiness-probe"]);
+    }
+
+    /// [`GeoNode::kill_and_restart`], ready once etcdctl `probe` succeeds (with credentials,
+    /// once authentication is on).
+    pub fn kill_and_restart_probing(&mut self, probe: &[&str]) {
         self.proc.kill();
         let tmp = self._tmp.take();
-        let mut next = GeoNode::start_in(&self.dir, self.client_port, self.peer_port, self.extra.clone());
+        let mut next = GeoNode::start_in(&self.dir, self.client_port, self.peer_port, self.extra.clone(), probe);
         next._tmp = tmp;
         *self = next;
     }
@@ -363,8 +370,13 @@ impl Cluster {
     /// A cluster whose member `i` starts with `--role roles[i]` (voter, witness); waits until
     /// each voter serves linearizable reads and each witness answers a status request.
     pub fn start_roles(roles: &[&str]) -> Cluster {
+        Cluster::start_roles_with(roles, &[])
+    }
+
+    /// [`Cluster::start_roles`], each member also given the flags `extra`.
+    pub fn start_roles_with(roles: &[&str], extra: &[&str]) -> Cluster {
         let ports = roles.iter().map(|_| (free_port(), free_port())).map(|(c, p)| (c, p, p)).collect();
-        let mut c = Cluster::spawn_all_roles(ports, &[], roles);
+        let mut c = Cluster::spawn_all_roles(ports, extra, roles);
         for (i, role) in roles.iter().enumerate() {
             let ep = c.endpoint(i);
             match *role {

@@ -9,8 +9,8 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{Api, ApiError};
-use crate::auth::{hash_password, new_token_prefix, password_matches};
+use super::{Api, ApiError, Credentials};
+use crate::auth::{hash_password, new_token_prefix, password_matches, TokenProvider};
 use geolock_core::auth::{AuthError, AuthRequest, PermType, Permission};
 use geolock_core::machine::{Command, Response as Done};
 use geolock_proto::authpb;
@@ -35,7 +35,7 @@ impl Api {
     /// milliseconds of CPU; nobody else gets to spend them).
     async fn hashed(&self, password: String) -> Result<String, ApiError> {
         self.must_be_admin()?;
-        hash_password(password, self.bcrypt_cost).await.map_err(|e| ApiError::InvalidArgument(e.to_string()))
+        hash_password(password, self.auth.bcrypt_cost).await.map_err(|e| ApiError::InvalidArgument(e.to_string()))
     }
 
     /// A linearizable read of the auth store.
@@ -58,7 +58,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthEnableRequest>,
     ) -> Result<Response<pb::AuthEnableResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         Ok(Response::new(pb::AuthEnableResponse { header: Some(api.change_auth(AuthRequest::Enable).await?) }))
     }
 
@@ -66,7 +66,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthDisableRequest>,
     ) -> Result<Response<pb::AuthDisableResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         Ok(Response::new(pb::AuthDisableResponse { header: Some(api.change_auth(AuthRequest::Disable).await?) }))
     }
 
@@ -74,7 +74,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthStatusRequest>,
     ) -> Result<Response<pb::AuthStatusResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let ((enabled, auth_revision), rev) = api.read_auth(|a| Ok((a.enabled(), a.revision()))).await?;
         Ok(Response::new(pb::AuthStatusResponse { header: Some(self.header(rev)), enabled, auth_revision }))
     }
@@ -99,14 +99,27 @@ impl pb::auth_server::Auth for Api {
                 tracing::info!(user = %r.name, "authentication failed: wrong password");
                 return Err(ApiError::from(AuthError::AuthFailed).into());
             }
-            let cmd =
-                Command::Auth(AuthRequest::Authenticate { name: r.name.clone(), token_prefix: new_token_prefix() });
-            let (token, rev) = match api.propose(cmd).await? {
-                (Done::Authenticated { token, .. }, rev) => (token, rev),
-                (other, _) => return Err(ApiError::UnexpectedApply { got: format!("{other:?}") }.into()),
-            };
-            if self.node.read(|m| m.auth.revision()) == checked_at {
-                return Ok(Response::new(pb::AuthenticateResponse { header: Some(self.header(rev)), token }));
+            let cmd = Command::Auth(AuthRequest::Authenticate {
+                name: r.name.clone(),
+                token_prefix: new_token_prefix(),
+                checked_at,
+            });
+            match api.propose(cmd).await {
+                Ok((Done::Authenticated { token, .. }, rev)) => {
+                    // The entry was applied at `checked_at` (it is refused otherwise), which a
+                    // JWT carries as the revision its user was authenticated at.
+                    let token = match &*self.auth.tokens {
+                        TokenProvider::Simple => token,
+                        TokenProvider::Jwt(jwt) => {
+                            jwt.issue(&r.name, checked_at, std::time::SystemTime::now()).ok_or(ApiError::VerifyOnly)?
+                        }
+                    };
+                    return Ok(Response::new(pb::AuthenticateResponse { header: Some(self.header(rev)), token }));
+                }
+                // The store moved on while the password was checked: check it again.
+                Err(ApiError::Auth(AuthError::OldRevision)) => continue,
+                Ok((other, _)) => return Err(ApiError::UnexpectedApply { got: format!("{other:?}") }.into()),
+                Err(e) => return Err(e.into()),
             }
         }
         Err(ApiError::from(AuthError::OldRevision).into())
@@ -116,7 +129,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthUserAddRequest>,
     ) -> Result<Response<pb::AuthUserAddResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let r = req.into_inner();
         name_of(&r.name)?;
         if r.name.is_empty() {
@@ -135,7 +148,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthUserGetRequest>,
     ) -> Result<Response<pb::AuthUserGetResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let name = req.into_inner().name;
         if api.caller.as_ref().is_none_or(|c| c.user != name) {
             api.must_be_admin()?;
@@ -149,7 +162,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthUserListRequest>,
     ) -> Result<Response<pb::AuthUserListResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         api.must_be_admin()?;
         let (users, rev) = api.read_auth(|a| Ok(a.user_names())).await?;
         Ok(Response::new(pb::AuthUserListResponse { header: Some(self.header(rev)), users }))
@@ -159,7 +172,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthUserDeleteRequest>,
     ) -> Result<Response<pb::AuthUserDeleteResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let name = req.into_inner().name;
         let header = api.change_auth(AuthRequest::UserDelete { name }).await?;
         Ok(Response::new(pb::AuthUserDeleteResponse { header: Some(header) }))
@@ -169,7 +182,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthUserChangePasswordRequest>,
     ) -> Result<Response<pb::AuthUserChangePasswordResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let r = req.into_inner();
         name_of(&r.name)?;
         let password_hash = api.hashed(r.password).await?;
@@ -181,7 +194,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthUserGrantRoleRequest>,
     ) -> Result<Response<pb::AuthUserGrantRoleResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let r = req.into_inner();
         let header = api.change_auth(AuthRequest::UserGrantRole { user: r.user, role: r.role }).await?;
         Ok(Response::new(pb::AuthUserGrantRoleResponse { header: Some(header) }))
@@ -191,7 +204,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthUserRevokeRoleRequest>,
     ) -> Result<Response<pb::AuthUserRevokeRoleResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let r = req.into_inner();
         let header = api.change_auth(AuthRequest::UserRevokeRole { name: r.name, role: r.role }).await?;
         Ok(Response::new(pb::AuthUserRevokeRoleResponse { header: Some(header) }))
@@ -201,7 +214,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthRoleAddRequest>,
     ) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let header = api.change_auth(AuthRequest::RoleAdd { name: req.into_inner().name }).await?;
         Ok(Response::new(pb::AuthRoleAddResponse { header: Some(header) }))
     }
@@ -211,7 +224,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthRoleGetRequest>,
     ) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let role = req.into_inner().role;
         let holds = api.caller.as_ref().is_some_and(|c| self.node.read(|m| m.auth.has_role(&c.user, &role)));
         if !holds {
@@ -230,7 +243,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthRoleListRequest>,
     ) -> Result<Response<pb::AuthRoleListResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         api.must_be_admin()?;
         let (roles, rev) = api.read_auth(|a| Ok(a.role_names())).await?;
         Ok(Response::new(pb::AuthRoleListResponse { header: Some(self.header(rev)), roles }))
@@ -240,7 +253,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthRoleDeleteRequest>,
     ) -> Result<Response<pb::AuthRoleDeleteResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let header = api.change_auth(AuthRequest::RoleDelete { role: req.into_inner().role }).await?;
         Ok(Response::new(pb::AuthRoleDeleteResponse { header: Some(header) }))
     }
@@ -249,7 +262,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthRoleGrantPermissionRequest>,
     ) -> Result<Response<pb::AuthRoleGrantPermissionResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let r = req.into_inner();
         let p = r.perm.ok_or(ApiError::from(AuthError::PermissionNotGiven))?;
         let perm_type = PermType::from_wire(p.perm_type).ok_or_else(|| {
@@ -267,7 +280,7 @@ impl pb::auth_server::Auth for Api {
         &self,
         req: Request<pb::AuthRoleRevokePermissionRequest>,
     ) -> Result<Response<pb::AuthRoleRevokePermissionResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let r = req.into_inner();
         let header = api
             .change_auth(AuthRequest::RoleRevokePermission { role: r.role, key: r.key, range_end: r.range_end })

@@ -46,6 +46,9 @@ pub enum ApiError {
     /// The state machine answered a command with a result of another kind: a bug.
     #[error("geolock: unexpected apply result {got}")]
     UnexpectedApply { got: String },
+    /// Authenticate on a member given a JWT public key but no private key (etcd's text).
+    #[error("auth: token signing attempted with verify-only key")]
+    VerifyOnly,
     /// A Txn that found the lock key already created did not read it back: a bug.
     #[error("geolock: lock key {key} vanished during its creation")]
     LockKeyVanished { key: String },
@@ -100,7 +103,8 @@ fn auth_code(e: &AuthError) -> Code {
         | AuthError::PermissionNotGiven
         | AuthError::InvalidMgmt
         | AuthError::OldRevision
-        | AuthError::NameTooLong { .. } => Code::InvalidArgument,
+        | AuthError::NameTooLong { .. }
+        | AuthError::KeyTooLarge { .. } => Code::InvalidArgument,
         AuthError::RootUserNotExist
         | AuthError::RootRoleNotExist
         | AuthError::UserAlreadyExist
@@ -191,6 +195,7 @@ impl From<ApiError> for Status {
             ApiError::LockLost { .. } | ApiError::ElectionNoLeader => Code::NotFound,
             ApiError::WatchQueueFull { .. } => Code::ResourceExhausted,
             ApiError::UnexpectedApply { .. } | ApiError::LockKeyVanished { .. } => Code::Internal,
+            ApiError::VerifyOnly => Code::Unknown,
         };
         let detail = e.to_string();
         match etcd_text(&e) {

@@ -4,14 +4,14 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{Api, ApiError};
+use super::{Api, ApiError, Credentials};
 use geolock_core::kv::EPOCH_MAX;
 use geolock_proto::geolockpb as fpb;
 
 #[tonic::async_trait]
 impl fpb::failover_server::Failover for Api {
     async fn fence(&self, req: Request<fpb::FenceRequest>) -> Result<Response<fpb::FenceResponse>, Status> {
-        self.as_caller(req.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&req)).await?.must_be_admin()?;
         let epoch = req.into_inner().epoch;
         if epoch == 0 || epoch > EPOCH_MAX {
             return Err(ApiError::InvalidArgument(format!(
@@ -30,7 +30,7 @@ impl fpb::failover_server::Failover for Api {
     }
 
     async fn promote(&self, req: Request<fpb::PromoteRequest>) -> Result<Response<fpb::PromoteResponse>, Status> {
-        self.as_caller(req.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&req)).await?.must_be_admin()?;
         let epoch = req.into_inner().epoch;
         let header = self.header(self.node.current_rev());
         let seeded = self.node.promote(epoch).await.map_err(ApiError::from)?;
@@ -43,7 +43,7 @@ impl fpb::failover_server::Failover for Api {
     }
 
     async fn rejoin(&self, req: Request<fpb::RejoinRequest>) -> Result<Response<fpb::RejoinResponse>, Status> {
-        self.as_caller(req.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&req)).await?.must_be_admin()?;
         let req = req.into_inner();
         if req.epoch == 0 || req.epoch > EPOCH_MAX || req.leader_name.is_empty() {
             return Err(ApiError::InvalidArgument(format!(

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::proto::v3electionpb as epb;
 use super::proto::v3lockpb as lpb;
-use super::{convert, Api, ApiError, Stream_};
+use super::{convert, Api, ApiError, Credentials, Stream_};
 use crate::raft::{LockWake, NodeError};
 use geolock_core::kv::{self, Compare, CompareResult, CompareTarget, RequestOp, ResponseOp};
 use geolock_core::lock::{self, prefix_end, prefix_of};
@@ -129,23 +129,50 @@ fn check_name(name: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_lease(lease: i64) -> Result<(), ApiError> {
-    if lease <= 0 {
-        return Err(ApiError::InvalidArgument(format!("a lock or campaign needs a lease (got {lease})")));
+/// TTL of the lease granted for a Lock or Campaign that names none: etcd's lock and election
+/// servers open a session for such a caller, whose lease has this TTL (`defaultSessionTTL`).
+const SESSION_LEASE_TTL_S: i64 = 60;
+
+impl Api {
+    /// The lease a Lock or Campaign holds with: the caller's, or with lease 0, a new one of
+    /// [`SESSION_LEASE_TTL_S`] granted as the caller's, as etcd's servers open a session. Like
+    /// etcd's (whose session is orphaned at once), that lease is never renewed: the lock lasts
+    /// until the caller unlocks or the lease's TTL runs out, waiting included.
+    async fn lease_for(&self, lease: i64) -> Result<i64, ApiError> {
+        if lease < 0 {
+            return Err(ApiError::InvalidArgument(format!(
+                "a lock or campaign needs a lease of 0 or more (got {lease})"
+            )));
+        }
+        if lease > 0 {
+            return Ok(lease);
+        }
+        let ttl_s = geolock_core::lease::Lessor::effective_ttl(&self.node.ttl_bounds(), SESSION_LEASE_TTL_S)?;
+        match self.propose(Command::LeaseGrant { id: self.node.new_lease_id(), ttl_s }).await? {
+            (Done::LeaseGrant { id, .. }, _) => Ok(id),
+            (other, _) => Err(ApiError::UnexpectedApply { got: format!("{other:?}") }),
+        }
     }
-    Ok(())
+
+    /// The caller may read the queue of `name`: waiting in it tells who is ahead, which etcd's
+    /// lock recipe learns with a Range of the prefix under the caller's own credentials.
+    fn may_read_queue(&self, name: &[u8]) -> Result<(), ApiError> {
+        let prefix = prefix_of(name);
+        self.may_read(&prefix, &prefix_end(&prefix))
+    }
 }
 
 #[tonic::async_trait]
 impl lpb::lock_server::Lock for Api {
     async fn lock(&self, req: Request<lpb::LockRequest>) -> Result<Response<lpb::LockResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let r = req.into_inner();
         check_name(&r.name)?;
-        check_lease(r.lease)?;
-        api.check_parent(&r.name, r.lease)?;
-        let key = lock::key_of(&r.name, r.lease);
-        let (rev, _) = api.create_or_get(&key, Vec::new(), r.lease).await?;
+        api.may_read_queue(&r.name)?;
+        let lease = api.lease_for(r.lease).await?;
+        api.check_parent(&r.name, lease)?;
+        let key = lock::key_of(&r.name, lease);
+        let (rev, _) = api.create_or_get(&key, Vec::new(), lease).await?;
         let grant = api.acquire(&r.name, &key, rev).await?;
         Ok(Response::new(lpb::LockResponse {
             header: Some(self.header(grant.revision)),
@@ -155,7 +182,7 @@ impl lpb::lock_server::Lock for Api {
     }
 
     async fn unlock(&self, req: Request<lpb::UnlockRequest>) -> Result<Response<lpb::UnlockResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let key = req.into_inner().key;
         let (_, rev) = api.propose(Command::DeleteRange(kv::DeleteRangeRequest { key, ..Default::default() })).await?;
         Ok(Response::new(lpb::UnlockResponse { header: Some(self.header(rev)) }))
@@ -169,17 +196,18 @@ fn leader_key(l: Option<epb::LeaderKey>) -> Result<epb::LeaderKey, ApiError> {
 #[tonic::async_trait]
 impl epb::election_server::Election for Api {
     async fn campaign(&self, req: Request<epb::CampaignRequest>) -> Result<Response<epb::CampaignResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let r = req.into_inner();
         check_name(&r.name)?;
-        check_lease(r.lease)?;
-        let key = lock::key_of(&r.name, r.lease);
-        let (rev, existing) = api.create_or_get(&key, r.value.clone(), r.lease).await?;
+        api.may_read_queue(&r.name)?;
+        let lease = api.lease_for(r.lease).await?;
+        let key = lock::key_of(&r.name, lease);
+        let (rev, existing) = api.create_or_get(&key, r.value.clone(), lease).await?;
         if existing.is_some_and(|v| v != r.value) {
             let put = RequestOp::Put(kv::PutRequest {
                 key: key.clone(),
                 value: r.value.clone(),
-                lease: r.lease,
+                lease,
                 ..Default::default()
             });
             api.if_created_at(&key, rev, put).await?;
@@ -187,12 +215,12 @@ impl epb::election_server::Election for Api {
         let grant = api.acquire(&r.name, &key, rev).await?;
         Ok(Response::new(epb::CampaignResponse {
             header: Some(self.header(grant.revision)),
-            leader: Some(epb::LeaderKey { name: r.name, key, rev: grant.token, lease: r.lease }),
+            leader: Some(epb::LeaderKey { name: r.name, key, rev: grant.token, lease }),
         }))
     }
 
     async fn proclaim(&self, req: Request<epb::ProclaimRequest>) -> Result<Response<epb::ProclaimResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let r = req.into_inner();
         let l = leader_key(r.leader)?;
         let put =
@@ -204,7 +232,7 @@ impl epb::election_server::Election for Api {
     }
 
     async fn leader(&self, req: Request<epb::LeaderRequest>) -> Result<Response<epb::LeaderResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let name = req.into_inner().name;
         check_name(&name)?;
         let prefix = prefix_of(&name);
@@ -218,7 +246,7 @@ impl epb::election_server::Election for Api {
     type ObserveStream = Stream_<epb::LeaderResponse>;
 
     async fn observe(&self, req: Request<epb::LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let name = req.into_inner().name;
         check_name(&name)?;
         let prefix = prefix_of(&name);
@@ -258,7 +286,7 @@ impl epb::election_server::Election for Api {
     }
 
     async fn resign(&self, req: Request<epb::ResignRequest>) -> Result<Response<epb::ResignResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let l = leader_key(req.into_inner().leader)?;
         let del = RequestOp::DeleteRange(kv::DeleteRangeRequest { key: l.key.clone(), ..Default::default() });
         let (_, rev) = api.if_created_at(&l.key, l.rev, del).await?;

@@ -43,8 +43,8 @@ pub async fn serve(
     hierarchical_prefixes: &[String],
     metrics: crate::config::MetricsLevel,
     tracing: bool,
-    bcrypt_cost: u32,
-    listener: tokio::net::TcpListener,
+    auth: AuthSettings,
+    listener: Listener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     use pb::auth_server::AuthServer;
@@ -54,7 +54,7 @@ pub async fn serve(
     use pb::maintenance_server::MaintenanceServer;
     use pb::watch_server::WatchServer;
     let hierarchical = Arc::new(hierarchical_prefixes.iter().map(|p| p.as_bytes().to_vec()).collect());
-    let api = Api { node, hierarchical, caller: None, bcrypt_cost };
+    let api = Api { node, hierarchical, caller: None, auth };
     grpc_metrics::register(metrics);
     http::register();
     crate::raft::register_metrics();
@@ -75,7 +75,7 @@ pub async fn serve(
     };
     let health = grpc_health(&api.node);
     use tonic::service::interceptor::InterceptedService as Guarded;
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .accept_http1(true)
         .layer(grpc_metrics::GrpcMetricsLayer::new(metrics))
         .layer(grpc_tracing::GrpcTracingLayer { enabled: tracing })
@@ -92,9 +92,37 @@ pub async fn serve(
         .add_service(Guarded::new(
             sized!(proto::v3electionpb::election_server::ElectionServer::new(api.clone())),
             serves,
-        ))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await
+        ));
+    match listener {
+        Listener::Plain(l) => router.serve_with_incoming_shutdown(incoming(l), shutdown).await,
+        Listener::Tls(l, tls) => router.serve_with_incoming_shutdown(tls.incoming(l), shutdown).await,
+    }
+}
+
+/// A client listener: plain (`http://`) or TLS (`https://`) with the client TLS settings.
+pub enum Listener {
+    Plain(tokio::net::TcpListener),
+    Tls(tokio::net::TcpListener, Arc<crate::client_tls::ClientTls>),
+}
+
+/// What a request says about who sends it: a token in its metadata, and on a TLS connection
+/// with a verified client certificate, that certificate's common name.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    token: Option<String>,
+    common_name: Option<String>,
+}
+
+impl Credentials {
+    /// The credentials `req` carries.
+    pub fn of<T>(req: &Request<T>) -> Credentials {
+        let md = req.metadata();
+        let token = TOKEN_METADATA.iter().find_map(|k| md.get(*k)).and_then(|v| v.to_str().ok());
+        let token = token.map(|t| t.strip_prefix("Bearer ").unwrap_or(t).to_string());
+        let common_name =
+            req.peer_certs().and_then(|certs| certs.first().and_then(|c| crate::client_tls::common_name(c)));
+        Credentials { token, common_name }
+    }
 }
 
 /// Serve only the HTTP paths of [`http`], in plain HTTP (etcd's `--listen-metrics-urls`).
@@ -103,7 +131,9 @@ pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let api = Api { node, hierarchical: Arc::default(), caller: None, bcrypt_cost: 0 };
+    let tokens = Arc::new(crate::auth::TokenProvider::Simple);
+    let auth = AuthSettings { bcrypt_cost: 0, tokens, client_cert_auth: false };
+    let api = Api { node, hierarchical: Arc::default(), caller: None, auth };
     tonic::transport::Server::builder()
         .accept_http1(true)
         .add_routes(tonic::service::Routes::from(http::router(api)))
@@ -153,8 +183,18 @@ pub struct Api {
     /// Who sends the request this copy serves, as [`Api::as_caller`] established it; `None`
     /// while authentication is off or when the request carried no credentials.
     caller: Option<Caller>,
+    auth: AuthSettings,
+}
+
+/// How a member's client API hashes passwords and makes and checks tokens.
+#[derive(Clone)]
+pub struct AuthSettings {
     /// bcrypt's cost for the passwords this member hashes.
-    bcrypt_cost: u32,
+    pub bcrypt_cost: u32,
+    pub tokens: Arc<crate::auth::TokenProvider>,
+    /// A verified client certificate's common name is the user of a request without a token
+    /// (etcd's `--client-cert-auth`).
+    pub client_cert_auth: bool,
 }
 
 /// The gRPC metadata keys a token comes in: etcd's clients send `token`, its gateway's HTTP
@@ -170,21 +210,30 @@ fn check_size<M: Message>(m: &M) -> Result<(), ApiError> {
 }
 
 impl Api {
-    /// A copy of the services for a request with this metadata: its caller is the user its
-    /// token names. While authentication is off no token is looked at (etcd ignores them); a
-    /// token no member made, or one that expired, is refused with etcd's invalid-token error,
-    /// on which its clients authenticate again.
-    async fn as_caller(&self, md: &tonic::metadata::MetadataMap) -> Result<Api, ApiError> {
+    /// A copy of the services for a request with these credentials: its caller is the user
+    /// its token names or, without a token and with `--client-cert-auth`, its certificate's
+    /// common name (etcd's order). While authentication is off none
+    /// is looked at (etcd ignores them); a token no member made, or one that expired, is
+    /// refused with etcd's invalid-token error, on which its clients authenticate again.
+    async fn as_caller(&self, creds: &Credentials) -> Result<Api, ApiError> {
         if !self.node.read(|m| m.auth.enabled()) {
             return Ok(Api { caller: None, ..self.clone() });
         }
-        let token = TOKEN_METADATA.iter().find_map(|k| md.get(*k)).and_then(|v| v.to_str().ok());
-        let caller = match token {
-            None => None,
-            Some(t) => {
-                let t = t.strip_prefix("Bearer ").unwrap_or(t);
-                Some(self.node.token_caller(t).await.ok_or(AuthError::InvalidToken)?)
+        let caller = match (&creds.token, &creds.common_name) {
+            (Some(t), _) => {
+                let who = match &*self.auth.tokens {
+                    crate::auth::TokenProvider::Simple => self.node.token_caller(t).await,
+                    crate::auth::TokenProvider::Jwt(jwt) => jwt.verify(t),
+                };
+                Some(who.ok_or(AuthError::InvalidToken)?)
             }
+            // A certificate without a common name names the user "", whom no permission
+            // check finds: etcd answers such a caller "permission denied", not "user name is
+            // empty".
+            (None, Some(cn)) if self.auth.client_cert_auth => {
+                Some(Caller { user: cn.clone(), revision: self.node.read(|m| m.auth.revision()) })
+            }
+            (None, _) => None,
         };
         Ok(Api { caller, ..self.clone() })
     }
@@ -271,7 +320,7 @@ fn unexpected(d: Done) -> Status {
 #[tonic::async_trait]
 impl pb::kv_server::Kv for Api {
     async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let r = req.into_inner();
         check_size(&r)?;
         geolock_core::kv::check_key(&r.key).map_err(ApiError::from)?;
@@ -288,7 +337,7 @@ impl pb::kv_server::Kv for Api {
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let p = req.into_inner();
         check_size(&p)?;
         match api.propose(Command::Put(convert::put_in(p))).await? {
@@ -301,7 +350,7 @@ impl pb::kv_server::Kv for Api {
         &self,
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let d = req.into_inner();
         check_size(&d)?;
         match api.propose(Command::DeleteRange(convert::delete_in(d))).await? {
@@ -311,7 +360,7 @@ impl pb::kv_server::Kv for Api {
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let t = req.into_inner();
         check_size(&t)?;
         let t = convert::txn_in(t)?;
@@ -321,7 +370,7 @@ impl pb::kv_server::Kv for Api {
             let who = api.caller.as_ref();
             let (resp, rev) = api
                 .read(false, |m| {
-                    m.authorize_read_only_txn(&t, who)?;
+                    m.authorize_txn(&t, who)?;
                     Ok(m.read_only_txn(&t)?)
                 })
                 .await?;
@@ -335,7 +384,7 @@ impl pb::kv_server::Kv for Api {
     }
 
     async fn compact(&self, req: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         let c = req.into_inner();
         // Refuse before proposing when the answer is already known.
         self.node.read(|m| m.kv.check_compact(c.revision)).map_err(ApiError::from)?;
@@ -352,7 +401,7 @@ impl pb::lease_server::Lease for Api {
         &self,
         req: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         api.must_be_authenticated()?;
         let g = req.into_inner();
         let ttl_s = Lessor::effective_ttl(&self.node.ttl_bounds(), g.ttl).map_err(ApiError::from)?;
@@ -373,7 +422,7 @@ impl pb::lease_server::Lease for Api {
         &self,
         req: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         api.must_be_authenticated()?;
         let id = req.into_inner().id;
         match api.propose(Command::LeaseRevoke { id }).await? {
@@ -388,7 +437,7 @@ impl pb::lease_server::Lease for Api {
         &self,
         req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let metadata = req.metadata().clone();
+        let creds = Credentials::of(&req);
         let mut inbound = req.into_inner();
         let api = self.clone();
         // The stream outlives leader changes: a keep-alive the cluster could not answer (no
@@ -400,7 +449,7 @@ impl pb::lease_server::Lease for Api {
             while let Ok(Some(k)) = inbound.message().await {
                 // Each renewal is checked with the stream's token looked up again, as etcd
                 // does: a token that expired or a permission revoked since ends the stream.
-                let allowed = match api.as_caller(&metadata).await {
+                let allowed = match api.as_caller(&creds).await {
                     Ok(a) => {
                         let who = a.caller.as_ref();
                         a.node.read(|m| m.authorize_lease_keys(k.id, who)).map_err(ApiError::from)
@@ -444,7 +493,7 @@ impl pb::lease_server::Lease for Api {
         &self,
         req: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         api.must_be_authenticated()?;
         let r = req.into_inner();
         if r.keys {
@@ -487,7 +536,7 @@ impl pb::lease_server::Lease for Api {
         &self,
         req: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         self.node.linearize().await.map_err(ApiError::from)?;
         // etcd's checkLeaseLeases: a user, and unless root, READ on every key of every lease.
         let who = api.caller.as_ref();
@@ -526,7 +575,7 @@ where
 #[tonic::async_trait]
 impl pb::maintenance_server::Maintenance for Api {
     async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
-        let api = self.as_caller(req.metadata()).await?;
+        let api = self.as_caller(&Credentials::of(&req)).await?;
         // etcd: listing alarms needs a user, raising or clearing one needs root.
         if req.get_ref().action == pb::alarm_request::AlarmAction::Get as i32 {
             api.must_be_authenticated()?;
@@ -537,7 +586,7 @@ impl pb::maintenance_server::Maintenance for Api {
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        self.as_caller(req.metadata()).await?.must_be_authenticated()?;
+        self.as_caller(&Credentials::of(&req)).await?.must_be_authenticated()?;
         let s = self.node.status();
         let me = self.node.header().member_id;
         // Lag is the leader's figure: a member that names no leader answers at once, without it
@@ -570,17 +619,17 @@ impl pb::maintenance_server::Maintenance for Api {
         &self,
         req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
-        self.as_caller(req.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&req)).await?.must_be_admin()?;
         Ok(Response::new(pb::DefragmentResponse { header: Some(self.header(self.node.current_rev())) }))
     }
 
     async fn hash(&self, req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
-        self.as_caller(req.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&req)).await?.must_be_admin()?;
         Err(ApiError::Unimplemented("Maintenance.Hash").into())
     }
 
     async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
-        self.as_caller(req.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&req)).await?.must_be_admin()?;
         let rev = req.into_inner().revision;
         let (hash, compact, cur) = self
             .node
@@ -592,7 +641,7 @@ impl pb::maintenance_server::Maintenance for Api {
     type SnapshotStream = Stream_<pb::SnapshotResponse>;
 
     async fn snapshot(&self, req: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        self.as_caller(req.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&req)).await?.must_be_admin()?;
         Err(ApiError::Unimplemented("Maintenance.Snapshot").into())
     }
 
@@ -600,14 +649,14 @@ impl pb::maintenance_server::Maintenance for Api {
         &self,
         req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        self.as_caller(req.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&req)).await?.must_be_admin()?;
         let to = req.into_inner().target_id;
         self.node.change_members(MemberChange::MoveLeader { to }).await.map_err(ApiError::from)?;
         Ok(Response::new(pb::MoveLeaderResponse { header: Some(self.header(self.node.current_rev())) }))
     }
 
     async fn downgrade(&self, req: Request<pb::DowngradeRequest>) -> Result<Response<pb::DowngradeResponse>, Status> {
-        self.as_caller(req.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&req)).await?.must_be_admin()?;
         Err(ApiError::Unimplemented("Maintenance.Downgrade").into())
     }
 }
@@ -660,7 +709,7 @@ fn peer_addr(urls: &[String]) -> Result<String, ApiError> {
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for Api {
     async fn member_add(&self, r: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
-        self.as_caller(r.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&r)).await?.must_be_admin()?;
         let name = r
             .metadata()
             .get(MEMBER_NAME_HEADER)
@@ -697,7 +746,7 @@ impl pb::cluster_server::Cluster for Api {
         &self,
         r: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
-        self.as_caller(r.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&r)).await?.must_be_admin()?;
         self.change(MemberChange::Remove { id: r.into_inner().id }).await?;
         Ok(Response::new(pb::MemberRemoveResponse {
             header: Some(self.header(self.node.current_rev())),
@@ -709,7 +758,7 @@ impl pb::cluster_server::Cluster for Api {
         &self,
         r: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        self.as_caller(r.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&r)).await?.must_be_admin()?;
         let req = r.into_inner();
         let peer_addr = peer_addr(&req.peer_ur_ls)?;
         self.change(MemberChange::Update { id: req.id, peer_urls: req.peer_ur_ls, peer_addr }).await?;
@@ -720,7 +769,7 @@ impl pb::cluster_server::Cluster for Api {
     }
 
     async fn member_list(&self, r: Request<pb::MemberListRequest>) -> Result<Response<pb::MemberListResponse>, Status> {
-        self.as_caller(r.metadata()).await?.must_be_authenticated()?;
+        self.as_caller(&Credentials::of(&r)).await?.must_be_authenticated()?;
         // A linearizable list (etcd 3.5's field, which lockctl sets) is answered only by a
         // member that reaches the leader; a cut-off member would list a stale membership with
         // lags it cannot know.
@@ -737,7 +786,7 @@ impl pb::cluster_server::Cluster for Api {
         &self,
         r: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
-        self.as_caller(r.metadata()).await?.must_be_admin()?;
+        self.as_caller(&Credentials::of(&r)).await?.must_be_admin()?;
         self.change(MemberChange::Promote { id: r.into_inner().id }).await?;
         Ok(Response::new(pb::MemberPromoteResponse {
             header: Some(self.header(self.node.current_rev())),

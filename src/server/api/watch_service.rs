@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::proto::etcdserverpb as pb;
-use super::{convert, Api, ApiError, Stream_};
+use super::{convert, Api, ApiError, Credentials, Stream_};
 use crate::raft::NodeError;
 use geolock_core::limits::WATCH_STREAM_QUEUE_MAX;
 use geolock_core::watch::{Reply, WatchSpec};
@@ -47,12 +47,8 @@ impl Api {
     /// Whether the stream's caller may watch what `c` asks for: READ on its whole range, its
     /// token looked up again for each watch as etcd does. If not, the answer etcd gives: a
     /// watch created and canceled at once, ID -1, the reason the gRPC error etcd's text would be.
-    async fn may_watch(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-        c: &pb::WatchCreateRequest,
-    ) -> Result<(), pb::WatchResponse> {
-        let allowed = match self.as_caller(metadata).await {
+    async fn may_watch(&self, creds: &Credentials, c: &pb::WatchCreateRequest) -> Result<(), pb::WatchResponse> {
+        let allowed = match self.as_caller(creds).await {
             Ok(api) => api.may_read(&c.key, &c.range_end),
             Err(e) => Err(e),
         };
@@ -78,7 +74,7 @@ impl pb::watch_server::Watch for Api {
         if let Some(epoch) = self.node.fenced_epoch() {
             return Err(ApiError::from(NodeError::Fenced { epoch }).into());
         }
-        let metadata = req.metadata().clone();
+        let creds = Credentials::of(&req);
         let mut inbound = req.into_inner();
         let (tx, mut replies) = mpsc::channel::<Reply>(WATCH_STREAM_QUEUE_MAX);
         let stream = self.node.watch_open(tx);
@@ -99,7 +95,7 @@ impl pb::watch_server::Watch for Api {
                 use pb::watch_request::RequestUnion as U;
                 match msg {
                     Ok(Some(pb::WatchRequest { request_union: Some(U::CreateRequest(c)) })) => {
-                        match api.may_watch(&metadata, &c).await {
+                        match api.may_watch(&creds, &c).await {
                             Ok(()) => node.watch_create(stream, spec_of(c)),
                             Err(denied) => {
                                 if denials.send(Ok(denied)).await.is_err() {

@@ -166,7 +166,9 @@ async fn bind_transport(cfg: &Config, members: usize) -> Result<Option<Arc<Trans
     let listen = listen.ok_or(StartError::NoPeerListenUrl)?;
     let resolved = tokio::net::lookup_host(&listen).await.ok().and_then(|mut a| a.next());
     let addr = resolved.ok_or(StartError::Resolve { addr: listen })?;
-    Ok(Some(Arc::new(Transport::bind(addr, &tls)?)))
+    let transport = Arc::new(Transport::bind(addr, &tls)?);
+    crate::reload::watch(&transport, "peer TLS settings", Transport::reload);
+    Ok(Some(transport))
 }
 
 /// A new cluster's first start: the founders' membership as log entry 0.

@@ -285,8 +285,12 @@ impl RaftStateMachine<TC> for StateMachine {
                 let mut batch = WriteBatch::default();
                 let mut events = Vec::new();
                 let applied = match entry.payload {
-                    EntryPayload::Normal(_) if self.shared.witness => {
-                        Applied { revision: 0, result: Ok(Response::Nothing) }
+                    EntryPayload::Normal(cmd) if self.shared.witness => {
+                        let mut result = st.machine.apply_auth_only(&cmd, &mut batch);
+                        if let Ok(done) = &mut result {
+                            self.shared.track_tokens(&cmd, done, entry.log_id.index);
+                        }
+                        Applied { revision: 0, result }
                     }
                     EntryPayload::Normal(cmd) => {
                         let mut applied = st.machine.apply(&cmd, now_ms(), &mut batch, &mut events);
@@ -340,12 +344,24 @@ impl RaftStateMachine<TC> for StateMachine {
             if st.sealed {
                 return Err(sealed());
             }
-            // Whatever data came with it, a witness keeps the metadata only.
+            // Of the data that came with it, a witness keeps the auth store only (it checks
+            // who may change the membership), and the metadata.
             let mut b = WriteBatch::default();
+            b.delete_range(Cf::Auth, Vec::new(), vec![0xff; 64]);
+            if !snapshot.is_empty() {
+                let data: SnapshotData = decode(&snapshot)?;
+                for (cf, pairs) in data.into_families()? {
+                    if cf == Cf::Auth {
+                        pairs.into_iter().for_each(|(k, v)| b.put(cf, k, v));
+                    }
+                }
+            }
             b.put(Cf::SmMeta, APPLIED, encode(&meta.last_log_id));
             b.put(Cf::SmMeta, MEMBERSHIP, encode(&meta.last_membership));
             self.shared.engine.write(b, true).map_err(io::Error::other)?;
             save_snapshot_file(&self.snapshot_path(), meta, &[])?;
+            st.machine = Machine::load(&*self.shared.engine).map_err(io::Error::other)?;
+            self.shared.tokens.clear();
             st.last_applied = meta.last_log_id;
             st.membership = meta.last_membership.clone();
             return Ok(());
