@@ -11,7 +11,7 @@
 //! Or tokens are etcd's JSON Web Tokens ([`JwtTokens`]): signed by the member that checked the
 //! password, verified by any member with the public key, nothing kept.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -84,60 +84,94 @@ struct Held {
     expires: Instant,
 }
 
+/// The tokens by name, and the same tokens by expiry, so that the expired ones and, at the
+/// bound, the one closest to expiring are found in O(log n) rather than by a scan of up to
+/// [`SIMPLE_TOKENS_MAX`] on every Authenticate applied.
+#[derive(Default)]
+struct Table {
+    by_token: HashMap<String, Held>,
+    by_expiry: BTreeSet<(Instant, String)>,
+}
+
+impl Table {
+    fn remove(&mut self, token: &str) -> Option<Held> {
+        let h = self.by_token.remove(token)?;
+        self.by_expiry.remove(&(h.expires, token.to_string()));
+        Some(h)
+    }
+
+    fn insert(&mut self, token: String, held: Held) {
+        self.remove(&token);
+        self.by_expiry.insert((held.expires, token.clone()));
+        self.by_token.insert(token, held);
+    }
+}
+
 /// The simple tokens this member knows, each with its user and when it expires.
 pub struct SimpleTokens {
-    ttl: Duration,
-    held: Mutex<HashMap<String, Held>>,
+    /// How long a token lives after its last use; `None` when this member's tokens are JWTs
+    /// and no simple token is kept.
+    ttl: Option<Duration>,
+    /// At most this many tokens ([`SIMPLE_TOKENS_MAX`]; smaller in tests).
+    max: usize,
+    table: Mutex<Table>,
 }
 
 impl SimpleTokens {
     /// No tokens; each lives `ttl` after its last use.
     pub fn new(ttl: Duration) -> Self {
-        SimpleTokens { ttl, held: Mutex::new(HashMap::new()) }
+        SimpleTokens { ttl: Some(ttl), max: SIMPLE_TOKENS_MAX, table: Mutex::default() }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
-        self.held.lock().expect("token table poisoned")
+    /// No tokens, and none kept: the member's tokens are JWTs, which carry their user.
+    pub fn none() -> Self {
+        SimpleTokens { ttl: None, max: 0, table: Mutex::default() }
     }
 
-    /// Register `token` for `user`, as the entry that authenticated it is applied. At
-    /// [`SIMPLE_TOKENS_MAX`] the expired tokens go, and if none had expired, the one closest
-    /// to expiring.
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().expect("token table poisoned")
+    }
+
+    /// Register `token` for `user`, as the entry that authenticated it is applied. Expired
+    /// tokens go first; at the bound, the one closest to expiring goes too.
     pub fn assign(&self, token: String, user: String, now: Instant) {
-        let mut held = self.held();
-        if held.len() >= SIMPLE_TOKENS_MAX {
-            held.retain(|_, h| h.expires > now);
-            if held.len() >= SIMPLE_TOKENS_MAX {
-                let soonest = held.iter().min_by_key(|(_, h)| h.expires).map(|(t, _)| t.clone());
-                if let Some(t) = soonest {
-                    held.remove(&t);
-                }
+        let Some(ttl) = self.ttl else { return };
+        let mut t = self.table();
+        while let Some((expires, oldest)) = t.by_expiry.first().cloned() {
+            if expires > now && t.by_token.len() < self.max {
+                break;
             }
+            t.remove(&oldest);
         }
-        held.insert(token, Held { user, expires: now + self.ttl });
+        t.insert(token, Held { user, expires: now + ttl });
     }
 
     /// The user of a live token, whose life starts again from `now` (etcd extends a simple
     /// token's TTL on every use).
     pub fn user(&self, token: &str, now: Instant) -> Option<String> {
-        let mut held = self.held();
-        let h = held.get_mut(token)?;
-        if h.expires <= now {
-            held.remove(token);
+        let ttl = self.ttl?;
+        let mut t = self.table();
+        let held = t.remove(token)?;
+        if held.expires <= now {
             return None;
         }
-        h.expires = now + self.ttl;
-        Some(h.user.clone())
+        let user = held.user.clone();
+        t.insert(token.to_string(), Held { expires: now + ttl, ..held });
+        Some(user)
     }
 
     /// Forget every token of `user` (deleted, or given a new password).
     pub fn invalidate_user(&self, user: &str) {
-        self.held().retain(|_, h| h.user != user);
+        let mut t = self.table();
+        let theirs: Vec<String> = t.by_token.iter().filter(|(_, h)| h.user == user).map(|(k, _)| k.clone()).collect();
+        for token in theirs {
+            t.remove(&token);
+        }
     }
 
     /// Forget every token (authentication turned off, or a snapshot replaced the auth store).
     pub fn clear(&self) {
-        self.held().clear();
+        *self.table() = Table::default();
     }
 }
 
@@ -299,6 +333,36 @@ mod tests {
         t.invalidate_user("alice");
         assert_eq!((t.user("a1", at), t.user("a2", at)), (None, None));
         assert_eq!(t.user("b", at), Some("bob".into()));
+    }
+
+    #[test]
+    fn at_the_bound_expired_tokens_go_first_then_the_one_closest_to_expiring() {
+        let t = SimpleTokens { max: 3, ..SimpleTokens::new(Duration::from_secs(10)) };
+        let at = Instant::now();
+        let s = Duration::from_secs;
+        t.assign("a".into(), "alice".into(), at);
+        t.assign("b".into(), "bob".into(), at + s(1));
+        t.assign("c".into(), "carol".into(), at + s(2));
+        // a was used last: b is now closest to expiring, and goes for d.
+        assert_eq!(t.user("a", at + s(3)), Some("alice".into()));
+        t.assign("d".into(), "dave".into(), at + s(4));
+        assert_eq!(t.user("b", at + s(4)), None, "closest to expiring at the bound");
+        assert_eq!(t.user("c", at + s(4)), Some("carol".into()));
+        // By 16 s the others have expired (a last used at 3 s, c and d at 4 s): they go, and
+        // e is alone in the table.
+        t.assign("e".into(), "erin".into(), at + s(16));
+        assert_eq!(t.table().by_token.len(), 1);
+        assert_eq!(t.table().by_expiry.len(), 1);
+        assert_eq!(t.user("e", at + s(16)), Some("erin".into()));
+    }
+
+    #[test]
+    fn a_member_with_jwts_keeps_no_simple_token() {
+        let t = SimpleTokens::none();
+        let at = Instant::now();
+        t.assign("a".into(), "alice".into(), at);
+        assert_eq!(t.user("a", at), None);
+        assert!(t.table().by_token.is_empty());
     }
 
     #[test]

@@ -41,14 +41,11 @@ fn path(dir: &Path, f: &str) -> String {
     dir.join(f).display().to_string()
 }
 
-/// With `--client-cert-auth`, a verified certificate's common name is the user of a request
-/// without a token, a token (`--user`) wins over it, a certificate without a common name names
-/// a user nobody is, and a client without a certificate is refused: the same answers from etcd and
-/// geolock, step by step, with etcdctl's `--cacert`, `--cert`, `--key`.
-#[test]
-fn client_certificates_name_users_as_on_etcd() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = tmp.path().join("pki");
+/// A CA in `dir/pki`, a server certificate for 127.0.0.1 and client certificates `root`,
+/// `alice` (their common names) and `anonymous` (none); and the member flags that serve with
+/// them and require a client certificate.
+fn pki_with_users(dir: &Path) -> (PathBuf, [String; 4]) {
+    let pki = dir.join("pki");
     certs::init_ca(&pki).unwrap();
     certs::issue(&pki, "server", &["127.0.0.1".to_string()]).unwrap();
     for (stem, cn) in [("root", Some("root")), ("alice", Some("alice")), ("anonymous", None)] {
@@ -60,6 +57,17 @@ fn client_certificates_name_users_as_on_etcd() {
         format!("--trusted-ca-file={}", path(&pki, "ca.crt")),
         "--client-cert-auth".to_string(),
     ];
+    (pki, tls_flags)
+}
+
+/// With `--client-cert-auth`, a verified certificate's common name is the user of a request
+/// without a token, a token (`--user`) wins over it, a certificate without a common name names
+/// a user nobody is, and a client without a certificate is refused: the same answers from etcd and
+/// geolock, step by step, with etcdctl's `--cacert`, `--cert`, `--key`.
+#[test]
+fn client_certificates_name_users_as_on_etcd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pki, tls_flags) = pki_with_users(tmp.path());
     let ca = pki.join("ca.crt");
     let as_root = creds(&ca, Some((&pki, "root")));
     let as_alice = creds(&ca, Some((&pki, "alice")));
@@ -206,18 +214,7 @@ fn certificates_and_ca_bundles_are_replaced_without_a_restart() {
 #[test]
 fn lockctl_client_commands_speak_tls_and_authenticate() {
     let tmp = tempfile::tempdir().unwrap();
-    let pki = tmp.path().join("pki");
-    certs::init_ca(&pki).unwrap();
-    certs::issue(&pki, "server", &["127.0.0.1".to_string()]).unwrap();
-    for (stem, cn) in [("root", Some("root")), ("alice", Some("alice")), ("anonymous", None)] {
-        certs::issue_client(&pki, stem, cn).unwrap();
-    }
-    let tls_flags = [
-        format!("--cert-file={}", path(&pki, "server.crt")),
-        format!("--key-file={}", path(&pki, "server.key")),
-        format!("--trusted-ca-file={}", path(&pki, "ca.crt")),
-        "--client-cert-auth".to_string(),
-    ];
+    let (pki, tls_flags) = pki_with_users(tmp.path());
     let ca = pki.join("ca.crt");
     let as_root = creds(&ca, Some((&pki, "root")));
     let (mut geo, ep) = start_tls("lockctl", tmp.path(), &tls_flags, &as_root);

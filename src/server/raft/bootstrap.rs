@@ -17,6 +17,7 @@ use super::state_machine::{Shared, StateMachine};
 use super::write_lease::WriteLease;
 use super::{fence, rejoin};
 use super::{Member, Node, Raft, StartError};
+use crate::auth::SimpleTokens;
 use crate::config::{Config, InitialMember, Role};
 use crate::rocks::{Footprint, RocksEngine};
 use crate::transport::Transport;
@@ -114,8 +115,12 @@ fn open_storage(cfg: &Config) -> Result<(Arc<dyn Engine>, Arc<Shared>), StartErr
     let witness = cfg.role == Role::Witness;
     let footprint = if witness { Footprint::LogTail } else { Footprint::Data };
     let engine: Arc<dyn Engine> = RocksEngine::open_sized(&dir.join("db"), footprint)?;
-    let shared = Shared::open(engine.clone(), dir.join("snapshots"), witness, Duration::from_secs(cfg.auth_token_ttl))
-        .map_err(StartError::State)?;
+    // With JWTs no simple token is ever presented: none is kept.
+    let tokens = match cfg.auth_token.split(',').next() {
+        Some("jwt") => SimpleTokens::none(),
+        _ => SimpleTokens::new(Duration::from_secs(cfg.auth_token_ttl)),
+    };
+    let shared = Shared::open(engine.clone(), dir.join("snapshots"), witness, tokens).map_err(StartError::State)?;
     Ok((engine, shared))
 }
 

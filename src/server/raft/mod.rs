@@ -101,9 +101,13 @@ mod tests {
             let dir = tempfile::tempdir().expect("temp dir");
             let engine: Arc<dyn Engine> =
                 RocksEngine::open_sized(&dir.path().join("db"), Footprint::Data).expect("open rocksdb");
-            let shared =
-                Shared::open(engine.clone(), dir.path().join("snapshots"), false, std::time::Duration::from_secs(300))
-                    .expect("open state machine");
+            let shared = Shared::open(
+                engine.clone(),
+                dir.path().join("snapshots"),
+                false,
+                crate::auth::SimpleTokens::new(std::time::Duration::from_secs(300)),
+            )
+            .expect("open state machine");
             Ok((dir, LogStore::new(engine), StateMachine { shared }))
         }
     }

@@ -124,7 +124,7 @@ impl Shared {
         engine: Arc<dyn Engine>,
         snapshot_dir: PathBuf,
         witness: bool,
-        token_ttl: std::time::Duration,
+        tokens: crate::auth::SimpleTokens,
     ) -> io::Result<Arc<Shared>> {
         let machine = Machine::load(&*engine).map_err(io::Error::other)?;
         let last_applied = read_meta::<Option<LogIdOf<TC>>>(&*engine, APPLIED)?.flatten();
@@ -144,7 +144,7 @@ impl Shared {
             engine,
             snapshot_dir,
             witness,
-            tokens: crate::auth::SimpleTokens::new(token_ttl),
+            tokens,
         }))
     }
 
