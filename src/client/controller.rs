@@ -71,6 +71,20 @@ pub struct ControllerConfig {
     /// NOTIFY's webhook; none, and NOTIFY only logs.
     #[serde(default)]
     pub notify: Option<NotifyConfig>,
+    /// How both regions' members are reached, and as whom (`cacert`, `cert`, `key`, `user`,
+    /// `password`, as etcdctl's flags); none, plain text as nobody. While auth is on the user
+    /// must be root (FENCE, PROMOTE and JOIN are), best named by a client certificate's common
+    /// name: a password costs a bcrypt on the member at every probe's connection.
+    #[serde(default)]
+    pub client: crate::Credentials,
+}
+
+impl ControllerConfig {
+    /// `endpoints` reached with [`ControllerConfig::client`]; the files are read on each call,
+    /// so a renewed certificate is used from the next connection on.
+    fn reach(&self, endpoints: &str) -> Result<crate::Cluster, String> {
+        crate::Cluster::with(endpoints, &self.client).map_err(|e| format!("client: {e}"))
+    }
 }
 
 fn auto() -> String {
@@ -266,7 +280,8 @@ pub async fn run(cfg: ControllerConfig) -> Result<u64, ControllerError> {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let every = Duration::from_millis(cfg.probe_interval_ms.max(1));
-    tokio::spawn(vantage.clone().watch_primary(cfg.primary.clone(), every));
+    let primary = cfg.reach(&cfg.primary).map_err(ControllerError::Config)?;
+    tokio::spawn(vantage.clone().watch_primary(primary, every));
     tracing::info!("controller {} resumes at {:?} after {} journal records", cfg.name, runbook.phase(), records.len());
 
     let mut executor = Executor {
@@ -549,7 +564,7 @@ async fn run_step(
         match (step, target) {
             (Step::Fence, _) => fence(cfg, epoch).await,
             (Step::Promote, None) => choose(cfg, epoch).await,
-            (Step::Promote, Some(target)) => promote(epoch, &target).await,
+            (Step::Promote, Some(target)) => promote(&cfg.reach(&target)?, epoch).await,
             (Step::Join, _) => join(cfg, epoch, promoted.as_deref().ok_or("no learner was promoted")?).await,
             (Step::Redirect, _) => redirect(dns).await,
             (Step::Verify, _) => verify(cfg, promoted.as_deref().ok_or("no learner was promoted")?, dns, epoch).await,
@@ -603,8 +618,10 @@ async fn fence(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String>
             ));
         }
     }
-    let members: Vec<&str> = cfg.primary.split(',').filter(|e| !e.is_empty()).collect();
-    let asks = members.iter().map(|ep| tokio::time::timeout(Duration::from_secs(3), failover::fence(ep, epoch)));
+    let primary = cfg.reach(&cfg.primary)?;
+    let members: Vec<crate::Cluster> =
+        cfg.primary.split(',').filter(|e| !e.is_empty()).map(|ep| primary.at(ep)).collect();
+    let asks = members.iter().map(|m| tokio::time::timeout(Duration::from_secs(3), failover::fence(m, epoch)));
     let fenced: Vec<fpb::FenceResponse> =
         futures::future::join_all(asks).await.into_iter().filter_map(|r| r.ok()?.ok()).collect();
     let old_applied = fenced.iter().map(|f| f.applied_index).max();
@@ -632,20 +649,21 @@ async fn fence(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String>
 
 /// Status of each standby member that answers: (endpoint, revision epoch, applied index, is
 /// learner).
-async fn standby_status(cfg: &ControllerConfig) -> Vec<(String, u64, u64, bool)> {
+async fn standby_status(cfg: &ControllerConfig) -> Result<Vec<(String, u64, u64, bool)>, String> {
+    let standby = cfg.reach(&cfg.standby)?;
     let mut out = Vec::new();
     for ep in cfg.standby.split(',').filter(|e| !e.is_empty()) {
-        if let Some((epoch, applied, learner)) = member_status(ep).await {
+        if let Some((epoch, applied, learner)) = member_status(&standby.at(ep)).await {
             out.push((ep.to_string(), epoch, applied, learner));
         }
     }
-    out
+    Ok(out)
 }
 
-/// The member at `ep`: (revision epoch it is in, applied index, is learner); `None` when it
-/// does not answer within 3 s.
-async fn member_status(ep: &str) -> Option<(u64, u64, bool)> {
-    let s = tokio::time::timeout(Duration::from_secs(3), failover::status(ep)).await.ok()?.ok()?;
+/// `member` (one endpoint): (revision epoch it is in, applied index, is learner); `None` when
+/// it does not answer within 3 s.
+async fn member_status(member: &crate::Cluster) -> Option<(u64, u64, bool)> {
+    let s = tokio::time::timeout(Duration::from_secs(3), failover::status(member)).await.ok()?.ok()?;
     let rev = s.header.as_ref().map_or(0, |h| h.revision);
     Some((failover::epoch_of(rev), s.raft_applied_index, s.is_learner))
 }
@@ -653,7 +671,7 @@ async fn member_status(ep: &str) -> Option<(u64, u64, bool)> {
 /// PROMOTE's choice: the standby learner that applied the most (or one already in `epoch`,
 /// should there be one). Reported, and journaled, before any learner is asked to promote.
 async fn choose(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String> {
-    let seen = standby_status(cfg).await;
+    let seen = standby_status(cfg).await?;
     let best = match seen.iter().find(|s| s.1 >= epoch) {
         Some(promoted) => promoted,
         None => seen.iter().filter(|s| s.3).max_by_key(|s| s.2).ok_or("no standby learner answers")?,
@@ -665,14 +683,15 @@ async fn choose(cfg: &ControllerConfig, epoch: u64) -> Result<Vec<Event>, String
 /// PROMOTE `target` into `epoch`, unless it already is in it (an earlier run did it); then wait
 /// until it serves. Only `target`: while it restarts into the new cluster it answers nobody,
 /// and another learner promoted meanwhile would seed a second cluster.
-async fn promote(epoch: u64, target: &str) -> Result<Vec<Event>, String> {
+async fn promote(chosen: &crate::Cluster, epoch: u64) -> Result<Vec<Event>, String> {
+    let target = &chosen.endpoints;
     let mut events = Vec::new();
-    match member_status(target).await {
+    match member_status(chosen).await {
         None => return Err(format!("the chosen learner {target} does not answer")),
         // Promoted by an earlier run, whose answer (where it started) is lost.
         Some((e, _, _)) if e >= epoch => {}
         Some(_) => {
-            let r = tokio::time::timeout(Duration::from_secs(10), failover::promote(target, epoch))
+            let r = tokio::time::timeout(Duration::from_secs(10), failover::promote(chosen, epoch))
                 .await
                 .map_err(|_| format!("promote {target}: no answer within 10 s"))?
                 .map_err(|e| format!("promote {target}: {e}"))?;
@@ -690,7 +709,7 @@ async fn promote(epoch: u64, target: &str) -> Result<Vec<Event>, String> {
         }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !member_status(target).await.is_some_and(|(e, _, learner)| e >= epoch && !learner) {
+    while !member_status(chosen).await.is_some_and(|(e, _, learner)| e >= epoch && !learner) {
         if tokio::time::Instant::now() > deadline {
             return Err(format!("{target} does not serve revision epoch {epoch} 30 s after the promotion"));
         }
@@ -723,7 +742,8 @@ fn voters_to_add(joined: usize) -> usize {
 /// logged, for `lockctl failover rejoin`.
 async fn join(cfg: &ControllerConfig, epoch: u64, promoted: &str) -> Result<Vec<Event>, String> {
     use geolock_proto::etcdserverpb as pb;
-    let new = failover::NewPrimary::ask(promoted).await.map_err(|e| format!("the new primary {promoted}: {e}"))?;
+    let at = cfg.reach(promoted)?;
+    let new = failover::NewPrimary::ask(&at).await.map_err(|e| format!("the new primary {promoted}: {e}"))?;
     if new.epoch != epoch {
         return Err(format!("{promoted} is in revision epoch {}, not {epoch}", new.epoch));
     }
@@ -760,14 +780,14 @@ async fn join(cfg: &ControllerConfig, epoch: u64, promoted: &str) -> Result<Vec<
     let deadline = tokio::time::Instant::now() + JOIN_CATCH_UP_WAIT;
     for name in voters {
         loop {
-            let members = failover::NewPrimary::ask(promoted).await.map_err(|e| e.to_string())?.members;
+            let members = failover::NewPrimary::ask(&at).await.map_err(|e| e.to_string())?.members;
             let Some(m) = members.iter().find(|m| &m.name == name) else {
                 return Err(format!("{name} is not a member of the new primary"));
             };
             if !m.is_learner {
                 break;
             }
-            let ch = crate::connect(promoted).await.map_err(|e| e.to_string())?;
+            let ch = crate::connect_to(&at).await.map_err(|e| e.to_string())?;
             let mut cluster = pb::cluster_client::ClusterClient::new(ch);
             match cluster.member_promote(pb::MemberPromoteRequest { id: m.id }).await {
                 Ok(_) => break,
@@ -819,7 +839,8 @@ async fn verify(
         }
         None => promoted.to_string(),
     };
-    let ch = crate::connect(&through).await.map_err(|e| e.to_string())?;
+    let cluster = cfg.reach(&through)?;
+    let ch = crate::connect_to(&cluster).await.map_err(|e| e.to_string())?;
     let mut kv = pb::kv_client::KvClient::new(ch);
     let (key, value) = (b"geolock/failover/verify".to_vec(), epoch.to_string().into_bytes());
     let put = pb::PutRequest { key: key.clone(), value: value.clone(), ..Default::default() };
@@ -831,7 +852,6 @@ async fn verify(
     if got.into_inner().kvs.first().map(|kv| &kv.value) != Some(&value) {
         return Err("the probe write does not read back".into());
     }
-    let cluster = crate::Cluster::plain(&through);
     let mut session = crate::Session::grant(&cluster, 10).await.map_err(|e| e.to_string())?;
     let held =
         crate::acquire(&cluster, "geolock/failover/verify-lock", &mut session).await.map_err(|e| e.to_string())?;
@@ -852,10 +872,12 @@ const OLD_PROBE_WAIT: Duration = Duration::from_secs(2);
 /// it (the fence failed), else how they refused.
 async fn old_primary_takes_no_write(cfg: &ControllerConfig, epoch: u64) -> Result<String, String> {
     use geolock_proto::etcdserverpb as pb;
+    let primary = cfg.reach(&cfg.primary)?;
     let members: Vec<&str> = cfg.primary.split(',').filter(|e| !e.is_empty()).collect();
+    let primary = &primary;
     let probes = members.iter().map(|ep| async move {
         let probe = async {
-            let ch = crate::connect(ep).await.map_err(|e| e.to_string())?;
+            let ch = crate::connect_to(&primary.at(ep)).await.map_err(|e| e.to_string())?;
             let put = pb::PutRequest {
                 key: b"geolock/failover/verify-old-primary".to_vec(),
                 value: epoch.to_string().into_bytes(),

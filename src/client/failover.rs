@@ -761,8 +761,8 @@ pub fn step_durations(records: &[Record]) -> Vec<(Step, u64)> {
 ///
 /// Errors: [`ClientError::Connect`] when the member cannot be reached; the member's refusal as
 /// [`ClientError::Rpc`] (an epoch of 0 or above the highest).
-pub async fn fence(endpoint: &str, epoch: u64) -> Result<fpb::FenceResponse, ClientError> {
-    let ch = crate::connect(endpoint).await?;
+pub async fn fence(member: &crate::Cluster, epoch: u64) -> Result<fpb::FenceResponse, ClientError> {
+    let ch = crate::connect_to(member).await?;
     let mut c = fpb::failover_client::FailoverClient::new(ch);
     Ok(c.fence(fpb::FenceRequest { epoch }).await?.into_inner())
 }
@@ -788,8 +788,8 @@ pub fn fenced_by_majority(answers: &[(u64, Vec<Vec<u64>>)]) -> bool {
 ///
 /// Errors: [`ClientError::Connect`]; the member's refusal as [`ClientError::Rpc`] (not a
 /// learner, fenced, or an epoch not above its own).
-pub async fn promote(endpoint: &str, epoch: u64) -> Result<fpb::PromoteResponse, ClientError> {
-    let ch = crate::connect(endpoint).await?;
+pub async fn promote(member: &crate::Cluster, epoch: u64) -> Result<fpb::PromoteResponse, ClientError> {
+    let ch = crate::connect_to(member).await?;
     let mut c = fpb::failover_client::FailoverClient::new(ch);
     Ok(c.promote(fpb::PromoteRequest { epoch }).await?.into_inner())
 }
@@ -802,12 +802,12 @@ pub async fn promote(endpoint: &str, epoch: u64) -> Result<fpb::PromoteResponse,
 /// Errors: [`ClientError::Connect`]; the member's refusal as [`ClientError::Rpc`] (a witness,
 /// the new primary's leader, or an epoch not above its own).
 pub async fn rejoin(
-    endpoint: &str,
+    member: &crate::Cluster,
     epoch: u64,
     cluster_id: u64,
     leader: &str,
 ) -> Result<fpb::RejoinResponse, ClientError> {
-    let ch = crate::connect(endpoint).await?;
+    let ch = crate::connect_to(member).await?;
     let mut c = fpb::failover_client::FailoverClient::new(ch);
     let req = fpb::RejoinRequest { epoch, cluster_id, leader_name: leader.to_string() };
     Ok(c.rejoin(req).await?.into_inner())
@@ -826,8 +826,8 @@ pub fn epoch_of(revision: i64) -> u64 {
 /// A primary a failover made, as [`join`] needs it.
 #[derive(Clone, Debug)]
 pub struct NewPrimary {
-    /// The client endpoint it was asked through.
-    pub endpoint: String,
+    /// The member it was asked through, and how it was reached.
+    pub at: crate::Cluster,
     /// Its revision epoch, cluster ID and the name of the member that answered (its leader,
     /// right after PROMOTE).
     pub epoch: u64,
@@ -843,9 +843,10 @@ impl NewPrimary {
     ///
     /// Errors: [`ClientError::Connect`]; its refusal as [`ClientError::Rpc`]; `FailedPrecondition`
     /// when it is in revision epoch 0 (no failover made it) or absent from its own list.
-    pub async fn ask(endpoint: &str) -> Result<NewPrimary, ClientError> {
+    pub async fn ask(at: &crate::Cluster) -> Result<NewPrimary, ClientError> {
         use geolock_proto::etcdserverpb as pb;
-        let ch = crate::connect(endpoint).await?;
+        let ch = crate::connect_to(at).await?;
+        let endpoint = &at.endpoints;
         let r = pb::cluster_client::ClusterClient::new(ch)
             .member_list(pb::MemberListRequest { linearizable: true })
             .await?
@@ -860,13 +861,7 @@ impl NewPrimary {
             )));
         }
         let leader = leader.ok_or_else(|| refuse(format!("{endpoint} is not in its own member list")))?;
-        Ok(NewPrimary {
-            endpoint: endpoint.to_string(),
-            epoch,
-            cluster_id: header.cluster_id,
-            leader,
-            members: r.members,
-        })
+        Ok(NewPrimary { at: at.clone(), epoch, cluster_id: header.cluster_id, leader, members: r.members })
     }
 }
 
@@ -878,11 +873,11 @@ impl NewPrimary {
 /// Errors: [`rejoin`]'s; the new primary's refusal of the MemberAdd (a membership change
 /// still under way after 10 s is one).
 pub async fn join(new: &NewPrimary, member: &str, voter: bool) -> Result<String, ClientError> {
-    let r = rejoin(member, new.epoch, new.cluster_id, &new.leader).await?;
+    let r = rejoin(&new.at.at(member), new.epoch, new.cluster_id, &new.leader).await?;
     // One membership change at a time: the previous member's promotion may be under way.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while !new.members.iter().any(|m| m.name == r.name) {
-        match crate::member_add(&crate::Cluster::plain(&new.endpoint), &r.name, r.peer_urls.clone(), !voter).await {
+        match crate::member_add(&new.at, &r.name, r.peer_urls.clone(), !voter).await {
             Err(ClientError::Rpc(s))
                 if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline =>
             {
@@ -965,15 +960,15 @@ pub struct Health {
     pub detail: String,
 }
 
-/// Probe the primary at `endpoints` (each member's, comma-separated), each within `timeout`, in
+/// Probe the primary's members (each of `primary`'s endpoints), each within `timeout`, in
 /// parallel: healthy when any member names a leader. A follower stops naming one an election
 /// timeout after it last heard from it, and a leader cut off from its quorum steps down, so
 /// "a member names a leader" means a leader a quorum hears. (Not a linearizable read: a primary
 /// that lost its region write lease refuses those, and a one-sided partition that keeps the
 /// standby from granting would then look like a lost primary to the arbiter too.)
-pub async fn probe_primary(endpoints: &str, timeout: std::time::Duration) -> Health {
-    let asks = endpoints.split(',').filter(|e| !e.is_empty()).map(|ep| async move {
-        let seen = match tokio::time::timeout(timeout, status(ep)).await {
+pub async fn probe_primary(primary: &crate::Cluster, timeout: std::time::Duration) -> Health {
+    let asks = primary.endpoints.split(',').filter(|e| !e.is_empty()).map(|ep| async move {
+        let seen = match tokio::time::timeout(timeout, status(&primary.at(ep))).await {
             Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
             Ok(Err(e)) => Err(e.to_string()),
             Ok(Ok(s)) if s.leader != 0 => Ok(s.leader),
@@ -984,11 +979,12 @@ pub async fn probe_primary(endpoints: &str, timeout: std::time::Duration) -> Hea
     judge(futures::future::join_all(asks).await)
 }
 
-/// Maintenance.Status of the member at `endpoint`.
+/// Maintenance.Status of `member` (one endpoint). While auth is on it needs a user: a client
+/// certificate's common name costs nothing per connection, a password a bcrypt on the member.
 ///
 /// Errors: [`ClientError::Connect`]; [`ClientError::Rpc`].
-pub async fn status(endpoint: &str) -> Result<geolock_proto::etcdserverpb::StatusResponse, ClientError> {
-    let ch = crate::connect(endpoint).await?;
+pub async fn status(member: &crate::Cluster) -> Result<geolock_proto::etcdserverpb::StatusResponse, ClientError> {
+    let ch = crate::connect_to(member).await?;
     let mut m = geolock_proto::etcdserverpb::maintenance_client::MaintenanceClient::new(ch);
     Ok(m.status(geolock_proto::etcdserverpb::StatusRequest {}).await?.into_inner())
 }
@@ -1035,12 +1031,12 @@ impl Vantage {
         self.state.seen.lock().unwrap().as_ref().map(|(at, h)| (at.elapsed(), h.clone()))
     }
 
-    /// Probe the primary at `endpoints` every `every` (each probe bounded by it), and keep what
-    /// each found; until the task is dropped.
-    pub async fn watch_primary(self, endpoints: String, every: std::time::Duration) {
+    /// Probe `primary`'s members every `every` (each probe bounded by it), and keep what each
+    /// found; until the task is dropped.
+    pub async fn watch_primary(self, primary: crate::Cluster, every: std::time::Duration) {
         loop {
             let next = tokio::time::sleep(every);
-            self.record(probe_primary(&endpoints, every).await);
+            self.record(probe_primary(&primary, every).await);
             next.await;
         }
     }

@@ -13,6 +13,7 @@ pub mod failover;
 pub mod journal;
 pub mod notify;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -56,6 +57,60 @@ impl Cluster {
     pub fn plain(endpoints: &str) -> Cluster {
         Cluster { endpoints: endpoints.to_string(), ..Cluster::default() }
     }
+
+    /// `endpoints` reached with `creds`, their files read now. An error names the setting or
+    /// file at fault, by etcdctl's flag names.
+    pub fn with(endpoints: &str, creds: &Credentials) -> Result<Cluster, String> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read =
+            |flag: &str, path: &PathBuf| std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()));
+        let tls = match (&creds.cacert, &creds.cert, &creds.key) {
+            (None, None, None) => None,
+            (None, _, _) => {
+                return Err("cert and key need cacert, the bundle members' certificates are checked against".into())
+            }
+            (Some(_), Some(_), None) | (Some(_), None, Some(_)) => return Err("cert and key go together".into()),
+            (Some(ca), cert, key) => {
+                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("cacert", ca)?));
+                if let (Some(cert), Some(key)) = (cert, key) {
+                    tls = tls.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
+                }
+                Some(tls)
+            }
+        };
+        let user = match (&creds.user, &creds.password) {
+            (None, None) => None,
+            (None, Some(_)) => return Err("password needs user".into()),
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            (Some(u), None) => match u.split_once(':') {
+                Some((name, password)) => Some((name.to_string(), password.to_string())),
+                None => return Err(format!("user {u}: no password; give user {u}:PASSWORD or a password")),
+            },
+        };
+        Ok(Cluster { endpoints: endpoints.to_string(), tls, user })
+    }
+
+    /// The member at `endpoint` alone, reached as this cluster's members are.
+    pub fn at(&self, endpoint: &str) -> Cluster {
+        Cluster { endpoints: endpoint.to_string(), ..self.clone() }
+    }
+}
+
+/// How a client speaks to members and who it is: etcdctl's `--cacert`, `--cert`, `--key`,
+/// `--user` and `--password`, as flags of `lockctl` and settings of the failover controller.
+/// All unset: plain text, as nobody.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// Speak TLS, checking members' certificates against this CA bundle (PEM).
+    pub cacert: Option<PathBuf>,
+    /// The client certificate to present (PEM; needs `key` and `cacert`).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Authenticate as `NAME` (with `password`) or `NAME:PASSWORD`.
+    pub user: Option<String>,
+    pub password: Option<String>,
 }
 
 /// Adds the caller's auth token (etcd's `token` metadata) to every request on a connection.

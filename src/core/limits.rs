@@ -193,6 +193,12 @@ pub const AUTH_ROLES_MAX: usize = 10_000;
 pub const ROLES_PER_USER_MAX: usize = 100;
 pub const PERMISSIONS_PER_ROLE_MAX: usize = 1_000;
 
+/// Password checks and hashes waiting for a bcrypt slot on one member. Past it, Authenticate is
+/// answered etcd's "too many requests" at once: at etcd's cost 10 one slot checks about 20
+/// passwords a second, so a longer queue would only hand its last callers a timeout, and
+/// wrong-password floods would hold real logins behind them.
+pub const BCRYPT_QUEUED_MAX: usize = 256;
+
 /// Longest password, in bytes: bcrypt reads only the first 72 (later bytes would be ignored
 /// silently, so a longer password is refused instead).
 pub const AUTH_PASSWORD_BYTES_MAX: usize = 72;

@@ -109,7 +109,7 @@ enum CertsCommand {
     },
 }
 
-/// Where the failover commands connect (in plain text, as nobody, for now).
+/// Where the failover controller's own service is (plain text: `approve`, `observe`).
 #[derive(Args, Debug)]
 pub struct EndpointArgs {
     /// Comma-separated client endpoints (`host:port`); the first that answers is used.
@@ -123,6 +123,21 @@ pub struct ClientArgs {
     /// Comma-separated client endpoints (`host:port` or URLs); the first that answers is used.
     #[arg(long, global = true, default_value = "127.0.0.1:2379", env = "LOCKCTL_ENDPOINTS")]
     pub endpoints: String,
+    #[command(flatten)]
+    pub creds: CredentialArgs,
+}
+
+impl ClientArgs {
+    /// The cluster these flags name, the files read; an error names the setting or file at
+    /// fault.
+    pub fn cluster(&self) -> Result<geolock_client::Cluster, String> {
+        self.creds.reach(&self.endpoints)
+    }
+}
+
+/// Over what and as whom client commands connect: etcdctl's flags.
+#[derive(Args, Debug)]
+pub struct CredentialArgs {
     /// Speak TLS, checking members' certificates against this CA bundle (PEM).
     #[arg(long, global = true)]
     pub cacert: Option<PathBuf>,
@@ -140,38 +155,17 @@ pub struct ClientArgs {
     pub password: Option<String>,
 }
 
-impl ClientArgs {
-    /// The cluster these flags name, the files read; an error names the flag or file at fault.
-    pub fn cluster(&self) -> Result<geolock_client::Cluster, String> {
-        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-        let read =
-            |flag: &str, path: &PathBuf| std::fs::read(path).map_err(|e| format!("--{flag} {}: {e}", path.display()));
-        let tls = match (&self.cacert, &self.cert, &self.key) {
-            (None, None, None) => None,
-            (None, _, _) => {
-                return Err(
-                    "--cert and --key need --cacert, the bundle members' certificates are checked against".into()
-                )
-            }
-            (Some(_), Some(_), None) | (Some(_), None, Some(_)) => return Err("--cert and --key go together".into()),
-            (Some(ca), cert, key) => {
-                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("cacert", ca)?));
-                if let (Some(cert), Some(key)) = (cert, key) {
-                    tls = tls.identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
-                }
-                Some(tls)
-            }
+impl CredentialArgs {
+    /// `endpoints` reached with these credentials, the files read.
+    pub fn reach(&self, endpoints: &str) -> Result<geolock_client::Cluster, String> {
+        let creds = geolock_client::Credentials {
+            cacert: self.cacert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
         };
-        let user = match (&self.user, &self.password) {
-            (None, None) => None,
-            (None, Some(_)) => return Err("--password needs --user".into()),
-            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
-            (Some(u), None) => match u.split_once(':') {
-                Some((name, password)) => Some((name.to_string(), password.to_string())),
-                None => return Err(format!("--user {u}: no password; give --user {u}:PASSWORD or --password")),
-            },
-        };
-        Ok(geolock_client::Cluster { endpoints: self.endpoints.clone(), tls, user })
+        geolock_client::Cluster::with(endpoints, &creds)
     }
 }
 

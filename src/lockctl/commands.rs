@@ -241,7 +241,7 @@ pub enum FailoverCommand {
     /// also after a restart, until `lockctl failover rejoin`.
     Fence {
         #[command(flatten)]
-        client: crate::cli::EndpointArgs,
+        client: crate::cli::ClientArgs,
         #[arg(long)]
         epoch: u64,
     },
@@ -258,6 +258,9 @@ pub enum FailoverCommand {
         /// How often to probe the primary, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         probe_interval_ms: u64,
+        /// How the primary's members are probed (Status needs a user while auth is on).
+        #[command(flatten)]
+        creds: crate::cli::CredentialArgs,
     },
     /// Where the failover controller whose journal is JOURNAL stands, and its timeline.
     Status {
@@ -281,7 +284,7 @@ pub enum FailoverCommand {
     /// added as a learner, and the flags to start it with are printed.
     Rejoin {
         #[command(flatten)]
-        client: crate::cli::EndpointArgs,
+        client: crate::cli::ClientArgs,
         /// The running member's client endpoint.
         #[arg(long, conflicts_with_all = ["name", "peer_urls", "data_dir"], required_unless_present = "name")]
         member: Option<String>,
@@ -304,7 +307,7 @@ pub enum FailoverCommand {
     /// applied, in revision epoch EPOCH, and restarts as its leader.
     Promote {
         #[command(flatten)]
-        client: crate::cli::EndpointArgs,
+        client: crate::cli::ClientArgs,
         #[arg(long)]
         epoch: u64,
     },
@@ -323,8 +326,9 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
         FailoverCommand::Fence { client, epoch } => {
             let mut failed = 0;
             let mut fenced = Vec::new();
+            let primary = client.cluster()?;
             for endpoint in client.endpoints.split(',').filter(|e| !e.is_empty()) {
-                match geolock_client::failover::fence(endpoint, epoch).await {
+                match geolock_client::failover::fence(&primary.at(endpoint), epoch).await {
                     Ok(r) => {
                         let member = r.header.unwrap_or_default().member_id;
                         println!(
@@ -345,7 +349,8 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
             }
             Ok(u8::from(failed > 0))
         }
-        FailoverCommand::Vantage { listen, primary, probe_interval_ms } => {
+        FailoverCommand::Vantage { listen, primary, probe_interval_ms, creds } => {
+            let primary = creds.reach(&primary)?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .map_err(|source| CommandError::Listen { addr: listen.clone(), source })?;
@@ -402,7 +407,7 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
             Ok(0)
         }
         FailoverCommand::Rejoin { client, member: Some(member), .. } => {
-            let new = geolock_client::failover::NewPrimary::ask(&client.endpoints)
+            let new = geolock_client::failover::NewPrimary::ask(&client.cluster()?)
                 .await
                 .map_err(|e| CommandError::Rejoin(e.to_string()))?;
             let name = geolock_client::failover::join(&new, &member, false).await?;
@@ -416,7 +421,7 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
             let (Some(name), Some(peer_urls), Some(data_dir)) = (name, peer_urls, data_dir) else {
                 return Err(CommandError::Rejoin("give --member, or --name with --peer-urls and --data-dir".into()));
             };
-            let new = geolock_client::failover::NewPrimary::ask(&client.endpoints)
+            let new = geolock_client::failover::NewPrimary::ask(&client.cluster()?)
                 .await
                 .map_err(|e| CommandError::Rejoin(e.to_string()))?;
             if data_dir.exists() {
@@ -433,7 +438,7 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
                 );
             }
             println!("joining the primary in revision epoch {} as a learner", new.epoch);
-            member(&Cluster::plain(&client.endpoints), MemberCommand::Add { name, peer_urls, learner: true }).await
+            member(&new.at, MemberCommand::Add { name, peer_urls, learner: true }).await
         }
         FailoverCommand::Observe { client } => {
             match geolock_client::failover::observe(&client.endpoints).await? {
@@ -448,7 +453,7 @@ pub async fn failover(cmd: FailoverCommand) -> Result<u8, CommandError> {
             Ok(0)
         }
         FailoverCommand::Promote { client, epoch } => {
-            let r = geolock_client::failover::promote(&client.endpoints, epoch).await?;
+            let r = geolock_client::failover::promote(&client.cluster()?, epoch).await?;
             println!(
                 "member {:x} seeds cluster {:x} in revision epoch {epoch} from applied index {} ({} received entries dropped)",
                 r.header.unwrap_or_default().member_id,

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use geolock_core::auth::Caller;
-use geolock_core::limits::{AUTH_PASSWORD_BYTES_MAX, AUTH_TOKEN_TTL_S_MAX, SIMPLE_TOKENS_MAX};
+use geolock_core::limits::{AUTH_PASSWORD_BYTES_MAX, AUTH_TOKEN_TTL_S_MAX, BCRYPT_QUEUED_MAX, SIMPLE_TOKENS_MAX};
 
 /// Letters in a simple token's random part (etcd's `defaultSimpleTokenLength`).
 const TOKEN_PREFIX_LETTERS: usize = 16;
@@ -30,20 +30,49 @@ pub enum PasswordError {
     Bcrypt(#[from] bcrypt::BcryptError),
     #[error("password hashing stopped: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("too many password checks waiting (bcrypt_queued_max {max})")]
+    Busy { max: usize },
 }
 
 /// bcrypt runs on at most half of this machine's cores (at least one), whoever asks: anyone
 /// may call Authenticate, and a thousand callers at once with all cores hashing would starve
 /// the threads that send the leader's heartbeats, and the cluster would elect another.
-static BCRYPT_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+static BCRYPT: std::sync::LazyLock<BcryptPool> = std::sync::LazyLock::new(|| {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    tokio::sync::Semaphore::new((cores / 2).max(1))
+    BcryptPool::new((cores / 2).max(1), BCRYPT_QUEUED_MAX)
 });
 
-/// Run one bcrypt computation on a blocking thread once one of [`BCRYPT_SLOTS`] is free.
-async fn bcrypt_off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PasswordError> {
-    let _slot = BCRYPT_SLOTS.acquire().await.expect("the bcrypt semaphore is never closed");
-    Ok(tokio::task::spawn_blocking(f).await?)
+/// bcrypt work: at most `slots` computations at once, each on a blocking thread, and at most
+/// `queued_max` callers waiting for a slot.
+struct BcryptPool {
+    slots: tokio::sync::Semaphore,
+    queued: std::sync::atomic::AtomicUsize,
+    queued_max: usize,
+}
+
+impl BcryptPool {
+    fn new(slots: usize, queued_max: usize) -> BcryptPool {
+        BcryptPool { slots: tokio::sync::Semaphore::new(slots), queued: 0.into(), queued_max }
+    }
+
+    /// Run `f` once a slot is free; refused at once with `queued_max` callers already waiting.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, PasswordError> {
+        use std::sync::atomic::Ordering;
+        struct Queued<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Queued<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.queued_max {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(PasswordError::Busy { max: self.queued_max });
+        }
+        let queued = Queued(&self.queued);
+        let _slot = self.slots.acquire().await.expect("the bcrypt semaphore is never closed");
+        drop(queued);
+        Ok(tokio::task::spawn_blocking(f).await?)
+    }
 }
 
 /// The bcrypt hash of `password` at `cost`, computed off the async runtime's threads (at etcd's
@@ -52,7 +81,7 @@ pub async fn hash_password(password: String, cost: u32) -> Result<String, Passwo
     if password.len() > AUTH_PASSWORD_BYTES_MAX {
         return Err(PasswordError::TooLong { len: password.len(), max: AUTH_PASSWORD_BYTES_MAX });
     }
-    Ok(bcrypt_off_runtime(move || bcrypt::hash(password, cost)).await??)
+    Ok(BCRYPT.run(move || bcrypt::hash(password, cost)).await??)
 }
 
 /// Whether `password` matches the bcrypt `hash`, checked off the async runtime's threads. A
@@ -61,7 +90,7 @@ pub async fn password_matches(password: String, hash: String) -> Result<bool, Pa
     if password.len() > AUTH_PASSWORD_BYTES_MAX {
         return Ok(false);
     }
-    bcrypt_off_runtime(move || bcrypt::verify(password, &hash).unwrap_or(false)).await
+    BCRYPT.run(move || bcrypt::verify(password, &hash).unwrap_or(false)).await
 }
 
 /// A fresh random token prefix: 16 letters.
@@ -363,6 +392,28 @@ mod tests {
         t.assign("a".into(), "alice".into(), at);
         assert_eq!(t.user("a", at), None);
         assert!(t.table().by_token.is_empty());
+    }
+
+    #[tokio::test]
+    async fn password_checks_past_the_queue_bound_are_refused_at_once() {
+        let pool = std::sync::Arc::new(BcryptPool::new(1, 3));
+        // The one slot taken: three callers queue, the fourth is refused.
+        let slot = pool.slots.acquire().await.unwrap();
+        let queued: Vec<_> = (0..3)
+            .map(|i| {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.run(move || i).await })
+            })
+            .collect();
+        while pool.queued.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(pool.run(|| 9).await, Err(PasswordError::Busy { max: 3 })));
+        drop(slot);
+        for (i, q) in queued.into_iter().enumerate() {
+            assert_eq!(q.await.unwrap().unwrap(), i, "a queued call ran once the slot was free");
+        }
+        assert_eq!(pool.run(|| 9).await.unwrap(), 9, "the queue drained");
     }
 
     #[test]

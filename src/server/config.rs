@@ -460,6 +460,10 @@ impl Config {
     /// certificate and key, or `client_cert_auth` without a CA bundle, is refused.
     pub fn client_tls(&self) -> Result<Option<crate::client_tls::ClientTlsFiles>, ConfigError> {
         if !self.client_listeners()?.iter().any(|(_, tls)| *tls) {
+            // A member told to require client certificates must not serve without them.
+            if self.client_cert_auth {
+                return Err(ConfigError::Invalid("client_cert_auth needs an https:// client URL".into()));
+            }
             return Ok(None);
         }
         if self.cert_file.is_empty() || self.key_file.is_empty() {

@@ -120,9 +120,17 @@ fn configs(tls: &TlsFiles, contents: &[Vec<u8>]) -> Result<(quinn::ServerConfig,
     let key = PrivateKeyDer::from_pem_slice(&contents[2]).map_err(pem_err(&tls.key))?;
     let crls = match &tls.crl {
         None => Vec::new(),
-        Some(path) => rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&contents[3])
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(pem_err(path))?,
+        Some(path) => {
+            let crls = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&contents[3])
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(pem_err(path))?;
+            // A file caught half-written (truncated before it is filled again) holds none:
+            // taking that as "nothing revoked" would let a revoked peer in meanwhile.
+            if crls.is_empty() {
+                return Err(pem_err(path)(rustls::pki_types::pem::Error::NoItemsFound));
+            }
+            crls
+        }
     };
     let roots = Arc::new(roots);
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())

@@ -208,16 +208,9 @@ fn certificates_and_ca_bundles_are_replaced_without_a_restart() {
     geo.terminate(std::time::Duration::from_secs(10));
 }
 
-/// `lockctl`'s client commands with etcdctl's `--cacert`, `--cert`, `--key` and `--user`: a lock
-/// taken as the certificate's common name and as a user with a password, refused outside the
-/// user's keys, a wrong password and incomplete flags named in the error.
-#[test]
-fn lockctl_client_commands_speak_tls_and_authenticate() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (pki, tls_flags) = pki_with_users(tmp.path());
-    let ca = pki.join("ca.crt");
-    let as_root = creds(&ca, Some((&pki, "root")));
-    let (mut geo, ep) = start_tls("lockctl", tmp.path(), &tls_flags, &as_root);
+/// Users root (role root) and alice (READWRITE on `a/`), and auth on, through `endpoint` as
+/// `as_root` (etcdctl's credentials).
+fn enable_auth(endpoint: &str, as_root: &[String]) {
     for step in [
         vec!["user", "add", "root:rootpw"],
         vec!["user", "grant-role", "root", "root"],
@@ -228,9 +221,22 @@ fn lockctl_client_commands_speak_tls_and_authenticate() {
         vec!["auth", "enable"],
     ] {
         let a: Vec<&str> = as_root.iter().map(String::as_str).chain(step.iter().copied()).collect();
-        let out = etcdctl(&ep, &a, None);
+        let out = etcdctl(endpoint, &a, None);
         assert!(out.status.success(), "etcdctl {a:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+/// `lockctl`'s client commands with etcdctl's `--cacert`, `--cert`, `--key` and `--user`: a lock
+/// taken as the certificate's common name and as a user with a password, refused outside the
+/// user's keys, a wrong password and incomplete flags named in the error.
+#[test]
+fn lockctl_client_commands_speak_tls_and_authenticate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pki, tls_flags) = pki_with_users(tmp.path());
+    let ca = pki.join("ca.crt");
+    let as_root = creds(&ca, Some((&pki, "root")));
+    let (mut geo, ep) = start_tls("lockctl", tmp.path(), &tls_flags, &as_root);
+    enable_auth(&ep, &as_root);
     // `host:port` with --cacert means https; the lock runs `true` and is released.
     let endpoint = ep.trim_start_matches("https://").to_string();
     let lockctl = |who: &[String], name: &str| {
@@ -259,7 +265,7 @@ fn lockctl_client_commands_speak_tls_and_authenticate() {
         // Its lease is refused first: LeaseGrant needs a user while auth is on (README).
         (&creds(&ca, Some((&pki, "anonymous"))), "a/lock", false, "etcdserver: user name is empty"),
         (&wrong_password, "a/lock", false, "etcdserver: authentication failed, invalid user ID or password"),
-        (&no_ca, "a/lock", false, "--cert and --key need --cacert"),
+        (&no_ca, "a/lock", false, "cert and key need cacert"),
     ] {
         let (success, said) = lockctl(who, name);
         assert_eq!(success, ok, "lockctl lock {name} with {who:?}: {said}");
@@ -272,5 +278,66 @@ fn lockctl_client_commands_speak_tls_and_authenticate() {
         .unwrap();
     assert!(out.status.success(), "lockctl member list as root: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("n1"), "{}", String::from_utf8_lossy(&out.stdout));
+    geo.terminate(std::time::Duration::from_secs(10));
+}
+
+/// The failover commands over TLS with credentials: a vantage point probing a primary whose
+/// Status needs a user sees it healthy with root's certificate and not with one naming nobody;
+/// FENCE is root's, refused to alice, and once root fenced the member it takes no write.
+#[test]
+fn failover_commands_reach_members_over_tls_as_a_user() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (pki, tls_flags) = pki_with_users(tmp.path());
+    let ca = pki.join("ca.crt");
+    let as_root = creds(&ca, Some((&pki, "root")));
+    let (mut geo, ep) = start_tls("lockctl", tmp.path(), &tls_flags, &as_root);
+    enable_auth(&ep, &as_root);
+    let endpoint = ep.trim_start_matches("https://").to_string();
+    let strs = |v: &[String]| v.iter().map(String::clone).collect::<Vec<_>>();
+
+    // Two vantage points, one probing as root, one with a certificate that names nobody.
+    let mut vantages = Vec::new();
+    for who in ["root", "anonymous"] {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockctl"));
+        cmd.args(["failover", "vantage", "--listen", &listen, "--primary", &endpoint, "--probe-interval-ms", "200"]);
+        cmd.args(creds(&ca, Some((&pki, who))));
+        vantages.push((who, listen, spawn_logged(cmd, &tmp.path().join(format!("vantage-{who}.log")))));
+    }
+    for (who, listen, _) in &vantages {
+        let healthy = *who == "root";
+        eventually(&format!("the vantage point probing as {who} reports"), || {
+            let out = crate::common::lockctl(&["failover", "observe", "--endpoints", listen]);
+            let said = String::from_utf8_lossy(&out.stdout).into_owned();
+            if healthy {
+                said.starts_with("healthy")
+            } else {
+                said.starts_with("unhealthy") && said.contains("etcdserver: user name is empty")
+            }
+        });
+    }
+
+    let fence = |who: &str| {
+        let mut a = vec!["failover".to_string(), "fence".into(), "--endpoints".into(), endpoint.clone()];
+        a.extend(strs(&creds(&ca, Some((&pki, who)))));
+        a.extend(["--epoch".into(), "1".into()]);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = crate::common::lockctl(&a);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, said) = fence("alice");
+    assert!(!ok && said.contains("etcdserver: permission denied"), "fence as alice: {said}");
+    let (ok, said) = fence("root");
+    assert!(ok && said.contains("fenced by epoch 1"), "fence as root: {said}");
+    let put: Vec<&str> =
+        as_root.iter().map(String::as_str).chain(["--command-timeout=3s", "put", "a/x", "1"]).collect();
+    let out = etcdctl(&ep, &put, None);
+    assert!(!out.status.success(), "a fenced member took a write: {}", String::from_utf8_lossy(&out.stdout));
+    for (_, _, mut v) in vantages {
+        v.terminate(std::time::Duration::from_secs(5));
+    }
     geo.terminate(std::time::Duration::from_secs(10));
 }

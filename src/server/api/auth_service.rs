@@ -35,7 +35,7 @@ impl Api {
     /// milliseconds of CPU; nobody else gets to spend them).
     async fn hashed(&self, password: String) -> Result<String, ApiError> {
         self.must_be_admin()?;
-        hash_password(password, self.auth.bcrypt_cost).await.map_err(|e| ApiError::InvalidArgument(e.to_string()))
+        hash_password(password, self.auth.bcrypt_cost).await.map_err(ApiError::from)
     }
 
     /// A linearizable read of the auth store.
@@ -92,9 +92,7 @@ impl pb::auth_server::Auth for Api {
         for _ in 0..AUTHENTICATE_ATTEMPTS_MAX {
             let ((hash, checked_at), _) =
                 api.read_auth(|a| a.password_of(&r.name).map(|(h, rev)| (h.to_string(), rev))).await?;
-            let matches = password_matches(r.password.clone(), hash)
-                .await
-                .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+            let matches = password_matches(r.password.clone(), hash).await.map_err(ApiError::from)?;
             if !matches {
                 tracing::info!(user = %r.name, "authentication failed: wrong password");
                 return Err(ApiError::from(AuthError::AuthFailed).into());

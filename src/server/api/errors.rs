@@ -49,6 +49,9 @@ pub enum ApiError {
     /// Authenticate on a member given a JWT public key but no private key (etcd's text).
     #[error("auth: token signing attempted with verify-only key")]
     VerifyOnly,
+    /// Hashing or checking a password failed, or waits past the queue's bound.
+    #[error("etcdserver: {0}")]
+    Password(#[from] crate::auth::PasswordError),
     /// A Txn that found the lock key already created did not read it back: a bug.
     #[error("geolock: lock key {key} vanished during its creation")]
     LockKeyVanished { key: String },
@@ -141,7 +144,8 @@ fn etcd_text(e: &ApiError) -> Option<&'static str> {
         ApiError::Kv(k) | ApiError::Node(NodeError::Apply(ApplyError::Kv(k))) => kv(k),
         ApiError::Lease(l) | ApiError::Node(NodeError::Apply(ApplyError::Lease(l))) => lease(l),
         ApiError::RequestTooLarge { .. } => Some("etcdserver: request is too large"),
-        ApiError::Node(NodeError::TooManyProposals { .. }) => Some("etcdserver: too many requests"),
+        ApiError::Node(NodeError::TooManyProposals { .. })
+        | ApiError::Password(crate::auth::PasswordError::Busy { .. }) => Some("etcdserver: too many requests"),
         ApiError::Node(NodeError::Member(MemberError::LastVoter)) => {
             Some("etcdserver: re-configuration failed due to not enough started members")
         }
@@ -196,6 +200,9 @@ impl From<ApiError> for Status {
             ApiError::WatchQueueFull { .. } => Code::ResourceExhausted,
             ApiError::UnexpectedApply { .. } | ApiError::LockKeyVanished { .. } => Code::Internal,
             ApiError::VerifyOnly => Code::Unknown,
+            ApiError::Password(crate::auth::PasswordError::Busy { .. }) => Code::ResourceExhausted,
+            ApiError::Password(crate::auth::PasswordError::TooLong { .. }) => Code::InvalidArgument,
+            ApiError::Password(_) => Code::Internal,
         };
         let detail = e.to_string();
         match etcd_text(&e) {

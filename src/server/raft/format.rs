@@ -113,6 +113,11 @@ impl SnapshotData {
         SnapshotData { families: families.into_iter().map(|(cf, pairs)| (cf.name().to_string(), pairs)).collect() }
     }
 
+    /// The same snapshot with the pairs of `cf` alone.
+    pub(super) fn only(self, cf: Cf) -> SnapshotData {
+        SnapshotData { families: self.families.into_iter().filter(|(name, _)| name == cf.name()).collect() }
+    }
+
     /// Every column family's pairs; refused if it names a family this build does not have.
     pub(super) fn into_families(self) -> Result<Vec<(Cf, Pairs)>, FormatError> {
         self.families

@@ -524,8 +524,11 @@ impl RaftNetworkV2<TC> for Peer {
         }
         let (meta, mut data) = (snapshot.meta, snapshot.snapshot);
         if self.member.role == super::MemberRole::Witness {
-            // It keeps the metadata only: spare the link the key space.
-            data = Vec::new();
+            // It keeps the auth store (it checks who may change the membership) and the
+            // metadata: spare the link the key space.
+            data = super::format::decode::<super::format::SnapshotData>(&data)
+                .map(|full| super::format::encode(&full.only(geolock_core::storage::Cf::Auth)))
+                .map_err(|e| StreamingError::Unreachable(Unreachable::from_string(format!("snapshot: {e}"))))?;
         }
         let total = data.len();
         let send = async {

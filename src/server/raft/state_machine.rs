@@ -345,10 +345,12 @@ impl RaftStateMachine<TC> for StateMachine {
                 return Err(sealed());
             }
             // Of the data that came with it, a witness keeps the auth store only (it checks
-            // who may change the membership), and the metadata.
+            // who may change the membership), and the metadata. A snapshot without data (from
+            // a build that sent none to witnesses) leaves the auth store it has: wiping it
+            // would turn authentication off here.
             let mut b = WriteBatch::default();
-            b.delete_range(Cf::Auth, Vec::new(), vec![0xff; 64]);
             if !snapshot.is_empty() {
+                b.delete_range(Cf::Auth, Vec::new(), vec![0xff; 64]);
                 let data: SnapshotData = decode(&snapshot)?;
                 for (cf, pairs) in data.into_families()? {
                     if cf == Cf::Auth {
