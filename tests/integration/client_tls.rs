@@ -208,9 +208,22 @@ fn certificates_and_ca_bundles_are_replaced_without_a_restart() {
     geo.terminate(std::time::Duration::from_secs(10));
 }
 
-/// Users root (role root) and alice (READWRITE on `a/`), and auth on, through `endpoint` as
-/// `as_root` (etcdctl's credentials).
-fn enable_auth(endpoint: &str, as_root: &[String]) {
+/// A geolock node in `dir` serving TLS with `--client-cert-auth` ([`pki_with_users`]), with
+/// users root (role root) and alice (READWRITE on `a/`) and auth on; `as_root` is etcdctl's
+/// credentials for root's certificate, `ep` the node's `https://` endpoint.
+struct AuthNode {
+    pki: PathBuf,
+    ca: PathBuf,
+    as_root: Vec<String>,
+    geo: Proc,
+    ep: String,
+}
+
+fn start_with_auth(dir: &Path) -> AuthNode {
+    let (pki, tls_flags) = pki_with_users(dir);
+    let ca = pki.join("ca.crt");
+    let as_root = creds(&ca, Some((&pki, "root")));
+    let (geo, ep) = start_tls("lockctl", dir, &tls_flags, &as_root);
     for step in [
         vec!["user", "add", "root:rootpw"],
         vec!["user", "grant-role", "root", "root"],
@@ -221,9 +234,10 @@ fn enable_auth(endpoint: &str, as_root: &[String]) {
         vec!["auth", "enable"],
     ] {
         let a: Vec<&str> = as_root.iter().map(String::as_str).chain(step.iter().copied()).collect();
-        let out = etcdctl(endpoint, &a, None);
+        let out = etcdctl(&ep, &a, None);
         assert!(out.status.success(), "etcdctl {a:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
+    AuthNode { pki, ca, as_root, geo, ep }
 }
 
 /// `lockctl`'s client commands with etcdctl's `--cacert`, `--cert`, `--key` and `--user`: a lock
@@ -232,11 +246,7 @@ fn enable_auth(endpoint: &str, as_root: &[String]) {
 #[test]
 fn lockctl_client_commands_speak_tls_and_authenticate() {
     let tmp = tempfile::tempdir().unwrap();
-    let (pki, tls_flags) = pki_with_users(tmp.path());
-    let ca = pki.join("ca.crt");
-    let as_root = creds(&ca, Some((&pki, "root")));
-    let (mut geo, ep) = start_tls("lockctl", tmp.path(), &tls_flags, &as_root);
-    enable_auth(&ep, &as_root);
+    let AuthNode { pki, ca, as_root, mut geo, ep } = start_with_auth(tmp.path());
     // `host:port` with --cacert means https; the lock runs `true` and is released.
     let endpoint = ep.trim_start_matches("https://").to_string();
     let lockctl = |who: &[String], name: &str| {
@@ -287,11 +297,7 @@ fn lockctl_client_commands_speak_tls_and_authenticate() {
 #[test]
 fn failover_commands_reach_members_over_tls_as_a_user() {
     let tmp = tempfile::tempdir().unwrap();
-    let (pki, tls_flags) = pki_with_users(tmp.path());
-    let ca = pki.join("ca.crt");
-    let as_root = creds(&ca, Some((&pki, "root")));
-    let (mut geo, ep) = start_tls("lockctl", tmp.path(), &tls_flags, &as_root);
-    enable_auth(&ep, &as_root);
+    let AuthNode { pki, ca, as_root, mut geo, ep } = start_with_auth(tmp.path());
     let endpoint = ep.trim_start_matches("https://").to_string();
     let strs = |v: &[String]| v.iter().map(String::clone).collect::<Vec<_>>();
 
